@@ -1,0 +1,31 @@
+"""modelbay's HTTP API: ``create_app(test_config)`` builds it; gunicorn serves ``web.wsgi:app``."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Optional
+
+from flask import Flask
+
+from tasks.settings import load_settings
+
+
+def create_app(test_config: Optional[Mapping[str, Any]] = None) -> Flask:
+    """Build the app. ``test_config`` may hold ``MODELBAY`` (a dict of settings overrides)
+    and any Flask config key."""
+    from web import auth, errors, jobs, models, nodes
+    from web.extensions import Modelbay
+
+    app = Flask(__name__, static_folder=None)
+    config = dict(test_config or {})
+    settings = load_settings(**config.pop("MODELBAY", {}))
+    app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, JSON_SORT_KEYS=False)
+    app.config.update(config)
+    app.json.sort_keys = False
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    Modelbay(app, settings)
+    errors.init_app(app)
+    auth.init_app(app, settings.api_key_list)
+    for blueprint in (models.bp, jobs.bp, nodes.bp):
+        app.register_blueprint(blueprint)
+    return app

@@ -1,0 +1,121 @@
+"""Placement and routing (DESIGN 3), shared by web/ (new requests) and workers/ (re-routing).
+
+- A model ready somewhere: an inference job goes to ``model.<token>``, so any holder pulls it.
+- A model held nowhere: place a load on a node (backend supported, memory fits, fewest loads
+  in flight, most free memory), and queue the job on ``model.<token>``; it waits there, status
+  ``loading``, until a holder consumes the queue. If the load fails, its waiters fail with it.
+- A pinned job (``node``) goes to ``node.<id>``, and its load (if one is needed) is placed on
+  that node even though the load is a job of its own, detached from the request.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from celery import Celery
+
+from tasks.errors import Conflict, NotFound, Unavailable
+from tasks.names import TASK_INFER, TASK_LOAD, TASK_UNLOAD, model_queue, node_queue
+from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode, NodeRecord
+from tasks.store import Store, new_job_id
+
+
+def choose_node(nodes: list[NodeRecord], manifest: Manifest) -> NodeRecord:
+    """Pick the node for a new load, or raise :class:`Unavailable`."""
+    able = [n for n in nodes if manifest.backend in n.backends]
+    if not able:
+        raise Unavailable(f"no live node can run backend {manifest.backend!r}", code="no_node")
+    need = manifest.memory_mb or 0
+    fits = [n for n in able if n.memory_budget_mb - n.memory_used_mb >= need]
+    if not fits:
+        raise Unavailable(f"no live node has {need} MB free for this model", code="no_capacity")
+    return min(fits, key=lambda n: (n.loads_in_flight, n.memory_used_mb - n.memory_budget_mb, n.id))
+
+
+class Dispatcher:
+    """Turns intents (load, unload, run a job) into job records and Celery messages."""
+
+    def __init__(self, store: Store, celery: Celery) -> None:
+        self.store = store
+        self.celery = celery
+
+    def ensure_load(self, model: str, manifest: Manifest,
+                    node: Optional[str] = None) -> tuple[Optional[JobRecord], bool]:
+        """Make sure ``model`` is ready or loading (on ``node`` when pinned).
+
+        Returns ``(None, False)`` when it is ready, else ``(load job, created)``: single-flight
+        per (model, node), so a second caller gets the job already in flight."""
+        nodes = self.store.live_nodes()
+        states = self.store.model_nodes(model, nodes)
+        if node is not None:
+            target = self._pinned(nodes, node, manifest)
+            states = [s for s in states if s.node == node]
+        if any(s.state == "ready" for s in states):
+            return None, False
+        for s in states:
+            if s.state in ("staging", "loading"):
+                active = self.store.active_load(s.node, model)
+                if active is not None:
+                    return active, False
+        if node is None:
+            target = choose_node(nodes, manifest)
+        candidate = JobRecord(id=new_job_id(), kind="load", model=model, node=target.id)
+        record, created = self.store.claim_load(target.id, model, candidate)
+        if created:
+            self.store.set_model_state(ModelNode(model=model, node=target.id, state="loading",
+                                                 load_job=record.id,
+                                                 memory_mb=manifest.memory_mb or 0))
+            self.celery.send_task(TASK_LOAD, args=[record.id], queue=node_queue(target.id))
+        return record, created
+
+    def submit(self, request: JobRequest, manifest: Manifest) -> JobRecord:
+        """Create an inference job and route it."""
+        record = JobRecord(id=new_job_id(), kind="inference", model=request.model,
+                           task=request.task, input=request.input_json(), params=request.params,
+                           node=request.node)
+        return self.route(record, manifest, create=True)
+
+    def route(self, record: JobRecord, manifest: Manifest, *, create: bool = False) -> JobRecord:
+        """Queue ``record`` where a holder of its model will take it, placing a load if none
+        holds it. With ``create`` False the record already exists (a re-route)."""
+        load, _ = self.ensure_load(record.model, manifest, record.node)
+        record.status = "loading" if load is not None else "queued"
+        record.load_job = load.id if load is not None else None
+        if create:
+            self.store.create_job(record)
+        else:
+            change = self.store.transition(record.id, record.status, load_job=record.load_job,
+                                           attempts=record.attempts)
+            if not change.applied:
+                return change.record or record
+        if load is not None:
+            self.store.add_waiter(load.id, record.id)
+            latest = self.store.get_job(load.id)
+            if latest is not None and latest.status in ("failed", "cancelled") and latest.error:
+                # The load ended between placement and registration: nobody will pop us.
+                self.store.fail(record.id, latest.error.type, f"model load failed: {latest.error.message}")
+                return self.store.get_job(record.id) or record
+        queue = node_queue(record.node) if record.node else model_queue(record.model)
+        self.celery.send_task(TASK_INFER, args=[record.id], queue=queue)
+        return record
+
+    def unload(self, model: str, node: Optional[str] = None) -> list[JobRecord]:
+        """One unload job per node that holds (or is loading) ``model``."""
+        jobs = []
+        for state in self.store.model_nodes(model):
+            if node is not None and state.node != node:
+                continue
+            record = JobRecord(id=new_job_id(), kind="unload", model=model, node=state.node)
+            self.store.create_job(record)
+            self.celery.send_task(TASK_UNLOAD, args=[record.id], queue=node_queue(state.node))
+            jobs.append(record)
+        return jobs
+
+    @staticmethod
+    def _pinned(nodes: list[NodeRecord], node: str, manifest: Manifest) -> NodeRecord:
+        target = next((n for n in nodes if n.id == node), None)
+        if target is None:
+            raise NotFound(f"node {node!r} is not live", param="node", code="node_not_found")
+        if manifest.backend not in target.backends:
+            raise Conflict(f"node {node!r} cannot run backend {manifest.backend!r}",
+                           param="node", code="backend_unsupported")
+        return target

@@ -1,0 +1,183 @@
+"""Pydantic schemas shared by web/ and workers/: manifests, job requests, job records, errors."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+JobKind = Literal["load", "unload", "inference"]
+JobStatus = Literal["queued", "loading", "running", "succeeded", "failed", "cancelled"]
+TaskName = Literal["embed", "generate", "chat", "image"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE: frozenset[str] = frozenset({"queued", "loading", "running"})
+ModelNodeState = Literal["staging", "loading", "ready", "unloading", "failed"]
+
+
+def utcnow() -> str:
+    """Now as ISO 8601 UTC with milliseconds, e.g. ``2026-11-23T13:00:00.123Z``."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FileSpec(Strict):
+    uri: str = Field(min_length=1, max_length=4096)
+    path: Optional[str] = Field(default=None, max_length=1024)
+    sha256: Optional[str] = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    size: Optional[int] = Field(default=None, ge=0)
+
+
+class Manifest(Strict):
+    """A catalog entry: which backend serves the model and which files it needs."""
+
+    backend: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    files: list[FileSpec] = Field(default_factory=list, max_length=1000)
+    options: dict[str, Any] = Field(default_factory=dict)
+    memory_mb: Optional[int] = Field(default=None, ge=0)
+    keep_alive_s: Optional[float] = Field(default=None, ge=0)
+    pinned: bool = False
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(max_length=1_000_000)
+
+
+class JobRequest(Strict):
+    """``POST /v1/jobs`` body. ``input`` must fit ``task``: text(s) for embed, text for
+    generate and image, a list of chat messages for chat."""
+
+    model: str = Field(min_length=1, max_length=128)
+    task: TaskName
+    input: Union[str, list[str], list[ChatMessage]]
+    params: dict[str, Any] = Field(default_factory=dict)
+    node: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+    @model_validator(mode="after")
+    def _input_fits_task(self) -> "JobRequest":
+        value = self.input
+        if self.task == "embed":
+            ok = isinstance(value, str) or (isinstance(value, list) and len(value) > 0
+                                            and all(isinstance(v, str) for v in value))
+            want = "a string or a non-empty list of strings"
+        elif self.task == "chat":
+            ok = isinstance(value, list) and len(value) > 0 and all(isinstance(v, ChatMessage) for v in value)
+            want = "a non-empty list of {role, content} messages"
+        else:
+            ok = isinstance(value, str)
+            want = "a string"
+        if not ok:
+            raise ValueError(f"input for task {self.task!r} must be {want}")
+        return self
+
+    def input_json(self) -> Any:
+        if isinstance(self.input, list):
+            return [m.model_dump() if isinstance(m, ChatMessage) else m for m in self.input]
+        return self.input
+
+
+class LoadRequest(Strict):
+    """Optional body of ``POST /v1/models/{name}/load`` and ``/unload``."""
+
+    node: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class JobProgress(BaseModel):
+    phase: str
+    progress: float = Field(ge=0, le=100)
+    bytes_done: Optional[int] = None
+    bytes_total: Optional[int] = None
+    file: Optional[str] = None
+    file_index: Optional[int] = None
+    files_total: Optional[int] = None
+    message: Optional[str] = None
+
+
+class JobErrorInfo(BaseModel):
+    type: str
+    message: str
+
+
+class JobRecord(BaseModel):
+    """The job as stored in Redis (``job:<id>``) and returned by ``GET /v1/jobs/{id}``.
+
+    ``load_job`` (an addition to DESIGN 6) is the id of the load an inference job waits for.
+    """
+
+    id: str
+    kind: JobKind
+    model: str
+    task: Optional[TaskName] = None
+    node: Optional[str] = None
+    status: JobStatus = "queued"
+    progress: Optional[JobProgress] = None
+    input: Any = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    result: Any = None
+    error: Optional[JobErrorInfo] = None
+    attempts: int = 0
+    load_job: Optional[str] = None
+    created_at: str = Field(default_factory=utcnow)
+    started_at: Optional[str] = None
+    finished_at: Optional[str] = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def public(self) -> dict[str, Any]:
+        """The API shape (the input is echoed back only for inference jobs)."""
+        data = self.model_dump(mode="json")
+        if self.kind != "inference":
+            data.pop("input", None)
+            data.pop("params", None)
+        return data
+
+
+class ModelNode(BaseModel):
+    """The state of one model on one node (``GET /v1/models/{name}`` → ``nodes``)."""
+
+    model: str
+    node: str
+    state: ModelNodeState
+    in_flight: int = 0
+    last_used: Optional[str] = None
+    loaded_at: Optional[str] = None
+    load_job: Optional[str] = None
+    error: Optional[str] = None
+    pid: Optional[int] = None
+    socket: Optional[str] = None
+    instance: Optional[str] = None
+    memory_mb: int = 0
+
+
+class NodeRecord(BaseModel):
+    """A worker node as registered in Redis with its heartbeat."""
+
+    id: str
+    hostname: str
+    celery_hostname: str
+    pid: int
+    backends: list[str]
+    memory_budget_mb: int
+    memory_used_mb: int = 0
+    devices: list[dict[str, Any]] = Field(default_factory=list)
+    started_at: str
+    last_heartbeat: str
+    loads_in_flight: int = 0
+
+
+class ErrorBody(BaseModel):
+    type: str
+    code: str
+    message: str
+    param: Optional[str] = None
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorBody
+
+

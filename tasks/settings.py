@@ -1,0 +1,109 @@
+"""All modelbay settings, read from ``MODELBAY_*`` environment variables.
+
+Every setting has exactly one default, here. Units are in the names
+(``_s`` seconds, ``_mb`` mebibytes). web/, workers/ and the CLI all read
+settings through :func:`load_settings`, so ``modelbay up`` and compose agree.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+
+PREFIX = "MODELBAY_"
+
+
+def _default_node_id() -> str:
+    """A node id that is unique per container without configuration (its hostname)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:48] or "node"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of modelbay. The env var is ``MODELBAY_`` + the upper-cased field name."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_prefix: str = "modelbay"
+    node_id: str = field(default_factory=_default_node_id)
+    models_dir: str = "./.modelbay/models"
+    run_dir: str = "./.modelbay/run"
+    file_roots: str = ""
+    api_keys: str = ""
+    # Jobs and records
+    job_ttl_s: int = 86400
+    jobs_recent_max: int = 10000
+    max_body_mb: float = 32.0
+    max_wait_s: float = 60.0
+    load_wait_s: float = 120.0
+    # Nodes and workers
+    node_ttl_s: float = 15.0
+    node_memory_mb: int = 16384
+    worker_concurrency: int = 8
+    backends: str = "echo"
+    keep_alive_s: float = 0.0
+    # Backend processes
+    backend_start_timeout_s: float = 60.0
+    backend_stop_grace_s: float = 5.0
+    load_base_timeout_s: float = 60.0
+    inference_timeout_s: float = 600.0
+    cancel_poll_s: float = 0.1
+    # Celery
+    visibility_timeout_s: int = 7200
+
+    @property
+    def node_queue(self) -> str:
+        from tasks.names import node_queue
+
+        return node_queue(self.node_id)
+
+    @property
+    def api_key_list(self) -> list[str]:
+        """Keys from MODELBAY_API_KEYS: comma-separated, or ``@/path/to/file`` (one per line)."""
+        raw = self.api_keys.strip()
+        if raw.startswith("@"):
+            raw = Path(raw[1:]).read_text().replace("\n", ",")
+        return [k.strip() for k in raw.split(",") if k.strip()]
+
+    @property
+    def file_root_list(self) -> list[Path]:
+        return [Path(p).resolve() for p in self.file_roots.split(os.pathsep) if p.strip()]
+
+    @property
+    def backend_list(self) -> list[str]:
+        return [b.strip() for b in self.backends.split(",") if b.strip()]
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+def env_name(field_name: str) -> str:
+    return PREFIX + field_name.upper()
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Build :class:`Settings` from ``environ`` (default ``os.environ``), then ``overrides``.
+
+    A value that does not parse as the field's type raises ``ValueError`` naming the variable.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for f in fields(Settings):
+        name = env_name(f.name)
+        if f.name in overrides:
+            values[f.name] = overrides[f.name]
+        elif name in env:
+            raw = env[name]
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            try:
+                values[f.name] = int(raw) if kind == "int" else float(raw) if kind == "float" else raw
+            except ValueError as exc:
+                raise ValueError(f"{name}={raw!r} is not a valid {kind}") from exc
+    settings = Settings(**values)  # type: ignore[arg-type]
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", settings.node_id):
+        raise ValueError(f"MODELBAY_NODE_ID={settings.node_id!r} must match [A-Za-z0-9_-]{{1,64}}")
+    return settings

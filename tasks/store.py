@@ -1,0 +1,318 @@
+"""The Redis store: job records with atomic transitions, the catalog, nodes and model states.
+
+Keys (all under ``mb:``):
+
+- ``mb:job:<id>``             job record JSON; terminal records expire after ``job_ttl_s``
+- ``mb:jobev:<id>``           pub/sub channel, one message per transition (the new status)
+- ``mb:jobs``                 sorted set of job ids by creation time (seconds)
+- ``mb:catalog``              hash model name → manifest JSON
+- ``mb:node:<id>``            node record JSON, expires ``node_ttl_s`` after the last heartbeat
+- ``mb:nodes``                set of node ids ever seen (filtered by the records' liveness)
+- ``mb:nodemodels:<id>``      hash model name → :class:`ModelNode` JSON for that node
+- ``mb:sf:load:<node>:<tok>`` single-flight: the id of the load in flight for (model, node)
+- ``mb:waiters:<load id>``    set of inference job ids waiting for that load
+
+Transitions use WATCH/MULTI: a terminal record is never overwritten, so a ``cancelled``
+job never turns ``succeeded``.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import redis
+
+from tasks.names import model_token
+from tasks.schemas import (ACTIVE, TERMINAL, JobErrorInfo, JobProgress, JobRecord, Manifest,
+                           ModelNode, NodeRecord, utcnow)
+from tasks.settings import Settings
+
+P = "mb:"
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def job_key(job_id: str) -> str:
+    return f"{P}job:{job_id}"
+
+
+def job_channel(job_id: str) -> str:
+    return f"{P}jobev:{job_id}"
+
+
+JOB_CHANNEL_PATTERN = f"{P}jobev:*"
+
+
+@dataclass
+class Change:
+    """The outcome of a mutation: ``applied`` False means the record was left as it is."""
+
+    applied: bool
+    record: Optional[JobRecord]
+
+
+class Store:
+    """All of modelbay's state in Redis. Thread-safe (redis-py pools connections)."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.r = client
+        self.settings = settings
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Store":
+        client = redis.Redis.from_url(settings.redis_url, decode_responses=True,
+                                      health_check_interval=30, socket_keepalive=True)
+        return cls(client, settings)
+
+    # ---- jobs -------------------------------------------------------------------------
+
+    def create_job(self, record: JobRecord) -> JobRecord:
+        with self.r.pipeline() as pipe:
+            pipe.set(job_key(record.id), record.model_dump_json(), nx=True,
+                     ex=self._ttl_for(record))
+            pipe.zadd(f"{P}jobs", {record.id: time.time()})
+            pipe.execute()
+        self._trim_recent()
+        return record
+
+    def get_job(self, job_id: str) -> Optional[JobRecord]:
+        raw = self.r.get(job_key(job_id))
+        return JobRecord.model_validate_json(raw) if raw else None
+
+    def mutate(self, job_id: str, fn: Callable[[JobRecord], Optional[JobRecord]]) -> Change:
+        """Apply ``fn`` to the record atomically. ``fn`` returns the new record or None (no
+        change). A terminal record is never passed to ``fn``: it is returned unchanged."""
+        key = job_key(job_id)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        pipe.unwatch()
+                        return Change(False, None)
+                    current = JobRecord.model_validate_json(raw)
+                    new = None if current.terminal else fn(current.model_copy(deep=True))
+                    if new is None:
+                        pipe.unwatch()
+                        return Change(False, current)
+                    pipe.multi()
+                    pipe.set(key, new.model_dump_json(), ex=self._ttl_for(new))
+                    if new.status != current.status:
+                        pipe.publish(job_channel(job_id), new.status)
+                    pipe.execute()
+                    return Change(True, new)
+                except redis.WatchError:
+                    continue
+
+    def transition(self, job_id: str, status: str, *, allowed_from: Iterable[str] = ACTIVE,
+                   **fields: object) -> Change:
+        """Move a job to ``status`` if its status is in ``allowed_from``; set ``fields`` too.
+
+        ``started_at``/``finished_at`` are stamped on entering running/loading and terminal."""
+        allowed = frozenset(allowed_from)
+
+        def apply(rec: JobRecord) -> Optional[JobRecord]:
+            if rec.status not in allowed:
+                return None
+            data = rec.model_dump()
+            data.update(fields)
+            data["status"] = status
+            if status in ("loading", "running") and not rec.started_at:
+                data["started_at"] = utcnow()
+            if status in TERMINAL:
+                data["finished_at"] = utcnow()
+            return JobRecord.model_validate(data)
+
+        return self.mutate(job_id, apply)
+
+    def finish(self, job_id: str, status: str, *, result: object = None,
+               error: Optional[JobErrorInfo] = None) -> Change:
+        """Write a terminal state once. Later calls leave the first outcome in place."""
+        fields: dict[str, object] = {"result": result}
+        if error is not None:
+            fields["error"] = error
+        return self.transition(job_id, status, **fields)
+
+    def fail(self, job_id: str, code: str, message: str) -> Change:
+        return self.finish(job_id, "failed", error=JobErrorInfo(type=code, message=message))
+
+    def cancel(self, job_id: str, message: str = "cancelled by request") -> Change:
+        return self.finish(job_id, "cancelled",
+                           error=JobErrorInfo(type="cancelled", message=message))
+
+    def set_progress(self, job_id: str, progress: Optional[JobProgress]) -> Change:
+        def apply(rec: JobRecord) -> JobRecord:
+            rec.progress = progress
+            return rec
+
+        return self.mutate(job_id, apply)
+
+    def list_jobs(self, *, model: Optional[str] = None, status: Optional[str] = None,
+                  limit: int = 50) -> list[JobRecord]:
+        """Newest first. Scans at most 20 × ``limit`` recent ids."""
+        out: list[JobRecord] = []
+        ids = self.r.zrevrange(f"{P}jobs", 0, max(limit * 20, 100) - 1)
+        gone: list[str] = []
+        for i in range(0, len(ids), 200):
+            chunk = ids[i:i + 200]
+            for job_id, raw in zip(chunk, self.r.mget([job_key(j) for j in chunk])):
+                if raw is None:
+                    gone.append(job_id)
+                    continue
+                rec = JobRecord.model_validate_json(raw)
+                if (model is None or rec.model == model) and (status is None or rec.status == status):
+                    out.append(rec)
+                    if len(out) >= limit:
+                        return out
+        if gone:
+            self.r.zrem(f"{P}jobs", *gone)
+        return out
+
+    def _ttl_for(self, record: JobRecord) -> int:
+        # Active records also expire, much later, so a job stranded by a lost message goes.
+        return self.settings.job_ttl_s if record.terminal else self.settings.job_ttl_s * 7
+
+    def _trim_recent(self) -> None:
+        self.r.zremrangebyrank(f"{P}jobs", 0, -self.settings.jobs_recent_max - 1)
+
+    # ---- catalog ----------------------------------------------------------------------
+
+    def put_manifest(self, name: str, manifest: Manifest) -> bool:
+        """Store a manifest. True when it is new, False when it replaced one."""
+        return bool(self.r.hset(f"{P}catalog", name, manifest.model_dump_json()))
+
+    def get_manifest(self, name: str) -> Optional[Manifest]:
+        raw = self.r.hget(f"{P}catalog", name)
+        return Manifest.model_validate_json(raw) if raw else None
+
+    def delete_manifest(self, name: str) -> bool:
+        return bool(self.r.hdel(f"{P}catalog", name))
+
+    def manifests(self) -> dict[str, Manifest]:
+        return {k: Manifest.model_validate_json(v)
+                for k, v in sorted(self.r.hgetall(f"{P}catalog").items())}
+
+    # ---- nodes and model states ------------------------------------------------------
+
+    def heartbeat(self, node: NodeRecord) -> None:
+        ttl_ms = int(self.settings.node_ttl_s * 1000)
+        with self.r.pipeline() as pipe:
+            pipe.set(f"{P}node:{node.id}", node.model_dump_json(), px=ttl_ms)
+            pipe.sadd(f"{P}nodes", node.id)
+            pipe.pexpire(f"{P}nodemodels:{node.id}", ttl_ms * 4)
+            pipe.execute()
+
+    def remove_node(self, node_id: str) -> None:
+        with self.r.pipeline() as pipe:
+            pipe.delete(f"{P}node:{node_id}", f"{P}nodemodels:{node_id}")
+            pipe.srem(f"{P}nodes", node_id)
+            pipe.execute()
+
+    def get_node(self, node_id: str) -> Optional[NodeRecord]:
+        raw = self.r.get(f"{P}node:{node_id}")
+        return NodeRecord.model_validate_json(raw) if raw else None
+
+    def live_nodes(self) -> list[NodeRecord]:
+        ids = sorted(self.r.smembers(f"{P}nodes"))
+        if not ids:
+            return []
+        raws = self.r.mget([f"{P}node:{i}" for i in ids])
+        return [NodeRecord.model_validate_json(raw) for raw in raws if raw]
+
+    def set_model_state(self, state: ModelNode) -> None:
+        key = f"{P}nodemodels:{state.node}"
+        with self.r.pipeline() as pipe:
+            pipe.hset(key, state.model, state.model_dump_json())
+            pipe.pexpire(key, int(self.settings.node_ttl_s * 4000))
+            pipe.execute()
+
+    def delete_model_state(self, node_id: str, model: str) -> None:
+        self.r.hdel(f"{P}nodemodels:{node_id}", model)
+
+    def node_models(self, node_id: str) -> dict[str, ModelNode]:
+        return {k: ModelNode.model_validate_json(v)
+                for k, v in sorted(self.r.hgetall(f"{P}nodemodels:{node_id}").items())}
+
+    def model_nodes(self, model: str, nodes: Optional[list[NodeRecord]] = None) -> list[ModelNode]:
+        """The state of ``model`` on every live node that has one."""
+        live = self.live_nodes() if nodes is None else nodes
+        out = []
+        for node in live:
+            raw = self.r.hget(f"{P}nodemodels:{node.id}", model)
+            if raw:
+                out.append(ModelNode.model_validate_json(raw))
+        return out
+
+    # ---- single-flight loads and their waiters ---------------------------------------
+
+    def claim_load(self, node_id: str, model: str, candidate: JobRecord) -> tuple[JobRecord, bool]:
+        """Single-flight per (model, node): return the active load job for the pair, or store
+        ``candidate`` as the new one. The bool is True when ``candidate`` was created."""
+        sf = f"{P}sf:load:{node_id}:{model_token(model)}"
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(sf)
+                    current_id = pipe.get(sf)
+                    if current_id:
+                        current = self.get_job(current_id)
+                        if current is not None and not current.terminal:
+                            pipe.unwatch()
+                            return current, False
+                    pipe.multi()
+                    pipe.set(sf, candidate.id, ex=self.settings.job_ttl_s)
+                    pipe.set(job_key(candidate.id), candidate.model_dump_json(),
+                             ex=self._ttl_for(candidate))
+                    pipe.zadd(f"{P}jobs", {candidate.id: time.time()})
+                    pipe.execute()
+                    return candidate, True
+                except redis.WatchError:
+                    continue
+
+    def active_load(self, node_id: str, model: str) -> Optional[JobRecord]:
+        job_id = self.r.get(f"{P}sf:load:{node_id}:{model_token(model)}")
+        rec = self.get_job(job_id) if job_id else None
+        return rec if rec is not None and not rec.terminal else None
+
+    def release_load(self, node_id: str, model: str, job_id: str) -> None:
+        """Clear the single-flight key if it still names ``job_id``."""
+        sf = f"{P}sf:load:{node_id}:{model_token(model)}"
+        with self.r.pipeline() as pipe:
+            try:
+                pipe.watch(sf)
+                if pipe.get(sf) == job_id:
+                    pipe.multi()
+                    pipe.delete(sf)
+                    pipe.execute()
+                else:
+                    pipe.unwatch()
+            except redis.WatchError:
+                pass  # someone else changed it: it no longer names our job
+
+    def add_waiter(self, load_job_id: str, job_id: str) -> None:
+        key = f"{P}waiters:{load_job_id}"
+        with self.r.pipeline() as pipe:
+            pipe.sadd(key, job_id)
+            pipe.expire(key, self.settings.job_ttl_s)
+            pipe.execute()
+
+    def pop_waiters(self, load_job_id: str) -> list[str]:
+        key = f"{P}waiters:{load_job_id}"
+        with self.r.pipeline() as pipe:
+            pipe.smembers(key)
+            pipe.delete(key)
+            members, _ = pipe.execute()
+        return sorted(members)
+
+    # ---- misc -------------------------------------------------------------------------
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.r.ping())
+        except redis.RedisError:
+            return False

@@ -1,0 +1,196 @@
+"""Unit tests of the shared contract: names, settings, the store (fakeredis), placement."""
+from __future__ import annotations
+
+import threading
+
+import fakeredis
+import pytest
+
+from tasks.dispatch import Dispatcher, choose_node
+from tasks.errors import Conflict, NotFound, Unavailable
+from tasks.names import invalid_model_name, model_from_token, model_queue, model_token
+from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode, NodeRecord, utcnow
+from tasks.settings import load_settings
+from tasks.store import Store, new_job_id
+
+
+@pytest.fixture
+def store() -> Store:
+    return Store(fakeredis.FakeRedis(decode_responses=True), load_settings({}))
+
+
+class FakeCelery:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list, str]] = []
+
+    def send_task(self, name: str, args: list, queue: str) -> None:
+        self.sent.append((name, args, queue))
+
+
+def node(node_id: str, backends=("echo",), budget=1000, used=0, loads=0) -> NodeRecord:
+    return NodeRecord(id=node_id, hostname="h", celery_hostname=f"modelbay@{node_id}", pid=1,
+                      backends=list(backends), memory_budget_mb=budget, memory_used_mb=used,
+                      started_at=utcnow(), last_heartbeat=utcnow(), loads_in_flight=loads)
+
+
+@pytest.mark.parametrize("name", ["echo", "org/model", "a.b:c@d+e-f_g", "Qwen/Qwen2.5-7B@v1:q4",
+                                  "x" * 128, "ünïcode-free-but-1"[2:]])
+def test_model_token_round_trips_and_is_queue_safe(name: str) -> None:
+    token = model_token(name)
+    assert model_from_token(token) == name
+    assert all(c.isascii() and (c.isalnum() or c in "_-") for c in token)
+    assert model_queue(name) == f"model.{token}"
+
+
+def test_model_tokens_do_not_collide() -> None:
+    names = ["a/b", "a_b", "a.b", "a_2fb", "a-b", "a:b"]
+    assert len({model_token(n) for n in names}) == len(names)
+
+
+def test_model_from_token_rejects_garbage() -> None:
+    for bad in ["", "a b", "a/b", "_zz", "a_2"]:
+        with pytest.raises(ValueError):
+            model_from_token(bad)
+
+
+@pytest.mark.parametrize("bad", ["", "../etc", "a/../b", "a//b", "/abs", "a/", ".hidden", "a b",
+                                 "a\\b", "x" * 129, "m/load", "m/unload", "a\x00b"])
+def test_invalid_model_names(bad: str) -> None:
+    assert invalid_model_name(bad)
+
+
+def test_settings_from_env_with_units_and_errors() -> None:
+    s = load_settings({"MODELBAY_NODE_TTL_S": "2.5", "MODELBAY_WORKER_CONCURRENCY": "3",
+                       "MODELBAY_API_KEYS": "a, b,,", "MODELBAY_NODE_ID": "gpu-0"})
+    assert (s.node_ttl_s, s.worker_concurrency, s.api_key_list, s.node_queue) == (2.5, 3, ["a", "b"], "node.gpu-0")
+    with pytest.raises(ValueError, match="MODELBAY_WORKER_CONCURRENCY"):
+        load_settings({"MODELBAY_WORKER_CONCURRENCY": "many"})
+    with pytest.raises(ValueError, match="MODELBAY_NODE_ID"):
+        load_settings({"MODELBAY_NODE_ID": "has space"})
+
+
+def test_job_request_input_must_fit_task() -> None:
+    JobRequest(model="m", task="embed", input=["a", "b"])
+    JobRequest(model="m", task="chat", input=[{"role": "user", "content": "hi"}])
+    for task, value in [("embed", []), ("chat", "hi"), ("generate", ["a"]), ("image", 3)]:
+        with pytest.raises(ValueError):
+            JobRequest(model="m", task=task, input=value)
+    with pytest.raises(ValueError):
+        JobRequest(model="m", task="embed", input="a", surprise=1)
+
+
+def test_terminal_state_is_never_overwritten(store: Store) -> None:
+    job = store.create_job(JobRecord(id=new_job_id(), kind="inference", model="m", task="embed"))
+    assert store.transition(job.id, "running").applied
+    assert store.cancel(job.id).applied
+    late = store.finish(job.id, "succeeded", result={"x": 1})
+    assert not late.applied and late.record.status == "cancelled"
+    assert store.get_job(job.id).result is None
+    assert store.r.ttl(f"mb:job:{job.id}") > 0  # terminal records expire
+
+
+def test_transition_respects_allowed_from(store: Store) -> None:
+    job = store.create_job(JobRecord(id=new_job_id(), kind="load", model="m"))
+    assert not store.transition(job.id, "running", allowed_from=("loading",)).applied
+    change = store.transition(job.id, "loading", allowed_from=("queued",))
+    assert change.applied and change.record.started_at is not None
+    assert store.finish(job.id, "succeeded").record.finished_at is not None
+    assert store.transition("0" * 32, "running").record is None
+
+
+def test_concurrent_finishers_write_once(store: Store) -> None:
+    job = store.create_job(JobRecord(id=new_job_id(), kind="inference", model="m", task="embed"))
+    wins: list[str] = []
+
+    def finisher(status: str) -> None:
+        if store.finish(job.id, status, result=status).applied:
+            wins.append(status)
+
+    threads = [threading.Thread(target=finisher, args=(s,)) for s in ["succeeded", "cancelled"] * 8]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1 and store.get_job(job.id).status == wins[0]
+
+
+def test_list_jobs_filters_and_skips_expired(store: Store) -> None:
+    ids = []
+    for i in range(5):
+        rec = store.create_job(JobRecord(id=new_job_id(), kind="inference", model=f"m{i % 2}", task="embed"))
+        ids.append(rec.id)
+    store.cancel(ids[0])
+    store.r.delete(f"mb:job:{ids[1]}")
+    assert [j.id for j in store.list_jobs(limit=10)] == [ids[4], ids[3], ids[2], ids[0]]
+    assert {j.model for j in store.list_jobs(model="m0")} == {"m0"}
+    assert [j.id for j in store.list_jobs(status="cancelled")] == [ids[0]]
+
+
+def test_claim_load_is_single_flight(store: Store) -> None:
+    first, created = store.claim_load("n1", "m", JobRecord(id=new_job_id(), kind="load", model="m", node="n1"))
+    again, created2 = store.claim_load("n1", "m", JobRecord(id=new_job_id(), kind="load", model="m", node="n1"))
+    assert created and not created2 and again.id == first.id
+    store.finish(first.id, "succeeded")
+    third, created3 = store.claim_load("n1", "m", JobRecord(id=new_job_id(), kind="load", model="m", node="n1"))
+    assert created3 and third.id != first.id
+    store.release_load("n1", "m", first.id)  # stale release leaves the new claim alone
+    assert store.active_load("n1", "m").id == third.id
+
+
+def test_choose_node_prefers_fit_then_fewest_loads_then_free_memory() -> None:
+    m = Manifest(backend="echo", memory_mb=500)
+    nodes = [node("a", budget=400), node("b", used=100, loads=1), node("c", used=300), node("d", used=100)]
+    assert choose_node(nodes, m).id == "d"
+    with pytest.raises(Unavailable):
+        choose_node([node("x", backends=("llama-cpp",))], m)
+    with pytest.raises(Unavailable):
+        choose_node([node("a", budget=400)], m)
+
+
+def test_dispatch_places_one_load_and_queues_jobs_on_the_model_queue(store: Store) -> None:
+    celery = FakeCelery()
+    d = Dispatcher(store, celery)
+    store.heartbeat(node("n1"))
+    m = Manifest(backend="echo")
+    j1 = d.submit(JobRequest(model="org/m", task="generate", input="hi"), m)
+    j2 = d.submit(JobRequest(model="org/m", task="generate", input="hi"), m)
+    assert j1.status == j2.status == "loading" and j1.load_job == j2.load_job
+    loads = [s for s in celery.sent if s[0] == "modelbay.load"]
+    assert loads == [("modelbay.load", [j1.load_job], "node.n1")]
+    assert [s[2] for s in celery.sent if s[0] == "modelbay.infer"] == ["model.org_2fm"] * 2
+    assert set(store.pop_waiters(j1.load_job)) == {j1.id, j2.id}
+
+
+def test_dispatch_ready_model_needs_no_load_and_pins_go_to_the_node_queue(store: Store) -> None:
+    celery = FakeCelery()
+    d = Dispatcher(store, celery)
+    store.heartbeat(node("n1"))
+    store.heartbeat(node("n2"))
+    store.set_model_state(ModelNode(model="m", node="n1", state="ready"))
+    job = d.submit(JobRequest(model="m", task="embed", input="x"), Manifest(backend="echo"))
+    assert job.status == "queued" and celery.sent == [("modelbay.infer", [job.id], "model.m")]
+    pinned = d.submit(JobRequest(model="m", task="embed", input="x", node="n2"), Manifest(backend="echo"))
+    assert pinned.status == "loading"
+    assert ("modelbay.load", [pinned.load_job], "node.n2") in celery.sent
+    assert celery.sent[-1] == ("modelbay.infer", [pinned.id], "node.n2")
+    with pytest.raises(NotFound):
+        d.ensure_load("m", Manifest(backend="echo"), "ghost")
+    with pytest.raises(Conflict):
+        d.ensure_load("m", Manifest(backend="diffusers"), "n1")
+
+
+def test_a_job_registered_after_its_load_failed_fails_too(store: Store, monkeypatch) -> None:
+    celery = FakeCelery()
+    d = Dispatcher(store, celery)
+    store.heartbeat(node("n1"))
+    real_add_waiter = store.add_waiter
+
+    def load_fails_first(load_id: str, job_id: str) -> None:
+        store.fail(load_id, "load_failed", "boom")  # the worker fails the load right here
+        assert store.pop_waiters(load_id) == []
+        real_add_waiter(load_id, job_id)
+
+    monkeypatch.setattr(store, "add_waiter", load_fails_first)
+    job = d.submit(JobRequest(model="m", task="embed", input="x"), Manifest(backend="echo"))
+    rec = store.get_job(job.id)
+    assert rec.status == "failed" and "boom" in rec.error.message

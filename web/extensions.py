@@ -1,0 +1,104 @@
+"""Flask extensions: the store, the Celery sender and the job waiter, set up with ``init_app``."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from typing import Optional
+
+import redis
+from flask import Flask, current_app
+
+from tasks.celery_app import make_celery
+from tasks.dispatch import Dispatcher
+from tasks.schemas import JobRecord
+from tasks.settings import Settings
+from tasks.store import JOB_CHANNEL_PATTERN, Store
+
+log = logging.getLogger("modelbay.web")
+
+
+class JobWaiter:
+    """Long-poll support: one pub/sub listener thread per process wakes the requests waiting
+    on a job when its status changes. Started lazily, so it is created after a fork."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._events: dict[str, list[threading.Event]] = defaultdict(list)
+        self._pid: Optional[int] = None
+
+    def wait(self, job_id: str, timeout_s: float) -> Optional[JobRecord]:
+        """The job once terminal, or as it is after ``timeout_s`` seconds."""
+        self._ensure_thread()
+        event = threading.Event()
+        with self._lock:
+            self._events[job_id].append(event)
+        try:
+            deadline = time.monotonic() + timeout_s
+            record = self.store.get_job(job_id)
+            while record is not None and not record.terminal:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                # The 1 s cap is a safety net for a missed pub/sub message.
+                event.wait(min(remaining, 1.0))
+                event.clear()
+                record = self.store.get_job(job_id)
+            return record
+        finally:
+            with self._lock:
+                waiters = self._events.get(job_id, [])
+                if event in waiters:
+                    waiters.remove(event)
+                if not waiters:
+                    self._events.pop(job_id, None)
+
+    def _ensure_thread(self) -> None:
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            threading.Thread(target=self._listen, name="modelbay-job-waiter", daemon=True).start()
+
+    def _listen(self) -> None:
+        backoff_s = 0.1
+        while True:
+            try:
+                pubsub = self.store.r.pubsub(ignore_subscribe_messages=True)
+                pubsub.psubscribe(JOB_CHANNEL_PATTERN)
+                backoff_s = 0.1
+                for message in pubsub.listen():
+                    job_id = str(message.get("channel", "")).rsplit(":", 1)[-1]
+                    with self._lock:
+                        for event in self._events.get(job_id, []):
+                            event.set()
+            except redis.RedisError as exc:
+                log.warning("job waiter lost Redis (%s); retrying in %.1fs", exc, backoff_s)
+                time.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+
+
+class Modelbay:
+    """The app's handle on modelbay's shared parts: ``current_app.extensions["modelbay"]``."""
+
+    def __init__(self, app: Optional[Flask] = None, settings: Optional[Settings] = None) -> None:
+        self.settings = settings
+        if app is not None:
+            self.init_app(app, settings)
+
+    def init_app(self, app: Flask, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store.from_settings(settings)
+        self.celery = make_celery(settings, main="modelbay-web")
+        self.dispatcher = Dispatcher(self.store, self.celery)
+        self.waiter = JobWaiter(self.store)
+        app.extensions["modelbay"] = self
+
+
+def mb() -> Modelbay:
+    return current_app.extensions["modelbay"]

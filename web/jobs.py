@@ -1,0 +1,80 @@
+"""``/v1/jobs``: submit, poll (with long-poll ``?wait=S``), cancel, list."""
+from __future__ import annotations
+
+import re
+
+from flask import Blueprint, jsonify, request
+
+from tasks.errors import Conflict, InvalidRequest, NotFound
+from tasks.schemas import ACTIVE, TERMINAL, JobRecord, JobRequest
+from web.extensions import mb
+from web.util import check_model_name, not_found_model, parse_body, pin
+
+bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _job(job_id: str) -> JobRecord:
+    record = mb().store.get_job(job_id) if _JOB_ID.fullmatch(job_id) else None
+    if record is None:
+        raise NotFound(f"job {job_id!r} not found", param="id", code="job_not_found")
+    return record
+
+
+def _float_arg(name: str, low: float, high: float) -> float | None:
+    raw = request.args.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be a number", param=name) from None
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name} must be between {low:g} and {high:g}", param=name)
+    return value
+
+
+@bp.post("")
+def submit():
+    req = parse_body(JobRequest)
+    req.node = pin(req.node)
+    manifest = mb().store.get_manifest(check_model_name(req.model))
+    if manifest is None:
+        raise not_found_model(req.model)
+    record = mb().dispatcher.submit(req, manifest)
+    return jsonify(record.public()), 202, {"Location": f"/v1/jobs/{record.id}"}
+
+
+@bp.get("/<job_id>")
+def get(job_id: str):
+    record = _job(job_id)
+    wait_s = _float_arg("wait", 0, mb().settings.max_wait_s)
+    if wait_s and not record.terminal:
+        record = mb().waiter.wait(job_id, wait_s) or record
+    headers = {"X-Modelbay-Node": record.node} if record.node else {}
+    return jsonify(record.public()), 200, headers
+
+
+@bp.delete("/<job_id>")
+def cancel(job_id: str):
+    record = _job(job_id)
+    if record.kind == "load":
+        raise Conflict("a load is not cancellable; unload the model to stop it",
+                       code="load_not_cancellable")
+    change = mb().store.cancel(job_id)
+    if not change.applied:
+        status = change.record.status if change.record else "gone"
+        raise Conflict(f"job {job_id} is already {status}", code="job_finished")
+    return jsonify(change.record.public()), 202
+
+
+@bp.get("")
+def list_jobs():
+    status = request.args.get("status")
+    if status is not None and status not in ACTIVE | TERMINAL:
+        raise InvalidRequest(f"status must be one of {sorted(ACTIVE | TERMINAL)}", param="status")
+    model = request.args.get("model")
+    limit = _float_arg("limit", 1, 1000)
+    jobs = mb().store.list_jobs(model=model, status=status, limit=int(limit or 50))
+    return jsonify({"object": "list", "data": [j.public() for j in jobs]})

@@ -1,0 +1,56 @@
+"""Request parsing shared by the blueprints."""
+from __future__ import annotations
+
+from typing import Optional, TypeVar
+
+from flask import request
+from pydantic import BaseModel, ValidationError
+
+from tasks.errors import InvalidRequest, NotFound, Unprocessable, UnsupportedMediaType
+from tasks.names import invalid_model_name
+from tasks.schemas import LoadRequest
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_body(model: type[M], *, optional: bool = False) -> M:
+    """Validate the JSON body against ``model``: 415 not JSON, 400 malformed, 422 not fitting."""
+    raw = request.get_data(cache=True)
+    if optional and not raw.strip():
+        return model()
+    if not request.is_json:
+        raise UnsupportedMediaType("send the body as application/json")
+    data = request.get_json(silent=True)
+    if data is None:
+        raise InvalidRequest("the body is not valid JSON")
+    if not isinstance(data, dict):
+        raise Unprocessable("the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise Unprocessable(f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+
+
+def check_model_name(name: str) -> str:
+    problem = invalid_model_name(name)
+    if problem:
+        raise InvalidRequest(f"invalid model name {name!r}: {problem}", param="name",
+                             code="invalid_model_name")
+    return name
+
+
+def pin(body_node: Optional[str] = None) -> Optional[str]:
+    """The node pin: the ``X-Modelbay-Node`` header, else the body's ``node`` field."""
+    header = request.headers.get("X-Modelbay-Node", "").strip()
+    if header:
+        try:
+            return LoadRequest(node=header).node
+        except ValidationError:
+            raise InvalidRequest("X-Modelbay-Node is not a valid node id", param="X-Modelbay-Node") from None
+    return body_node
+
+
+def not_found_model(name: str) -> NotFound:
+    return NotFound(f"model {name!r} is not in the catalog", param="model", code="model_not_found")

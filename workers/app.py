@@ -1,0 +1,72 @@
+"""The Celery app the worker runs: ``celery -A workers.app worker`` (``modelbay worker``).
+
+It registers the tasks, and on worker start brings up this node's runtime: the model
+manager, the cancel watcher and the heartbeat. On shutdown it stops every backend process
+and deregisters the node.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from celery.signals import worker_ready, worker_shutdown
+
+from tasks.celery_app import make_celery
+from tasks.dispatch import Dispatcher
+from tasks.settings import Settings, load_settings
+from tasks.store import Store
+from workers.cancel import CancelWatcher
+from workers.node import NodeAgent
+from workers.runtime import ModelManager
+
+log = logging.getLogger("modelbay.worker")
+
+settings: Settings = load_settings()
+app = make_celery(settings, main="modelbay-worker")
+app.conf.task_default_queue = settings.node_queue
+
+
+class Runtime:
+    """Everything a task needs on this node; built once per worker process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store.from_settings(settings)
+        self.dispatcher = Dispatcher(self.store, app)
+        self.manager = ModelManager(settings, self.store, app)
+        self.cancels = CancelWatcher(self.store, settings.cancel_poll_s)
+        self.agent: Optional[NodeAgent] = None
+
+
+_runtime: Optional[Runtime] = None
+
+
+def runtime() -> Runtime:
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime(settings)
+    return _runtime
+
+
+@worker_ready.connect
+def _on_ready(sender: object = None, **_: object) -> None:
+    rt = runtime()
+    hostname = getattr(sender, "hostname", None) or f"modelbay@{settings.node_id}"
+    rt.manager.hostname = hostname
+    rt.agent = NodeAgent(settings, rt.store, rt.manager, hostname)
+    rt.agent.start()
+    log.info("node %s ready as %s, consuming %s", settings.node_id, hostname, settings.node_queue)
+
+
+@worker_shutdown.connect
+def _on_shutdown(**_: object) -> None:
+    if _runtime is None:
+        return
+    _runtime.cancels.stop()
+    _runtime.manager.stop_all()
+    if _runtime.agent is not None:
+        _runtime.agent.stop()
+    log.info("node %s stopped", settings.node_id)
+
+
+import workers.tasks  # noqa: E402,F401  (registers the tasks on ``app``)

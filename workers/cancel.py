@@ -1,0 +1,72 @@
+"""Cancellation of running inference: one thread per worker polls the job records of the
+calls in flight and cancels the gRPC call of any job that turned terminal (``DELETE
+/v1/jobs/{id}`` writes ``cancelled`` atomically). One MGET per poll, whatever the count."""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+from tasks.schemas import JobRecord
+from tasks.store import Store, job_key
+
+log = logging.getLogger("modelbay.worker")
+
+
+class CancelWatcher:
+    def __init__(self, store: Store, poll_s: float) -> None:
+        self.store = store
+        self.poll_s = poll_s
+        self._lock = threading.Lock()
+        self._watched: dict[str, Callable[[], None]] = {}
+        self._cancelled: set[str] = set()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="modelbay-cancel", daemon=True)
+        self._thread.start()
+
+    def watch(self, job_id: str, on_cancel: Callable[[], None]) -> None:
+        with self._lock:
+            self._watched[job_id] = on_cancel
+        self._wake.set()
+
+    def unwatch(self, job_id: str) -> bool:
+        """Stop watching; True when the job was cancelled while watched."""
+        with self._lock:
+            self._watched.pop(job_id, None)
+            if job_id in self._cancelled:
+                self._cancelled.discard(job_id)
+                return True
+        return False
+
+    def is_cancelled(self, job_id: str) -> bool:
+        record = self.store.get_job(job_id)
+        return record is None or record.status == "cancelled"
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                ids = list(self._watched)
+            if not ids:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            try:
+                raws = self.store.r.mget([job_key(i) for i in ids])
+            except Exception as exc:  # Redis blips must not kill the watcher
+                log.warning("cancel watcher: %s", exc)
+                self._stop.wait(self.poll_s * 10)
+                continue
+            for job_id, raw in zip(ids, raws):
+                if raw is None or JobRecord.model_validate_json(raw).status == "cancelled":
+                    with self._lock:
+                        callback = self._watched.pop(job_id, None)
+                        self._cancelled.add(job_id)
+                    if callback is not None:
+                        log.info("job %s cancelled: stopping its backend call", job_id)
+                        callback()
+            self._stop.wait(self.poll_s)

@@ -1,0 +1,162 @@
+"""The Celery tasks: load, unload, inference (and a no-op for the benchmark baseline).
+
+Every task takes a job id only; the job record in Redis is the truth. A message for a job
+that is already terminal (cancelled while queued, or a duplicate) does nothing.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tasks.names import TASK_INFER, TASK_LOAD, TASK_NOOP, TASK_UNLOAD
+from tasks.schemas import JobRecord
+from workers.app import app, runtime
+from workers.runtime import LoadFailed, NotHere
+from workers.supervisor import BackendCallError, BackendCancelled, BackendError
+
+log = logging.getLogger("modelbay.worker")
+
+MAX_REROUTES = 5
+
+
+@app.task(name=TASK_NOOP)
+def noop() -> None:
+    """Does nothing: ``bench/`` measures raw Celery round trips with it."""
+
+
+@app.task(name=TASK_LOAD)
+def load(job_id: str) -> None:
+    """Load a model on this node. Not cancellable by any client action (DESIGN 2)."""
+    rt = runtime()
+    change = rt.store.transition(job_id, "loading", allowed_from=("queued",))
+    if not change.applied or change.record is None:
+        return
+    job = change.record
+    manifest = rt.store.get_manifest(job.model)
+    try:
+        if manifest is None:
+            raise LoadFailed("model_not_found", f"model {job.model!r} is no longer in the catalog")
+        result = rt.manager.load(job, manifest)
+    except LoadFailed as exc:
+        status = "cancelled" if exc.code == "unloaded" else "failed"
+        rt.store.finish(job_id, status, error={"type": exc.code, "message": exc.message})
+        _fail_waiters(job, exc)
+        log.info("load %s of %s ended %s: %s", job_id, job.model, status, exc.message)
+    else:
+        rt.store.finish(job_id, "succeeded", result=result)
+        for waiter in rt.store.pop_waiters(job_id):
+            rt.store.transition(waiter, "queued", allowed_from=("loading",))
+        log.info("load %s of %s succeeded on %s", job_id, job.model, job.node)
+    finally:
+        rt.store.release_load(job.node or rt.settings.node_id, job.model, job_id)
+
+
+def _fail_waiters(load_job: JobRecord, exc: LoadFailed) -> None:
+    rt = runtime()
+    for waiter in rt.store.pop_waiters(load_job.id):
+        rt.store.fail(waiter, exc.code, f"model load failed: {exc.message}")
+
+
+@app.task(name=TASK_UNLOAD)
+def unload(job_id: str) -> None:
+    rt = runtime()
+    change = rt.store.transition(job_id, "running", allowed_from=("queued",))
+    if not change.applied or change.record is None:
+        return
+    how = rt.manager.unload(change.record.model)
+    rt.store.finish(job_id, "succeeded", result={"node": rt.settings.node_id, "stopped": how})
+
+
+@app.task(name=TASK_INFER)
+def infer(job_id: str) -> None:
+    """Run one inference job on the model held here. Cancellable: the cancel watcher
+    cancels the gRPC call when the job turns ``cancelled``, and the backend stops."""
+    rt = runtime()
+    job = rt.store.get_job(job_id)
+    if job is None or job.terminal:
+        return
+    try:
+        entry = rt.manager.acquire(job.model, lambda: rt.cancels.is_cancelled(job_id))
+    except NotHere:
+        _reroute(job)
+        return
+    except LoadFailed as exc:
+        rt.store.fail(job_id, exc.code, f"model load failed: {exc.message}")
+        return
+    try:
+        change = rt.store.transition(job_id, "running", allowed_from=("queued", "loading"),
+                                     node=rt.settings.node_id, attempts=job.attempts + 1)
+        if change.applied and change.record is not None:
+            _run(change.record, entry)
+    finally:
+        rt.manager.release(entry)
+
+
+def _reroute(job: JobRecord) -> None:
+    """The model is not here (unloaded after the message was routed): route the job again."""
+    rt = runtime()
+    if rt.cancels.is_cancelled(job.id):
+        return
+    manifest = rt.store.get_manifest(job.model)
+    if manifest is None or job.attempts >= MAX_REROUTES:
+        reason = "not in the catalog" if manifest is None else "not available after several tries"
+        rt.store.fail(job.id, "model_unavailable", f"model {job.model!r} is {reason}")
+        return
+    job.attempts += 1
+    try:
+        rt.dispatcher.route(job, manifest)
+    except Exception as exc:
+        rt.store.fail(job.id, getattr(exc, "code", "model_unavailable"), str(exc))
+
+
+def _run(job: JobRecord, entry: Any) -> None:
+    rt = runtime()
+    timeout_s = rt.settings.inference_timeout_s
+    proc = entry.proc
+    try:
+        if job.task == "embed":
+            texts = [job.input] if isinstance(job.input, str) else list(job.input)
+            vectors, dim = proc.embed(texts, job.params, timeout_s)
+            result: dict[str, Any] = {"embeddings": vectors, "dim": dim,
+                                      "usage": {"prompt_tokens": sum(len(t.split()) for t in texts)}}
+        elif job.task in ("generate", "chat"):
+            result = _generate(job, proc, timeout_s)
+        else:
+            rt.store.fail(job.id, "unsupported_task",
+                          f"backend {entry.manifest.backend!r} does not support task {job.task!r}")
+            return
+    except BackendCancelled:
+        return  # the job is already ``cancelled`` in the store
+    except BackendCallError as exc:
+        if rt.cancels.is_cancelled(job.id):
+            return
+        rt.store.fail(job.id, exc.code, str(exc))
+        return
+    except BackendError as exc:
+        rt.store.fail(job.id, exc.code, str(exc))
+        return
+    rt.store.finish(job.id, "succeeded", result=result)
+
+
+def _generate(job: JobRecord, proc: Any, timeout_s: float) -> dict[str, Any]:
+    rt = runtime()
+    prompt = job.input if job.task == "generate" else ""
+    messages = job.input if job.task == "chat" else []
+    call = proc.generate(prompt, messages, job.params, timeout_s)
+    rt.cancels.watch(job.id, call.cancel)
+    pieces: list[str] = []
+    final: Any = None
+    try:
+        for piece in call:
+            if piece.done:
+                final = piece
+            else:
+                pieces.append(piece.text)
+    finally:
+        if rt.cancels.unwatch(job.id):
+            raise BackendCancelled(f"job {job.id} cancelled")
+    finish = getattr(final, "finish_reason", "") or "stop"
+    usage = {"prompt_tokens": getattr(final, "prompt_tokens", 0),
+             "completion_tokens": getattr(final, "completion_tokens", len(pieces))}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    return {"text": "".join(pieces), "finish_reason": finish, "usage": usage}
