@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Mapping, Optional
 
 from flask import Flask
@@ -10,14 +11,15 @@ from tasks.settings import load_settings
 
 
 def create_app(test_config: Optional[Mapping[str, Any]] = None) -> Flask:
-    """Build the app. ``test_config`` may hold ``MODELBAY`` (a dict of settings overrides)
-    and any Flask config key."""
+    """Build the app. ``test_config`` may hold ``MODELBAY_ENV`` (``MODELBAY_*`` variables laid
+    over the environment), ``MODELBAY`` (typed settings overrides) and any Flask config key."""
     from web import auth, errors, jobs, models, nodes
     from web.extensions import Modelbay
 
     app = Flask(__name__, static_folder=None)
     config = dict(test_config or {})
-    settings = load_settings(**config.pop("MODELBAY", {}))
+    environ = {**os.environ, **config.pop("MODELBAY_ENV", {})}
+    settings = load_settings(environ, **config.pop("MODELBAY", {}))
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, JSON_SORT_KEYS=False)
     app.config.update(config)
     app.json.sort_keys = False

@@ -174,8 +174,11 @@ class ModelManager:
 
     # ---- unloading --------------------------------------------------------------------
 
-    def unload(self, model: str) -> str:
-        """Stop the model's backend (loading or ready). Returns how it ended."""
+    def unload(self, model: str, *, stop_consuming: bool = True) -> str:
+        """Stop the model's backend (loading or ready). Returns how it ended.
+
+        ``stop_consuming`` False skips cancelling the model queue's consumer: at worker
+        shutdown the consumer is already gone and would never answer."""
         with self._lock:
             entry = self._entries.get(model)
             if entry is None:
@@ -183,7 +186,7 @@ class ModelManager:
             entry.unloading = True
             was_ready = entry.state == "ready"
             entry.state = "unloading"
-        if was_ready:
+        if was_ready and stop_consuming:
             self._consume(model_queue(model), False)
         self._publish(entry)
         how = entry.proc.stop() if entry.proc is not None else "never_started"
@@ -197,7 +200,7 @@ class ModelManager:
     def stop_all(self) -> None:
         for model in list(self._entries):
             try:
-                self.unload(model)
+                self.unload(model, stop_consuming=False)
             except Exception:  # shutting down: keep stopping the others
                 log.exception("stopping %s", model)
         shutil.rmtree(self.socket_dir, ignore_errors=True)

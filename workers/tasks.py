@@ -116,9 +116,10 @@ def _run(job: JobRecord, entry: Any) -> None:
     try:
         if job.task == "embed":
             texts = [job.input] if isinstance(job.input, str) else list(job.input)
-            vectors, dim = proc.embed(texts, job.params, timeout_s)
-            result: dict[str, Any] = {"embeddings": vectors, "dim": dim,
-                                      "usage": {"prompt_tokens": sum(len(t.split()) for t in texts)}}
+            vectors, prompt_tokens = proc.embed(texts, job.params, timeout_s)
+            result: dict[str, Any] = {"embeddings": vectors, "dim": len(vectors[0]) if vectors else 0,
+                                      "usage": {"prompt_tokens": prompt_tokens,
+                                                "total_tokens": prompt_tokens}}
         elif job.task in ("generate", "chat"):
             result = _generate(job, proc, timeout_s)
         else:

@@ -1,0 +1,101 @@
+"""Integration fixtures: real valkey-server and nats-server on free ports, a real Celery
+worker subprocess (threads pool) that starts real gRPC backend processes, and the Flask app
+from its factory. Every process started here is reaped, even when a test fails."""
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from helpers import Worker, backend_pids, poll, start_worker
+from tasks.services import Service, start_nats, start_valkey
+from tasks.settings import load_settings
+from tasks.store import Store
+
+NODE = f"t{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    path = Path(os.environ.get("MODELBAY_TEST_ARTIFACTS", "test-artifacts")).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def valkey(artifacts: Path) -> Iterator[Service]:
+    data = Path(tempfile.mkdtemp(prefix="mb-valkey-"))
+    service = start_valkey(data, appendonly=False, log_path=artifacts / "valkey.log")
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def nats(artifacts: Path) -> Iterator[Service]:
+    service = start_nats(log_path=artifacts / "nats.log")
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def stack_env(valkey: Service, nats: Service, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    run = tmp_path_factory.mktemp("run")
+    return {"MODELBAY_REDIS_URL": valkey.url, "MODELBAY_NATS_URL": nats.url,
+            "MODELBAY_RUN_DIR": str(run), "MODELBAY_MODELS_DIR": str(run / "models"),
+            "MODELBAY_NODE_TTL_S": "3", "MODELBAY_BACKEND_STOP_GRACE_S": "3",
+            "MODELBAY_CANCEL_POLL_S": "0.05"}
+
+
+@pytest.fixture(scope="session")
+def store(stack_env: dict[str, str]) -> Store:
+    return Store.from_settings(load_settings(stack_env))
+
+
+@pytest.fixture(scope="session")
+def worker(stack_env: dict[str, str], store: Store, artifacts: Path) -> Iterator[Worker]:
+    """One worker node for the session. On teardown it must leave no backend process and no
+    socket behind."""
+    w = start_worker(stack_env, NODE, artifacts, store)
+    try:
+        yield w
+    finally:
+        how = w.stop()
+        leftovers = backend_pids(f"/mb-{NODE[:16]}-")
+        sockets = glob.glob(f"{tempfile.gettempdir()}/mb-{NODE[:16]}-*/*.sock")
+        assert how == "terminated", f"worker did not stop on SIGTERM ({how})"
+        assert not leftovers, f"backend processes left behind: {leftovers}"
+        assert not sockets, f"sockets left behind: {sockets}"
+
+
+@pytest.fixture(scope="session")
+def app(stack_env: dict[str, str]):
+    from web import create_app
+
+    return create_app({"TESTING": True, "MODELBAY_ENV": stack_env})
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def register(client):
+    """Register a manifest under a fresh name; returns the name."""
+    from helpers import unique
+
+    def _register(options: dict | None = None, backend: str = "echo", prefix: str = "echo", **extra) -> str:
+        name = unique(prefix)
+        body = {"backend": backend, "options": options or {}, **extra}
+        resp = client.put(f"/v1/models/{name}", json=body)
+        assert resp.status_code == 201, resp.get_json()
+        return name
+
+    return _register
+
+
+__all__ = ["poll"]

@@ -1,0 +1,96 @@
+"""Test helpers: real processes, polling with deadlines (never fixed sleeps)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from tasks.names import node_queue
+from tasks.services import spawn, stop_process, worker_command
+from tasks.store import Store
+
+
+def poll(check: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
+    """Call ``check`` until it returns something truthy; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def backend_pids(marker: str) -> list[int]:
+    """Pids of backend processes whose command line contains ``marker``."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "workers.backends." in cmd and marker in cmd and pid_alive(int(entry.name)):
+            out.append(int(entry.name))
+    return out
+
+
+def unique(prefix: str = "echo") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Worker:
+    node_id: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, grace_s: float = 20.0) -> str:
+        return stop_process(self.proc, grace_s)
+
+
+def start_worker(env: dict[str, str], node_id: str, log_dir: Path, store: Store,
+                 concurrency: int = 8, timeout_s: float = 60) -> Worker:
+    log_path = log_dir / f"worker-{node_id}.log"
+    proc = spawn(worker_command(node_queue(node_id), node_id, concurrency),
+                 {**env, "MODELBAY_NODE_ID": node_id}, log_path)
+    worker = Worker(node_id, proc, log_path)
+    try:
+        poll(lambda: proc.poll() is not None or store.get_node(node_id), timeout_s, f"node {node_id}")
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited {proc.returncode}:\n{worker.log()[-3000:]}")
+    except BaseException:
+        worker.stop(5)
+        raise
+    return worker
+
+
+def wait_job(client: Any, job_id: str, timeout_s: float = 30, statuses: Optional[set[str]] = None) -> dict:
+    """Long-poll a job until its status is in ``statuses`` (default: terminal)."""
+    want = statuses or {"succeeded", "failed", "cancelled"}
+
+    def check() -> Optional[dict]:
+        body = client.get(f"/v1/jobs/{job_id}?wait=1").get_json()
+        return body if body["status"] in want else None
+
+    return poll(check, timeout_s, f"job {job_id} to reach {sorted(want)}")
