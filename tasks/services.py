@@ -107,7 +107,10 @@ def start_nats(port: Optional[int] = None, log_path: Optional[Path] = None) -> S
 def _spawn(cmd: Sequence[str], log_path: Optional[Path], env: Optional[dict[str, str]] = None) -> subprocess.Popen:
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     try:
-        return subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=env)
+        # A session of its own: Ctrl-C reaches only ``modelbay up``, which stops its children
+        # in order (web, workers, then NATS and Valkey, which the workers still need).
+        return subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
     finally:
         if log_path:
             out.close()

@@ -1,0 +1,73 @@
+"""``modelbay up`` as a user runs it: real valkey-server, nats-server, two workers and two
+gunicorn web processes; a job over real HTTP; Ctrl-C (SIGINT) stops every process it started."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import requests
+
+from helpers import pid_alive, poll
+from tasks.services import free_port
+
+
+def children(pid: int) -> set[int]:
+    """All live descendants of ``pid``."""
+    found: set[int] = set()
+    parents = {pid}
+    changed = True
+    while changed:
+        changed = False
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) in found:
+                continue
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(") ", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid in parents:
+                found.add(int(entry.name))
+                parents.add(int(entry.name))
+                changed = True
+    return found
+
+
+def test_modelbay_up_serves_jobs_and_stops_everything(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELBAY_")}
+    log = open(tmp_path / "up.log", "wb")
+    up = subprocess.Popen([sys.executable, "-m", "tasks.cli", "up", "--port", str(port), "--workers", "2",
+                           "--web", "2", "--data-dir", str(tmp_path / "data")],
+                          stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    started: set[int] = set()
+    try:
+        poll(lambda: up.poll() is not None or "is up at" in (tmp_path / "up.log").read_text(), 120, "modelbay up")
+        assert up.poll() is None, (tmp_path / "up.log").read_text()
+        nodes = poll(lambda: len(d := requests.get(f"{base}/v1/nodes", timeout=5).json()["data"]) == 2 and d,
+                     30, "two nodes")
+        assert sorted(n["id"][-2:] for n in nodes) == ["-1", "-2"]
+        assert [m["id"] for m in requests.get(f"{base}/v1/models", timeout=5).json()["data"]] == ["echo"]
+
+        job = requests.post(f"{base}/v1/jobs", json={"model": "echo", "task": "generate", "input": "up and running"},
+                            timeout=10)
+        assert job.status_code == 202
+        done = requests.get(f"{base}{job.headers['Location']}?wait=30", timeout=40).json()
+        assert done["status"] == "succeeded" and done["result"]["text"] == "up and running"
+        started = children(up.pid)
+        assert len(started) >= 7  # valkey, nats, 2 workers, gunicorn master + 2, the echo backend
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(60)
+        finally:
+            if up.poll() is None:
+                up.kill()
+            log.close()
+    assert up.returncode == 0, (tmp_path / "up.log").read_text()
+    output = (tmp_path / "up.log").read_text()
+    assert "stopping" in output and "killed" not in output
+    poll(lambda: not [p for p in started if pid_alive(p)], 10, "every process started by up to exit")
