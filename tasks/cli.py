@@ -14,7 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from tasks import services
 from tasks.names import node_queue
@@ -36,7 +36,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_catalog(base_url: str, catalog: dict[str, dict], api_key: Optional[str]) -> None:
+def register_catalog(base_url: str, catalog: dict[str, dict], api_key: str | None) -> None:
     for name, manifest in catalog.items():
         req = urllib.request.Request(f"{base_url}/v1/models/{name}", method="PUT",
                                      data=json.dumps(manifest).encode(),
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-from typing import Optional
 
 from celery import Celery
 
@@ -39,7 +38,7 @@ class Dispatcher:
         self.celery = celery
 
     def ensure_load(self, model: str, manifest: Manifest,
-                    node: Optional[str] = None) -> tuple[Optional[JobRecord], bool]:
+                    node: str | None = None) -> tuple[JobRecord | None, bool]:
         """Make sure ``model`` is ready or loading (on ``node`` when pinned).
 
         Returns ``(None, False)`` when it is ready, else ``(load job, created)``: single-flight
@@ -98,7 +97,7 @@ class Dispatcher:
         self.celery.send_task(TASK_INFER, args=[record.id], queue=queue)
         return record
 
-    def unload(self, model: str, node: Optional[str] = None) -> list[JobRecord]:
+    def unload(self, model: str, node: str | None = None) -> list[JobRecord]:
         """One unload job per node that holds (or is loading) ``model``."""
         jobs = []
         for state in self.store.model_nodes(model):

@@ -1,10 +1,10 @@
 """Pydantic schemas shared by web/ and workers/: manifests, job requests, job records, errors."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any, Literal, Optional, Union
+from datetime import datetime, UTC
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 JobKind = Literal["load", "unload", "inference"]
 JobStatus = Literal["queued", "loading", "running", "succeeded", "failed", "cancelled"]
@@ -16,7 +16,7 @@ ModelNodeState = Literal["staging", "loading", "ready", "unloading", "failed"]
 
 def utcnow() -> str:
     """Now as ISO 8601 UTC with milliseconds, e.g. ``2026-11-23T13:00:00.123Z``."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Strict(BaseModel):
@@ -25,9 +25,9 @@ class Strict(BaseModel):
 
 class FileSpec(Strict):
     uri: str = Field(min_length=1, max_length=4096)
-    path: Optional[str] = Field(default=None, max_length=1024)
-    sha256: Optional[str] = Field(default=None, pattern=r"^[0-9a-f]{64}$")
-    size: Optional[int] = Field(default=None, ge=0)
+    path: str | None = Field(default=None, max_length=1024)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    size: int | None = Field(default=None, ge=0)
 
 
 class Manifest(Strict):
@@ -36,8 +36,8 @@ class Manifest(Strict):
     backend: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
     files: list[FileSpec] = Field(default_factory=list, max_length=1000)
     options: dict[str, Any] = Field(default_factory=dict)
-    memory_mb: Optional[int] = Field(default=None, ge=0)
-    keep_alive_s: Optional[float] = Field(default=None, ge=0)
+    memory_mb: int | None = Field(default=None, ge=0)
+    keep_alive_s: float | None = Field(default=None, ge=0)
     pinned: bool = False
 
 
@@ -52,12 +52,12 @@ class JobRequest(Strict):
 
     model: str = Field(min_length=1, max_length=128)
     task: TaskName
-    input: Union[str, list[str], list[ChatMessage]]
+    input: str | list[str] | list[ChatMessage]
     params: dict[str, Any] = Field(default_factory=dict)
-    node: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    node: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
     @model_validator(mode="after")
-    def _input_fits_task(self) -> "JobRequest":
+    def _input_fits_task(self) -> JobRequest:
         value = self.input
         if self.task == "embed":
             ok = isinstance(value, str) or (isinstance(value, list) and len(value) > 0
@@ -82,18 +82,18 @@ class JobRequest(Strict):
 class LoadRequest(Strict):
     """Optional body of ``POST /v1/models/{name}/load`` and ``/unload``."""
 
-    node: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    node: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class JobProgress(BaseModel):
     phase: str
     progress: float = Field(ge=0, le=100)
-    bytes_done: Optional[int] = None
-    bytes_total: Optional[int] = None
-    file: Optional[str] = None
-    file_index: Optional[int] = None
-    files_total: Optional[int] = None
-    message: Optional[str] = None
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+    file: str | None = None
+    file_index: int | None = None
+    files_total: int | None = None
+    message: str | None = None
 
 
 class JobErrorInfo(BaseModel):
@@ -110,19 +110,19 @@ class JobRecord(BaseModel):
     id: str
     kind: JobKind
     model: str
-    task: Optional[TaskName] = None
-    node: Optional[str] = None
+    task: TaskName | None = None
+    node: str | None = None
     status: JobStatus = "queued"
-    progress: Optional[JobProgress] = None
+    progress: JobProgress | None = None
     input: Any = None
     params: dict[str, Any] = Field(default_factory=dict)
     result: Any = None
-    error: Optional[JobErrorInfo] = None
+    error: JobErrorInfo | None = None
     attempts: int = 0
-    load_job: Optional[str] = None
+    load_job: str | None = None
     created_at: str = Field(default_factory=utcnow)
-    started_at: Optional[str] = None
-    finished_at: Optional[str] = None
+    started_at: str | None = None
+    finished_at: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -144,13 +144,13 @@ class ModelNode(BaseModel):
     node: str
     state: ModelNodeState
     in_flight: int = 0
-    last_used: Optional[str] = None
-    loaded_at: Optional[str] = None
-    load_job: Optional[str] = None
-    error: Optional[str] = None
-    pid: Optional[int] = None
-    socket: Optional[str] = None
-    instance: Optional[str] = None
+    last_used: str | None = None
+    loaded_at: str | None = None
+    load_job: str | None = None
+    error: str | None = None
+    pid: int | None = None
+    socket: str | None = None
+    instance: str | None = None
     memory_mb: int = 0
 
 
@@ -174,7 +174,7 @@ class ErrorBody(BaseModel):
     type: str
     code: str
     message: str
-    param: Optional[str] = None
+    param: str | None = None
 
 
 class ErrorEnvelope(BaseModel):

@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 
 def free_port() -> int:
@@ -35,7 +35,7 @@ def nats_binary() -> str:
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float, what: str,
-               proc: Optional[subprocess.Popen] = None, interval_s: float = 0.05) -> None:
+               proc: subprocess.Popen | None = None, interval_s: float = 0.05) -> None:
     """Poll ``check`` until it is true; raise ``TimeoutError`` (or ``RuntimeError`` when
     ``proc`` exits first)."""
     deadline = time.monotonic() + timeout_s
@@ -86,8 +86,8 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 10.0, sig: int = signa
         return "killed"
 
 
-def start_valkey(data_dir: Path, port: Optional[int] = None, appendonly: bool = True,
-                 log_path: Optional[Path] = None) -> Service:
+def start_valkey(data_dir: Path, port: int | None = None, appendonly: bool = True,
+                 log_path: Path | None = None) -> Service:
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     cmd = [valkey_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
@@ -97,14 +97,14 @@ def start_valkey(data_dir: Path, port: Optional[int] = None, appendonly: bool = 
     return Service("valkey", proc, f"redis://127.0.0.1:{port}/0")
 
 
-def start_nats(port: Optional[int] = None, log_path: Optional[Path] = None) -> Service:
+def start_nats(port: int | None = None, log_path: Path | None = None) -> Service:
     port = port or free_port()
     proc = _spawn([nats_binary(), "-a", "127.0.0.1", "-p", str(port)], log_path)
     wait_until(lambda: _nats_info(port), 20, "nats-server", proc)
     return Service("nats", proc, f"nats://127.0.0.1:{port}")
 
 
-def _spawn(cmd: Sequence[str], log_path: Optional[Path], env: Optional[dict[str, str]] = None) -> subprocess.Popen:
+def _spawn(cmd: Sequence[str], log_path: Path | None, env: dict[str, str] | None = None) -> subprocess.Popen:
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     try:
         # A session of its own: Ctrl-C reaches only ``modelbay up``, which stops its children
@@ -128,7 +128,7 @@ def web_command(host: str, port: int, workers: int, threads: int = 16) -> list[s
             "--timeout", "120", "--graceful-timeout", "10", "--access-logfile", "-"]
 
 
-def spawn(cmd: Sequence[str], env: dict[str, str], log_path: Optional[Path] = None) -> subprocess.Popen:
+def spawn(cmd: Sequence[str], env: dict[str, str], log_path: Path | None = None) -> subprocess.Popen:
     """Start a modelbay process with ``env`` (merged over ``os.environ``)."""
     full = {**os.environ, **env}
     return _spawn(cmd, log_path, full)

@@ -11,7 +11,7 @@ import re
 import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Mapping
+from collections.abc import Mapping
 
 PREFIX = "MODELBAY_"
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 import redis
 
@@ -52,7 +52,7 @@ class Change:
     """The outcome of a mutation: ``applied`` False means the record was left as it is."""
 
     applied: bool
-    record: Optional[JobRecord]
+    record: JobRecord | None
 
 
 class Store:
@@ -63,7 +63,7 @@ class Store:
         self.settings = settings
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Store":
+    def from_settings(cls, settings: Settings) -> Store:
         client = redis.Redis.from_url(settings.redis_url, decode_responses=True,
                                       health_check_interval=30, socket_keepalive=True)
         return cls(client, settings)
@@ -79,11 +79,11 @@ class Store:
         self._trim_recent()
         return record
 
-    def get_job(self, job_id: str) -> Optional[JobRecord]:
+    def get_job(self, job_id: str) -> JobRecord | None:
         raw = self.r.get(job_key(job_id))
         return JobRecord.model_validate_json(raw) if raw else None
 
-    def mutate(self, job_id: str, fn: Callable[[JobRecord], Optional[JobRecord]]) -> Change:
+    def mutate(self, job_id: str, fn: Callable[[JobRecord], JobRecord | None]) -> Change:
         """Apply ``fn`` to the record atomically. ``fn`` returns the new record or None (no
         change). A terminal record is never passed to ``fn``: it is returned unchanged."""
         key = job_key(job_id)
@@ -116,7 +116,7 @@ class Store:
         ``started_at``/``finished_at`` are stamped on entering running/loading and terminal."""
         allowed = frozenset(allowed_from)
 
-        def apply(rec: JobRecord) -> Optional[JobRecord]:
+        def apply(rec: JobRecord) -> JobRecord | None:
             if rec.status not in allowed:
                 return None
             data = rec.model_dump()
@@ -131,7 +131,7 @@ class Store:
         return self.mutate(job_id, apply)
 
     def finish(self, job_id: str, status: str, *, result: object = None,
-               error: Optional[JobErrorInfo] = None) -> Change:
+               error: JobErrorInfo | None = None) -> Change:
         """Write a terminal state once. Later calls leave the first outcome in place."""
         fields: dict[str, object] = {"result": result}
         if error is not None:
@@ -145,14 +145,14 @@ class Store:
         return self.finish(job_id, "cancelled",
                            error=JobErrorInfo(type="cancelled", message=message))
 
-    def set_progress(self, job_id: str, progress: Optional[JobProgress]) -> Change:
+    def set_progress(self, job_id: str, progress: JobProgress | None) -> Change:
         def apply(rec: JobRecord) -> JobRecord:
             rec.progress = progress
             return rec
 
         return self.mutate(job_id, apply)
 
-    def list_jobs(self, *, model: Optional[str] = None, status: Optional[str] = None,
+    def list_jobs(self, *, model: str | None = None, status: str | None = None,
                   limit: int = 50) -> list[JobRecord]:
         """Newest first. Scans at most 20 × ``limit`` recent ids."""
         out: list[JobRecord] = []
@@ -186,7 +186,7 @@ class Store:
         """Store a manifest. True when it is new, False when it replaced one."""
         return bool(self.r.hset(f"{P}catalog", name, manifest.model_dump_json()))
 
-    def get_manifest(self, name: str) -> Optional[Manifest]:
+    def get_manifest(self, name: str) -> Manifest | None:
         raw = self.r.hget(f"{P}catalog", name)
         return Manifest.model_validate_json(raw) if raw else None
 
@@ -213,7 +213,7 @@ class Store:
             pipe.srem(f"{P}nodes", node_id)
             pipe.execute()
 
-    def get_node(self, node_id: str) -> Optional[NodeRecord]:
+    def get_node(self, node_id: str) -> NodeRecord | None:
         raw = self.r.get(f"{P}node:{node_id}")
         return NodeRecord.model_validate_json(raw) if raw else None
 
@@ -238,7 +238,7 @@ class Store:
         return {k: ModelNode.model_validate_json(v)
                 for k, v in sorted(self.r.hgetall(f"{P}nodemodels:{node_id}").items())}
 
-    def model_nodes(self, model: str, nodes: Optional[list[NodeRecord]] = None) -> list[ModelNode]:
+    def model_nodes(self, model: str, nodes: list[NodeRecord] | None = None) -> list[ModelNode]:
         """The state of ``model`` on every live node that has one."""
         live = self.live_nodes() if nodes is None else nodes
         out = []
@@ -274,7 +274,7 @@ class Store:
                 except redis.WatchError:
                     continue
 
-    def active_load(self, node_id: str, model: str) -> Optional[JobRecord]:
+    def active_load(self, node_id: str, model: str) -> JobRecord | None:
         job_id = self.r.get(f"{P}sf:load:{node_id}:{model_token(model)}")
         rec = self.get_job(job_id) if job_id else None
         return rec if rec is not None and not rec.terminal else None

@@ -7,7 +7,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
+from collections.abc import Callable
 
 from tasks.names import node_queue
 from tasks.services import spawn, stop_process, worker_command
@@ -85,11 +86,11 @@ def start_worker(env: dict[str, str], node_id: str, log_dir: Path, store: Store,
     return worker
 
 
-def wait_job(client: Any, job_id: str, timeout_s: float = 30, statuses: Optional[set[str]] = None) -> dict:
+def wait_job(client: Any, job_id: str, timeout_s: float = 30, statuses: set[str] | None = None) -> dict:
     """Long-poll a job until its status is in ``statuses`` (default: terminal)."""
     want = statuses or {"succeeded", "failed", "cancelled"}
 
-    def check() -> Optional[dict]:
+    def check() -> dict | None:
         body = client.get(f"/v1/jobs/{job_id}?wait=1").get_json()
         return body if body["status"] in want else None
 

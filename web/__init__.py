@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Optional
+from typing import Any
+from collections.abc import Mapping
 
 from flask import Flask
 
 from tasks.settings import load_settings
 
 
-def create_app(test_config: Optional[Mapping[str, Any]] = None) -> Flask:
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app. ``test_config`` may hold ``MODELBAY_ENV`` (``MODELBAY_*`` variables laid
     over the environment), ``MODELBAY`` (typed settings overrides) and any Flask config key."""
     from web import auth, errors, jobs, models, nodes

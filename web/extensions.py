@@ -6,7 +6,6 @@ import os
 import threading
 import time
 from collections import defaultdict
-from typing import Optional
 
 import redis
 from flask import Flask, current_app
@@ -28,9 +27,9 @@ class JobWaiter:
         self.store = store
         self._lock = threading.Lock()
         self._events: dict[str, list[threading.Event]] = defaultdict(list)
-        self._pid: Optional[int] = None
+        self._pid: int | None = None
 
-    def wait(self, job_id: str, timeout_s: float) -> Optional[JobRecord]:
+    def wait(self, job_id: str, timeout_s: float) -> JobRecord | None:
         """The job once terminal, or as it is after ``timeout_s`` seconds."""
         self._ensure_thread()
         event = threading.Event()
@@ -86,7 +85,7 @@ class JobWaiter:
 class Modelbay:
     """The app's handle on modelbay's shared parts: ``current_app.extensions["modelbay"]``."""
 
-    def __init__(self, app: Optional[Flask] = None, settings: Optional[Settings] = None) -> None:
+    def __init__(self, app: Flask | None = None, settings: Settings | None = None) -> None:
         self.settings = settings
         if app is not None:
             self.init_app(app, settings)

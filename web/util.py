@@ -1,7 +1,7 @@
 """Request parsing shared by the blueprints."""
 from __future__ import annotations
 
-from typing import Optional, TypeVar
+from typing import TypeVar
 
 from flask import request
 from pydantic import BaseModel, ValidationError
@@ -41,7 +41,7 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def pin(body_node: Optional[str] = None) -> Optional[str]:
+def pin(body_node: str | None = None) -> str | None:
     """The node pin: the ``X-Modelbay-Node`` header, else the body's ``node`` field."""
     header = request.headers.get("X-Modelbay-Node", "").strip()
     if header:

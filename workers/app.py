@@ -7,7 +7,6 @@ and deregisters the node.
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 from celery.signals import worker_ready, worker_shutdown
 
@@ -35,10 +34,10 @@ class Runtime:
         self.dispatcher = Dispatcher(self.store, app)
         self.manager = ModelManager(settings, self.store, app)
         self.cancels = CancelWatcher(self.store, settings.cancel_poll_s)
-        self.agent: Optional[NodeAgent] = None
+        self.agent: NodeAgent | None = None
 
 
-_runtime: Optional[Runtime] = None
+_runtime: Runtime | None = None
 
 
 def runtime() -> Runtime:

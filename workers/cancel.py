@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from tasks.schemas import JobRecord
 from tasks.store import Store, job_key

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from celery import Celery
 
@@ -20,7 +20,8 @@ from tasks.names import model_queue, model_token
 from tasks.schemas import JobRecord, Manifest, ModelNode, utcnow
 from tasks.settings import Settings
 from tasks.store import Store
-from workers.supervisor import BackendError, BackendProcess, load_deadline_s
+from workers.backend_calls import BackendError, load_deadline_s
+from workers.supervisor import BackendProcess
 
 log = logging.getLogger("modelbay.worker")
 
@@ -42,11 +43,11 @@ class Entry:
     manifest: Manifest
     load_job: str
     state: str = "loading"
-    proc: Optional[BackendProcess] = None
+    proc: BackendProcess | None = None
     in_flight: int = 0
-    last_used: Optional[str] = None
-    loaded_at: Optional[str] = None
-    error: Optional[LoadFailed] = None
+    last_used: str | None = None
+    loaded_at: str | None = None
+    error: LoadFailed | None = None
     unloading: bool = False
     settled: threading.Event = field(default_factory=threading.Event)
 
@@ -58,7 +59,7 @@ class ModelManager:
         self.settings = settings
         self.store = store
         self.celery = celery
-        self.hostname: Optional[str] = None  # the Celery worker's name, set when it is ready
+        self.hostname: str | None = None  # the Celery worker's name, set when it is ready
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
         self.socket_dir = Path(tempfile.mkdtemp(prefix=f"mb-{settings.node_id[:16]}-"))

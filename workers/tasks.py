@@ -12,7 +12,7 @@ from tasks.names import TASK_INFER, TASK_LOAD, TASK_NOOP, TASK_UNLOAD
 from tasks.schemas import JobRecord
 from workers.app import app, runtime
 from workers.runtime import LoadFailed, NotHere
-from workers.supervisor import BackendCallError, BackendCancelled, BackendError
+from workers.backend_calls import BackendCallError, BackendCancelled, BackendError
 
 log = logging.getLogger("modelbay.worker")
 

@@ -1,0 +1,80 @@
+"""Static checks of what cannot run here: compose.yaml against the CLI and the settings,
+.ci/run against the README, the committed gRPC stubs against the proto, import rules."""
+from __future__ import annotations
+
+import ast
+import filecmp
+import shutil
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import yaml
+
+from tasks.cli import build_parser
+from tasks.settings import Settings, env_name
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "compose.yaml").read_text())
+
+
+def test_compose_services_run_real_cli_commands():
+    services = compose()["services"]
+    assert {"valkey", "nats", "web", "worker"} <= set(services)
+    for name in ("web", "worker"):
+        command = services[name]["command"]
+        assert command[0] == "modelbay" and command[1] == name
+        build_parser().parse_args(command[1:])  # exits (fails the test) on an unknown flag
+    assert "--appendonly" in services["valkey"]["command"]
+    gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+
+
+def test_compose_env_vars_are_settings():
+    known = {env_name(f.name) for f in fields(Settings)}
+    for name, service in compose()["services"].items():
+        env = service.get("environment") or {}
+        unknown = {k for k in env if k.startswith("MODELBAY_")} - known
+        assert not unknown, f"{name}: {unknown} are not settings"
+    worker_env = compose()["services"]["worker"]["environment"]
+    assert worker_env["MODELBAY_REDIS_URL"].startswith("redis://valkey:")
+    assert "MODELBAY_NODE_ID" not in worker_env  # replicas take their hostname
+
+
+def test_ci_runs_the_readme_test_command():
+    command = (ROOT / ".ci/run").read_text().strip().splitlines()[-1]
+    readme = (ROOT / "README.md").read_text()
+    assert command in readme
+    fences = [b for b in readme.split("```")[1::2]][:2]
+    assert "modelbay up" in fences[0] and command in fences[1], "README must open with run + test commands"
+
+
+def test_committed_grpc_stubs_match_the_proto(tmp_path):
+    proto = "workers/backends/proto/modelbay/backend/v1/backend.proto"
+    (tmp_path / Path(proto).parent).mkdir(parents=True)
+    shutil.copy(ROOT / proto, tmp_path / proto)
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", ".", "--python_out=.",
+                    "--grpc_python_out=.", "--pyi_out=.", proto], cwd=tmp_path, check=True)
+    for stub in ("backend_pb2.py", "backend_pb2_grpc.py", "backend_pb2.pyi"):
+        rel = Path(proto).parent / stub
+        assert filecmp.cmp(tmp_path / rel, ROOT / rel, shallow=False), f"{rel} is stale: python -m workers.backends.proto"
+
+
+def imports(package: str) -> set[str]:
+    found: set[str] = set()
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+def test_layering_rules():
+    assert not imports("tasks") & {"flask", "grpc", "torch", "web", "workers"}
+    assert "workers" not in imports("web") and "grpc" not in imports("web")

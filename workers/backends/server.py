@@ -1,0 +1,83 @@
+"""The process entry point every backend shares: serve one model on a unix socket.
+
+``python -m workers.backends.<name> --socket PATH --model NAME --instance ID`` ends up in
+:func:`main`, which serves the Backend service and grpc.health.v1, stops on SIGTERM/SIGINT
+or when the parent (the worker) goes away, and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from workers.backends.base import MAX_MESSAGE_BYTES, SERVICE_NAME, BackendModel, BackendServicer
+from workers.backends.proto.modelbay.backend.v1 import backend_pb2_grpc as pb_grpc
+
+log = logging.getLogger("modelbay.backend")
+
+
+def main(
+    model_factory: Callable[[], BackendModel], argv: Sequence[str] | None = None, *,
+    backend_name: str, stop_signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> int:
+    """Serve ``--socket``/``--model``/``--instance`` until a stop signal or until the parent
+    process goes away; return 0. Logs one line per event to stderr, prefixed
+    ``<backend_name>[<pid>]``. In-flight calls get ``--grace-s`` seconds (default 1);
+    model code still busy a second after that (a load stuck in native code) does not hold
+    the process: it then leaves with ``os._exit``."""
+    parser = argparse.ArgumentParser(prog=f"python -m workers.backends.{backend_name}")
+    parser.add_argument("--socket", required=True, help="unix socket path to serve on")
+    parser.add_argument("--model", required=True, help="catalog name of the model")
+    parser.add_argument("--instance", required=True, help="unique id of this load")
+    parser.add_argument("--grace-s", type=float, default=1.0, help="seconds in-flight calls get on stop")
+    args = parser.parse_args(argv)
+    parent = os.getppid()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"{backend_name}[{os.getpid()}] %(asctime)s %(levelname)s %(message)s")
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in stop_signals:
+        signal.signal(sig, on_signal)
+    model = model_factory()
+    executor = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc")
+    server = grpc.server(executor, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    pb_grpc.add_BackendServicer_to_server(BackendServicer(model, args.model, args.instance), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(f"unix:{args.socket}")
+    server.start()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving unix:%s for model %r instance %s", args.socket, args.model, args.instance)
+    while not stop.wait(0.5):
+        if os.getppid() != parent:
+            log.warning("parent process %d went away; stopping", parent)
+            break
+    health_servicer.enter_graceful_shutdown()
+    model.stopping.set()
+    server.stop(args.grace_s).wait()
+    executor.shutdown(wait=False, cancel_futures=True)
+    log.info("stopped")  # gRPC unlinks the socket file on stop (and a stale one on bind)
+    others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    deadline = time.monotonic() + 1.0
+    for thread in others:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in others):
+        log.warning("model code still busy; exiting anyway")
+        logging.shutdown()
+        os._exit(0)
+    return 0

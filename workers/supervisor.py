@@ -1,0 +1,365 @@
+"""Start, call, watch and stop one backend process (``python -m workers.backends.<name>``).
+
+Runs inside the worker process with threads only: the backend is a fresh interpreter
+started with ``subprocess`` (fork+exec), so no CUDA state ever meets a fork.
+
+Lifecycle: :meth:`BackendProcess.start` spawns the process in its own session on a unix
+socket and waits for the gRPC health check; :meth:`~BackendProcess.load` calls LoadModel
+with a deadline from :func:`load_deadline_s`; a watcher thread reaps the process and, if
+it exits without :meth:`~BackendProcess.stop`, calls ``on_exit(returncode)`` and makes
+in-flight and later calls fail with :class:`BackendCallError`. :meth:`~BackendProcess.stop`
+sends SIGTERM to the process group, waits ``stop_grace_s`` seconds, then SIGKILLs.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from workers.backend_calls import (BackendCallError, BackendCancelled, BackendError, BackendStartError,
+                                   GenerateCall)
+from workers.backends.proto.modelbay.backend.v1 import backend_pb2 as pb
+from workers.backends.proto.modelbay.backend.v1 import backend_pb2_grpc as pb_grpc
+
+log = logging.getLogger("modelbay.supervisor")
+
+SERVICE_NAME = "modelbay.backend.v1.Backend"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MAX_SOCKET_PATH_BYTES = 107  # sun_path is 108 bytes on Linux, NUL included
+MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+_BACKEND_NAME = re.compile(r"[a-z0-9_-]+")
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # A local socket: retry connecting quickly instead of gRPC's default 1 s..120 s backoff.
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+class BackendProcess:
+    """One backend process serving one model instance; see the module docstring.
+
+    ``model`` and ``instance`` are the identity sent with every request (treat them as
+    read-only). ``on_exit`` is called from the watcher thread with the return code when
+    the process exits without :meth:`stop` having been called."""
+
+    def __init__(
+        self, backend: str, model: str, socket_dir: Path, *, env: dict[str, str] | None = None,
+        start_timeout_s: float = 30.0, stop_grace_s: float = 5.0, log_path: Path | None = None,
+        on_exit: Callable[[int], None] | None = None,
+    ) -> None:
+        if not _BACKEND_NAME.fullmatch(backend):
+            raise BackendStartError(f"invalid backend name {backend!r}: must match [a-z0-9_-]+")
+        self.backend = backend
+        self.model = model
+        self.instance = uuid.uuid4().hex
+        self.socket_path = Path(os.path.abspath(socket_dir)) / f"{self.instance[:12]}.sock"
+        if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH_BYTES:
+            raise BackendStartError(
+                f"socket path {str(self.socket_path)!r} is longer than {MAX_SOCKET_PATH_BYTES} bytes "
+                "(the unix socket limit); use a shorter socket_dir"
+            )
+        self.env = dict(env or {})
+        self.start_timeout_s = start_timeout_s
+        self.stop_grace_s = stop_grace_s
+        self.log_path = log_path
+        self.on_exit = on_exit
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._channel: grpc.Channel | None = None
+        self._stub: pb_grpc.BackendStub | None = None
+        self._exited = threading.Event()
+        self._stop_requested = threading.Event()
+        self._state_lock = threading.Lock()  # orders _started against the watcher's exit check
+        self._started = False
+        self._exit_seen = False
+        self._stop_result: str | None = None
+        self._tail: collections.deque[bytes] = collections.deque(maxlen=40)
+        self._forwarder: threading.Thread | None = None
+
+    # -- properties ------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        """The process id, or None before :meth:`start`."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the process was reaped (negative: killed by that signal)."""
+        return self._proc.returncode if self._exited.is_set() and self._proc is not None else None
+
+    def alive(self) -> bool:
+        """True from a successful :meth:`start` until the process exits."""
+        return self._started and not self._exited.is_set()
+
+    # -- start -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Spawn the process and wait (up to ``start_timeout_s`` seconds) until healthy."""
+        module = f"workers.backends.{self.backend.replace('-', '_')}"
+        cmd = [sys.executable, "-m", module, "--socket", str(self.socket_path),
+               "--model", self.model, "--instance", self.instance]
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        with self._lock:
+            if self._proc is not None or self._stop_requested.is_set():
+                raise BackendStartError("this BackendProcess was already started or stopped")
+            self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            sink: IO[bytes] | None = None
+            try:
+                if self.log_path is not None:
+                    sink = open(self.log_path, "ab")  # noqa: SIM115 - the forwarder closes it
+                self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as exc:
+                if sink is not None:
+                    sink.close()
+                raise BackendStartError(f"could not start {module}: {exc}") from exc
+            self._forwarder = threading.Thread(target=self._forward, args=(self._proc.stdout, sink),
+                                               name=f"backend-log-{self._proc.pid}", daemon=True)
+            self._forwarder.start()
+            threading.Thread(target=self._watch, name=f"backend-watch-{self._proc.pid}", daemon=True).start()
+            channel = self._channel = grpc.insecure_channel(f"unix:{self.socket_path}", options=_CHANNEL_OPTIONS)
+            self._stub = pb_grpc.BackendStub(channel)
+        log.info("started %s pid %d for model %r instance %s", module, self._proc.pid, self.model, self.instance)
+        t0 = time.monotonic()
+        try:
+            self._wait_healthy(channel)
+        except BackendStartError:
+            if not self._stop_requested.is_set():  # else stop() is ending it
+                self._kill_now()
+            raise
+        with self._state_lock:
+            died = self._exit_seen
+            self._started = not died
+        if died:
+            self._kill_now()
+            raise BackendStartError(f"backend {self.backend!r} exited with code {self.returncode} right after "
+                                    f"becoming healthy; log tail:\n{self.log_tail()}")
+        log.info("backend pid %d healthy after %.2fs", self._proc.pid, time.monotonic() - t0)
+
+    def _wait_healthy(self, channel: grpc.Channel) -> None:
+        health_stub = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            if self._exited.is_set():
+                if self._forwarder is not None:
+                    self._forwarder.join(1.0)
+                raise BackendStartError(f"backend {self.backend!r} exited with code {self.returncode} "
+                                        f"while starting; log tail:\n{self.log_tail()}")
+            if self._stop_requested.is_set():
+                raise BackendStartError(f"backend {self.backend!r} was stopped while starting")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BackendStartError(f"backend {self.backend!r} not healthy after {self.start_timeout_s:g}s; "
+                                        f"log tail:\n{self.log_tail()}")
+            if self.socket_path.exists():
+                try:
+                    resp = health_stub.Check(request, timeout=min(0.5, left), wait_for_ready=True)
+                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except (grpc.RpcError, ValueError):  # ValueError: channel closed by stop()
+                    pass
+            self._exited.wait(0.02)
+
+    def _forward(self, pipe: IO[bytes], sink: IO[bytes] | None) -> None:
+        """Copy the backend's output to ``sink`` (the log file) or our stderr (fd 2),
+        keeping the last lines for error messages."""
+        with pipe:
+            for line in iter(pipe.readline, b""):
+                self._tail.append(line)
+                try:
+                    if sink is None:
+                        os.write(2, line)
+                    else:
+                        sink.write(line)
+                        sink.flush()
+                except (OSError, ValueError):
+                    pass
+        if sink is not None:
+            sink.close()
+
+    def log_tail(self, max_lines: int = 20) -> str:
+        """The last lines the process wrote (also kept when they go to ``log_path``)."""
+        return b"".join(list(self._tail)[-max_lines:]).decode(errors="replace").rstrip()
+
+    def _watch(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        rc = proc.wait()
+        self._exited.set()
+        with self._state_lock:
+            self._exit_seen = True
+            report = self._started and not self._stop_requested.is_set()
+        if not report:
+            return
+        log.warning("backend pid %d (model %r) exited unexpectedly with code %d", proc.pid, self.model, rc)
+        self._close_channel()
+        if self.on_exit is not None:
+            try:
+                self.on_exit(rc)
+            except Exception:  # a broken callback must not kill the watcher silently
+                log.exception("on_exit callback failed")
+
+    # -- calls -----------------------------------------------------------------------
+    def _ref(self) -> pb.ModelRef:
+        return pb.ModelRef(name=self.model, instance=self.instance)
+
+    def _gone_error(self) -> BackendCallError | None:
+        if self._stop_requested.is_set():
+            return BackendCallError(f"backend for model {self.model!r} was stopped")
+        if self._exited.is_set():
+            return BackendCallError(f"backend process exited with code {self.returncode}")
+        if not self._started:
+            return BackendCallError("backend process not started")
+        return None
+
+    def _translate(self, err: grpc.RpcError, what: str, timeout_s: float | None) -> BackendError:
+        code: grpc.StatusCode | None = getattr(err, "code", lambda: None)()
+        details: str = getattr(err, "details", lambda: None)() or str(err)
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            self._exited.wait(1.0 if code == grpc.StatusCode.UNAVAILABLE else 0.0)
+        gone = self._gone_error()
+        name = code.name if code is not None else None
+        if gone is not None:
+            gone.grpc_code = name
+            return gone
+        if code == grpc.StatusCode.CANCELLED:
+            return BackendCancelled(f"{what} cancelled")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return BackendCallError(f"{what}: deadline exceeded after {timeout_s:g}s", name)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return BackendCallError(f"backend unavailable ({what}: {details})", name)
+        return BackendCallError(f"{what} failed ({name}): {details}", name)
+
+    def _invoke(self, method: str, request: Any, timeout_s: float) -> Any:
+        """Call ``method``: its response, or for a stream the call object; errors translated."""
+        gone = self._gone_error()
+        if gone is not None or self._stub is None:
+            raise gone or BackendCallError("backend process not started")
+        try:
+            return getattr(self._stub, method)(request, timeout=timeout_s)
+        except grpc.RpcError as err:
+            raise self._translate(err, method, timeout_s) from None
+        except ValueError as exc:  # "Cannot invoke RPC on closed channel!"
+            raise self._gone_error() or BackendCallError(str(exc)) from None
+
+    def load(self, files: list[str], model_dir: str, options: dict[str, Any], device: str,
+             timeout_s: float) -> dict[str, Any]:
+        """LoadModel with a deadline of ``timeout_s`` seconds (see :func:`load_deadline_s`).
+        Returns ok, message, load_s (seconds), memory_mb (MiB), device, dim."""
+        req = pb.LoadModelRequest(model=self._ref(), files=files, model_dir=model_dir,
+                                  options_json=json.dumps(options), device=device)
+        resp = self._invoke("LoadModel", req, timeout_s)
+        if not resp.ok:
+            raise BackendCallError(f"load failed: {resp.message}")
+        return {"ok": resp.ok, "message": resp.message, "load_s": resp.load_s,
+                "memory_mb": resp.memory_mb, "device": resp.device, "dim": resp.dim}
+
+    def embed(self, texts: list[str], params: dict[str, Any], timeout_s: float) -> tuple[list[list[float]], int]:
+        """Embed ``texts`` (deadline ``timeout_s`` seconds); returns (vectors, prompt_tokens)."""
+        req = pb.EmbedRequest(model=self._ref(), texts=texts, params_json=json.dumps(params))
+        resp = self._invoke("Embed", req, timeout_s)
+        return [list(v.values) for v in resp.embeddings], resp.prompt_tokens
+
+    def generate(self, prompt: str, messages: list[dict[str, str]], params: dict[str, Any],
+                 timeout_s: float) -> GenerateCall:
+        """Start a Generate stream whose whole duration is limited to ``timeout_s`` seconds."""
+        req = pb.GenerateRequest(
+            model=self._ref(), prompt=prompt, params_json=json.dumps(params),
+            messages=[pb.ChatMessage(role=m.get("role", ""), content=m.get("content", "")) for m in messages],
+        )
+        call = self._invoke("Generate", req, timeout_s)
+        return GenerateCall(call, lambda err: self._translate(err, "Generate", timeout_s))
+
+    def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        """Every StatusResponse field; ``model`` is {"name", "instance"}."""
+        r = self._invoke("Status", pb.StatusRequest(model=self._ref()), timeout_s)
+        out: dict[str, Any] = {f.name: getattr(r, f.name) for f in r.DESCRIPTOR.fields}
+        out["model"] = {"name": r.model.name, "instance": r.model.instance}
+        return out
+
+    def free(self, timeout_s: float = 10.0) -> bool:
+        """Ask the backend to release the model (the process keeps running)."""
+        return bool(self._invoke("Free", pb.FreeRequest(model=self._ref()), timeout_s).ok)
+
+    # -- stop ------------------------------------------------------------------------
+    def _signal(self, sig: signal.Signals) -> None:
+        if self._proc is not None and not self._exited.is_set():
+            try:
+                os.killpg(self._proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _close_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+
+    def _cleanup(self) -> None:
+        self._close_channel()
+        if self._forwarder is not None:
+            self._forwarder.join(1.0)
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+
+    def _kill_now(self) -> None:
+        """After a failed start: SIGKILL, reap, clean up."""
+        self._stop_requested.set()
+        self._signal(signal.SIGKILL)
+        self._exited.wait(10.0)
+        self._cleanup()
+        self._stop_result = "killed"
+
+    def stop(self) -> str:
+        """Stop the process; idempotent and thread-safe. Tries Free (1 s deadline), then
+        SIGTERM to the process group, waits ``stop_grace_s`` seconds, then SIGKILL; reaps it
+        and removes the socket. Returns "terminated", "killed", "exited" (it had already
+        exited on its own) or "not_started"; later calls return the first answer."""
+        with self._lock:
+            if self._stop_result is not None:
+                return self._stop_result
+            self._stop_requested.set()
+            if self._proc is None:
+                result = "not_started"
+            elif self._exited.is_set():
+                result = "exited"
+            else:
+                if self._stub is not None and self._started:
+                    try:
+                        self._stub.Free(pb.FreeRequest(model=self._ref()), timeout=min(1.0, self.stop_grace_s))
+                    except (grpc.RpcError, ValueError):
+                        pass
+                self._close_channel()
+                self._signal(signal.SIGTERM)
+                if self._exited.wait(self.stop_grace_s):
+                    result = "terminated"
+                else:
+                    log.warning("backend pid %d ignored SIGTERM for %gs; killing", self._proc.pid, self.stop_grace_s)
+                    self._signal(signal.SIGKILL)
+                    self._exited.wait(10.0)
+                    result = "killed"
+            self._cleanup()
+            self._stop_result = result
+        log.info("backend pid %s for model %r stopped: %s", self.pid, self.model, result)
+        return result
