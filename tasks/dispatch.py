@@ -10,24 +10,33 @@
 from __future__ import annotations
 
 
+import math
+
 from celery import Celery
 
 from tasks.errors import Conflict, NotFound, Unavailable
 from tasks.names import TASK_INFER, TASK_LOAD, TASK_UNLOAD, model_queue, node_queue
-from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode, NodeRecord
+from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode, NodeRecord, model_size_mb
 from tasks.store import Store, new_job_id
 
 
 def choose_node(nodes: list[NodeRecord], manifest: Manifest) -> NodeRecord:
-    """Pick the node for a new load, or raise :class:`Unavailable`."""
+    """Pick the node for a new load, or raise :class:`Unavailable` when no live node runs the
+    backend. Nodes where the model fits in free memory come first, then those where it fits
+    after evicting idle models, then the rest (whose worker then fails the load with
+    ``insufficient_memory``: the node's own accounting is the authority). Within a tier:
+    fewest loads in flight, then most free memory."""
     able = [n for n in nodes if manifest.backend in n.backends]
     if not able:
         raise Unavailable(f"no live node can run backend {manifest.backend!r}", code="no_node")
-    need = manifest.memory_mb or 0
-    fits = [n for n in able if n.memory_budget_mb - n.memory_used_mb >= need]
-    if not fits:
-        raise Unavailable(f"no live node has {need} MB free for this model", code="no_capacity")
-    return min(fits, key=lambda n: (n.loads_in_flight, n.memory_used_mb - n.memory_budget_mb, n.id))
+    need = model_size_mb(manifest)
+
+    def rank(n: NodeRecord) -> tuple[int, int, int, str]:
+        free = n.memory_budget_mb - n.memory_used_mb
+        tier = 0 if free >= need else 1 if free + n.memory_evictable_mb >= need else 2
+        return (tier, n.loads_in_flight, -free, n.id)
+
+    return min(able, key=rank)
 
 
 class Dispatcher:
@@ -55,6 +64,11 @@ class Dispatcher:
                 active = self.store.active_load(s.node, model)
                 if active is not None:
                     return active, False
+        cooling = self.store.cooldown(model)
+        if cooling is not None:
+            left_s, error = cooling
+            raise Unavailable(f"the last load of {model!r} failed ({error}); next try in {left_s:.0f}s",
+                              retry_after_s=max(1, math.ceil(left_s)), code="load_cooldown")
         if node is None:
             target = choose_node(nodes, manifest)
         candidate = JobRecord(id=new_job_id(), kind="load", model=model, node=target.id)
@@ -62,7 +76,7 @@ class Dispatcher:
         if created:
             self.store.set_model_state(ModelNode(model=model, node=target.id, state="loading",
                                                  load_job=record.id,
-                                                 memory_mb=manifest.memory_mb or 0))
+                                                 memory_mb=model_size_mb(manifest)))
             self.celery.send_task(TASK_LOAD, args=[record.id], queue=node_queue(target.id))
         return record, created
 
@@ -73,7 +87,7 @@ class Dispatcher:
                            node=request.node)
         return self.route(record, manifest, create=True)
 
-    def route(self, record: JobRecord, manifest: Manifest, *, create: bool = False) -> JobRecord:
+    def route(self, record: JobRecord, manifest: Manifest, *, create: bool = False, reroutes: int = 0) -> JobRecord:
         """Queue ``record`` where a holder of its model will take it, placing a load if none
         holds it. With ``create`` False the record already exists (a re-route)."""
         load, _ = self.ensure_load(record.model, manifest, record.node)
@@ -82,8 +96,7 @@ class Dispatcher:
         if create:
             self.store.create_job(record)
         else:
-            change = self.store.transition(record.id, record.status, load_job=record.load_job,
-                                           attempts=record.attempts)
+            change = self.store.transition(record.id, record.status, load_job=record.load_job)
             if not change.applied:
                 return change.record or record
         if load is not None:
@@ -94,7 +107,8 @@ class Dispatcher:
                 self.store.fail(record.id, latest.error.type, f"model load failed: {latest.error.message}")
                 return self.store.get_job(record.id) or record
         queue = node_queue(record.node) if record.node else model_queue(record.model)
-        self.celery.send_task(TASK_INFER, args=[record.id], queue=queue)
+        kwargs = {"reroutes": reroutes} if reroutes else None
+        self.celery.send_task(TASK_INFER, args=[record.id], kwargs=kwargs, queue=queue)
         return record
 
     def unload(self, model: str, node: str | None = None) -> list[JobRecord]:

@@ -41,6 +41,13 @@ class Manifest(Strict):
     pinned: bool = False
 
 
+def model_size_mb(manifest: Manifest) -> int:
+    """The memory a model needs, in MiB: ``memory_mb`` if given, else its files' total size."""
+    if manifest.memory_mb is not None:
+        return manifest.memory_mb
+    return -(-sum(f.size or 0 for f in manifest.files) // (1024 * 1024))
+
+
 class ChatMessage(Strict):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = Field(max_length=1_000_000)
@@ -164,6 +171,7 @@ class NodeRecord(BaseModel):
     backends: list[str]
     memory_budget_mb: int
     memory_used_mb: int = 0
+    memory_evictable_mb: int = 0
     devices: list[dict[str, Any]] = Field(default_factory=list)
     started_at: str
     last_heartbeat: str

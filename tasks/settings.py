@@ -44,13 +44,19 @@ class Settings:
     node_memory_mb: int = 16384
     worker_concurrency: int = 8
     backends: str = "echo"
+    # Default idle time before a model unloads; 0 keeps models loaded until evicted.
     keep_alive_s: float = 0.0
+    # A failed load of a model blocks new loads of it for base, 2×base, ... up to max.
+    load_cooldown_base_s: float = 10.0
+    load_cooldown_max_s: float = 300.0
     # Backend processes
     backend_start_timeout_s: float = 60.0
     backend_stop_grace_s: float = 5.0
     load_base_timeout_s: float = 60.0
     inference_timeout_s: float = 600.0
     cancel_poll_s: float = 0.1
+    # Progress ticks: at most one per interval per operation (leading + trailing edge).
+    progress_interval_s: float = 1.0
     # Celery
     visibility_timeout_s: int = 7200
 

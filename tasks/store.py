@@ -17,6 +17,7 @@ job never turns ``succeeded``.
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -231,6 +232,9 @@ class Store:
             pipe.pexpire(key, int(self.settings.node_ttl_s * 4000))
             pipe.execute()
 
+    def clear_node_models(self, node_id: str) -> None:
+        self.r.delete(f"{P}nodemodels:{node_id}")
+
     def delete_model_state(self, node_id: str, model: str) -> None:
         self.r.hdel(f"{P}nodemodels:{node_id}", model)
 
@@ -308,6 +312,31 @@ class Store:
             pipe.delete(key)
             members, _ = pipe.execute()
         return sorted(members)
+
+    # ---- load cooldown ----------------------------------------------------------------
+
+    def note_load_failure(self, model: str, message: str) -> float:
+        """Record a failed load; returns the cooldown in seconds (base, doubling, capped)."""
+        key = f"{P}cooldown:{model_token(model)}"
+        raw = self.r.get(key)
+        failures = (json.loads(raw)["failures"] if raw else 0) + 1
+        base, cap = self.settings.load_cooldown_base_s, self.settings.load_cooldown_max_s
+        cooldown_s = min(base * 2 ** (failures - 1), cap)
+        record = {"failures": failures, "until": time.time() + cooldown_s, "error": message}
+        self.r.set(key, json.dumps(record), ex=int(cap * 4) + 1)
+        return cooldown_s
+
+    def clear_cooldown(self, model: str) -> None:
+        self.r.delete(f"{P}cooldown:{model_token(model)}")
+
+    def cooldown(self, model: str) -> tuple[float, str] | None:
+        """(seconds left, last error) while loads of ``model`` are cooling down, else None."""
+        raw = self.r.get(f"{P}cooldown:{model_token(model)}")
+        if not raw:
+            return None
+        record = json.loads(raw)
+        left = record["until"] - time.time()
+        return (left, record["error"]) if left > 0 else None
 
     # ---- misc -------------------------------------------------------------------------
 

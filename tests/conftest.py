@@ -47,7 +47,8 @@ def stack_env(valkey: Service, nats: Service, tmp_path_factory: pytest.TempPathF
     return {"MODELBAY_REDIS_URL": valkey.url, "MODELBAY_NATS_URL": nats.url,
             "MODELBAY_RUN_DIR": str(run), "MODELBAY_MODELS_DIR": str(run / "models"),
             "MODELBAY_NODE_TTL_S": "3", "MODELBAY_BACKEND_STOP_GRACE_S": "3",
-            "MODELBAY_CANCEL_POLL_S": "0.05"}
+            "MODELBAY_CANCEL_POLL_S": "0.05", "MODELBAY_LOAD_COOLDOWN_BASE_S": "1",
+            "MODELBAY_PROGRESS_INTERVAL_S": "0.2"}
 
 
 @pytest.fixture(scope="session")

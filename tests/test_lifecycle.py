@@ -179,10 +179,18 @@ def test_a_failed_load_fails_the_jobs_waiting_for_it(client, register):
         assert failed["status"] == "failed" and "model load failed" in failed["error"]["message"]
     state = model_state(client, name)
     assert state["state"] == "failed" and state["error"]
-    # The next request tries again: a new load job, not the failed one.
-    again = client.post(f"/v1/models/{name}/load").get_json()
+    # No tight retry loop: while the cooldown runs, loads answer 503 with Retry-After.
+    cooling = client.post(f"/v1/models/{name}/load")
+    assert cooling.status_code == 503 and int(cooling.headers["Retry-After"]) >= 1
+    assert cooling.get_json()["error"]["code"] == "load_cooldown"
+    assert "failed on purpose" in cooling.get_json()["error"]["message"]
+    job = client.post("/v1/jobs", json={"model": name, "task": "generate", "input": "x"})
+    assert job.status_code == 503
+    # After it (1 s in the tests, doubling per failure), the next request tries again.
+    again = poll(lambda: (r := client.post(f"/v1/models/{name}/load")).status_code == 202 and r.get_json(),
+                 10, "the cooldown to end")
     assert again["id"] != jobs[0]["load_job"]
-    wait_job(client, again["id"])
+    assert wait_job(client, again["id"])["status"] == "failed"
 
 
 def test_pinned_jobs_and_loads(client, register, worker):

@@ -9,7 +9,7 @@ import pytest
 from tasks.dispatch import Dispatcher, choose_node
 from tasks.errors import Conflict, NotFound, Unavailable
 from tasks.names import invalid_model_name, model_from_token, model_queue, model_token
-from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode, NodeRecord, utcnow
+from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode, NodeRecord, model_size_mb, utcnow
 from tasks.settings import load_settings
 from tasks.store import Store, new_job_id
 
@@ -23,7 +23,7 @@ class FakeCelery:
     def __init__(self) -> None:
         self.sent: list[tuple[str, list, str]] = []
 
-    def send_task(self, name: str, args: list, queue: str) -> None:
+    def send_task(self, name: str, args: list, queue: str, kwargs: dict | None = None) -> None:
         self.sent.append((name, args, queue))
 
 
@@ -137,14 +137,45 @@ def test_claim_load_is_single_flight(store: Store) -> None:
     assert store.active_load("n1", "m").id == third.id
 
 
-def test_choose_node_prefers_fit_then_fewest_loads_then_free_memory() -> None:
+def test_choose_node_prefers_free_fit_then_fit_after_eviction_then_fewest_loads() -> None:
     m = Manifest(backend="echo", memory_mb=500)
     nodes = [node("a", budget=400), node("b", used=100, loads=1), node("c", used=300), node("d", used=100)]
-    assert choose_node(nodes, m).id == "d"
+    assert choose_node(nodes, m).id == "d"  # fits, no loads in flight, most free
+    full = node("e", used=900)
+    evictable = node("f", used=900).model_copy(update={"memory_evictable_mb": 600})
+    assert choose_node([full, evictable], m).id == "f"
+    assert choose_node([node("small", budget=100), node("big", budget=400)], m).id == "big"
     with pytest.raises(Unavailable):
         choose_node([node("x", backends=("llama-cpp",))], m)
-    with pytest.raises(Unavailable):
-        choose_node([node("a", budget=400)], m)
+
+
+def test_model_size_comes_from_memory_mb_else_the_files() -> None:
+    assert model_size_mb(Manifest(backend="echo", memory_mb=7)) == 7
+    files = [{"uri": "https://h/a", "size": 3 * 1024 * 1024 + 1}, {"uri": "https://h/b"}]
+    assert model_size_mb(Manifest(backend="echo", files=files)) == 4
+
+
+def test_load_cooldown_doubles_and_is_cleared_by_success(store: Store) -> None:
+    assert store.cooldown("m") is None
+    assert store.note_load_failure("m", "boom") == 10.0
+    assert store.note_load_failure("m", "boom again") == 20.0
+    left, error = store.cooldown("m")
+    assert 19 < left <= 20 and error == "boom again"
+    for _ in range(10):
+        last = store.note_load_failure("m", "x")
+    assert last == 300.0
+    store.clear_cooldown("m")
+    assert store.cooldown("m") is None
+
+
+def test_placement_answers_503_while_a_failed_model_cools_down(store: Store) -> None:
+    d = Dispatcher(store, FakeCelery())
+    store.heartbeat(node("n1"))
+    store.note_load_failure("m", "no such file")
+    with pytest.raises(Unavailable) as info:
+        d.ensure_load("m", Manifest(backend="echo"))
+    assert info.value.code == "load_cooldown" and int(info.value.headers["Retry-After"]) >= 9
+    assert "no such file" in info.value.message
 
 
 def test_dispatch_places_one_load_and_queues_jobs_on_the_model_queue(store: Store) -> None:

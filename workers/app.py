@@ -15,8 +15,8 @@ from tasks.dispatch import Dispatcher
 from tasks.settings import Settings, load_settings
 from tasks.store import Store
 from workers.cancel import CancelWatcher
-from workers.node import NodeAgent
-from workers.runtime import ModelManager
+from workers.node import NodeAgent, gpus, memory_budget_mb
+from workers.runtime import ModelManager, Stager
 
 log = logging.getLogger("modelbay.worker")
 
@@ -32,9 +32,18 @@ class Runtime:
         self.settings = settings
         self.store = Store.from_settings(settings)
         self.dispatcher = Dispatcher(self.store, app)
-        self.manager = ModelManager(settings, self.store, app)
+        self.manager = ModelManager(settings, self.store, app, memory_budget_mb(settings, gpus()),
+                                    stager=_stager())
         self.cancels = CancelWatcher(self.store, settings.cancel_poll_s)
         self.agent: NodeAgent | None = None
+
+
+def _stager() -> Stager | None:
+    try:
+        from workers.staging import stage
+    except ImportError:  # staging not available in this build
+        return None
+    return stage
 
 
 _runtime: Runtime | None = None

@@ -14,9 +14,48 @@ from workers.runtime import ModelManager
 log = logging.getLogger("modelbay.worker")
 
 
+def gpus() -> list[dict[str, object]]:
+    """The NVIDIA GPUs this process may use, from NVML (``nvidia-ml-py``), honouring
+    ``CUDA_VISIBLE_DEVICES`` (indices or UUIDs). Empty without a driver or the package."""
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # no driver, no GPU: a CPU node
+        return []
+    try:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        wanted = None if visible is None else [v.strip() for v in visible.split(",") if v.strip()]
+        found = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            uuid = pynvml.nvmlDeviceGetUUID(handle)
+            uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+            if wanted is not None and str(index) not in wanted and uuid not in wanted:
+                continue
+            name = pynvml.nvmlDeviceGetName(handle)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            found.append({"type": "cuda", "index": index, "uuid": uuid,
+                          "name": name.decode() if isinstance(name, bytes) else name,
+                          "memory_total_mb": memory.total // (1024 * 1024),
+                          "memory_used_mb": memory.used // (1024 * 1024)})
+        return found
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def devices() -> list[dict[str, object]]:
-    """The compute devices of this node (GPU discovery through NVML comes with eviction)."""
-    return [{"type": "cpu", "cores": os.cpu_count() or 1}]
+    """The compute devices of this node: its visible GPUs, and the CPU."""
+    return [*gpus(), {"type": "cpu", "cores": os.cpu_count() or 1}]
+
+
+def memory_budget_mb(settings: Settings, found: list[dict[str, object]]) -> int:
+    """The node's model memory budget in MiB: the sum of its GPUs' memory, else
+    ``MODELBAY_NODE_MEMORY_MB``."""
+    total = sum(int(d["memory_total_mb"]) for d in found if d["type"] == "cuda")  # type: ignore[call-overload]
+    return total or settings.node_memory_mb
 
 
 class NodeAgent:
@@ -29,6 +68,7 @@ class NodeAgent:
         self.manager = manager
         self.celery_hostname = celery_hostname
         self.started_at = utcnow()
+        self.devices = devices()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="modelbay-heartbeat", daemon=True)
 
@@ -36,8 +76,9 @@ class NodeAgent:
         return NodeRecord(
             id=self.settings.node_id, hostname=socket.gethostname(),
             celery_hostname=self.celery_hostname, pid=os.getpid(),
-            backends=self.settings.backend_list, memory_budget_mb=self.settings.node_memory_mb,
-            memory_used_mb=self.manager.memory_used_mb(), devices=devices(),
+            backends=self.settings.backend_list, memory_budget_mb=self.manager.budget_mb,
+            memory_used_mb=self.manager.memory_used_mb(),
+            memory_evictable_mb=self.manager.memory_evictable_mb(), devices=self.devices,
             started_at=self.started_at, last_heartbeat=utcnow(),
             loads_in_flight=self.manager.loads_in_flight())
 
@@ -45,6 +86,8 @@ class NodeAgent:
         self.store.heartbeat(self.record())
 
     def start(self) -> None:
+        # A restarted worker holds nothing: drop the model states its last life left behind.
+        self.store.clear_node_models(self.settings.node_id)
         self.beat()
         self._thread.start()
 
@@ -56,6 +99,7 @@ class NodeAgent:
         interval_s = self.settings.node_ttl_s / 3
         while not self._stop.wait(interval_s):
             try:
+                self.manager.expire_idle()
                 self.beat()
                 self.manager.republish()
             except Exception as exc:  # a Redis blip must not end the heartbeat for good

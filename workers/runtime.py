@@ -1,7 +1,10 @@
 """The models a node holds: one supervised backend process per loaded model.
 
-A load runs in the load task's thread and is detached from every request: nothing but
-:meth:`ModelManager.unload` (an explicit unload or delete of the model) stops it.
+A load runs in the load task's thread and is detached from every request: only
+:meth:`ModelManager.unload` (an explicit unload or delete, an eviction, or keep-alive expiry)
+stops it. Memory is accounted per node against a budget in MiB: a load that does not fit
+evicts least-recently-used idle, unpinned models first, and fails with
+``insufficient_memory`` when that is not enough.
 """
 from __future__ import annotations
 
@@ -10,20 +13,25 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
+from typing import Any
 
 from celery import Celery
 
 from tasks.names import model_queue, model_token
-from tasks.schemas import JobRecord, Manifest, ModelNode, utcnow
+from tasks.schemas import JobRecord, Manifest, ModelNode, model_size_mb, utcnow
 from tasks.settings import Settings
 from tasks.store import Store
 from workers.backend_calls import BackendError, load_deadline_s
 from workers.supervisor import BackendProcess
 
 log = logging.getLogger("modelbay.worker")
+
+# stage(model, manifest, settings, on_progress, cancelled) -> object with model_dir, files, bytes_total
+Stager = Callable[..., Any]
+ProgressSink = Callable[[str, dict[str, Any]], None]
 
 
 class NotHere(Exception):
@@ -42,23 +50,33 @@ class Entry:
     model: str
     manifest: Manifest
     load_job: str
+    size_mb: int
     state: str = "loading"
     proc: BackendProcess | None = None
     in_flight: int = 0
     last_used: str | None = None
+    last_used_mono: float = field(default_factory=time.monotonic)
     loaded_at: str | None = None
     error: LoadFailed | None = None
     unloading: bool = False
+    crashed: bool = False
     settled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def idle_evictable(self) -> bool:
+        return self.state == "ready" and self.in_flight == 0 and not self.manifest.pinned and not self.unloading
 
 
 class ModelManager:
     """Loads, holds and unloads models on this node, and mirrors their state into Redis."""
 
-    def __init__(self, settings: Settings, store: Store, celery: Celery) -> None:
+    def __init__(self, settings: Settings, store: Store, celery: Celery, budget_mb: int,
+                 stager: Stager | None = None) -> None:
         self.settings = settings
         self.store = store
         self.celery = celery
+        self.budget_mb = budget_mb
+        self.stager = stager
         self.hostname: str | None = None  # the Celery worker's name, set when it is ready
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
@@ -68,17 +86,18 @@ class ModelManager:
 
     # ---- loading ----------------------------------------------------------------------
 
-    def load(self, job: JobRecord, manifest: Manifest) -> dict[str, object]:
-        """Start the backend and load the model; returns the load's result. Raises
-        :class:`LoadFailed`. A model already ready here is not loaded again."""
+    def load(self, job: JobRecord, manifest: Manifest,
+             progress: ProgressSink = lambda event, fields: None) -> dict[str, object]:
+        """Stage the files, start the backend and load the model; returns the load's result.
+        Raises :class:`LoadFailed`. A model already ready here is not loaded again."""
         with self._lock:
             entry = self._entries.get(job.model)
-            if entry is None or entry.state == "failed":
-                entry = Entry(model=job.model, manifest=manifest, load_job=job.id)
+            mine = entry is None or entry.state == "failed"
+            if mine:
+                entry = Entry(model=job.model, manifest=manifest, load_job=job.id,
+                              size_mb=model_size_mb(manifest),
+                              state="staging" if manifest.files else "loading")
                 self._entries[job.model] = entry
-                mine = True
-            else:
-                mine = False
         if not mine:
             entry.settled.wait()
             if entry.state != "ready":
@@ -87,23 +106,48 @@ class ModelManager:
         started = time.monotonic()
         self._publish(entry)
         try:
-            result = self._start_and_load(entry)
+            self._make_room(entry)
+            files, model_dir, size_bytes = self._stage(entry, progress)
+            entry.state = "loading"
+            self._publish(entry)
+            progress("loading", {"message": f"loading {entry.model} on {self.settings.node_id}"})
+            result = self._start_and_load(entry, files, model_dir, size_bytes)
         except LoadFailed as exc:
             self._settle_failed(entry, exc)
             raise
         entry.state, entry.loaded_at = "ready", utcnow()
-        entry.last_used = entry.loaded_at
+        self._touch(entry)
         self._publish(entry)
         self._consume(model_queue(entry.model), True)
         entry.settled.set()
-        result.update(node=self.settings.node_id, load_s=round(time.monotonic() - started, 3))
+        result.update(node=self.settings.node_id, load_s=round(time.monotonic() - started, 3),
+                      memory_mb=entry.size_mb)
         return result
 
-    def _start_and_load(self, entry: Entry) -> dict[str, object]:
+    def _stage(self, entry: Entry, progress: ProgressSink) -> tuple[list[str], str, int]:
         manifest = entry.manifest
-        if manifest.files:
-            raise LoadFailed("staging_unsupported",
-                             "this build cannot stage model files yet; only file-less backends load")
+        if not manifest.files:
+            return [], "", 0
+        if self.stager is None:
+            raise LoadFailed("staging_unsupported", "this worker cannot stage files")
+        from workers.staging import StagingError  # imported here: the stager is optional
+
+        def on_progress(p: Any) -> None:
+            progress(p.event, {k: getattr(p, k) for k in ("file", "file_index", "files_total", "bytes_done",
+                                                           "bytes_total", "rate_bps", "eta_s", "message")})
+
+        try:
+            staged = self.stager(entry.model, manifest, self.settings, on_progress, lambda: entry.unloading)
+        except StagingError as exc:
+            code = "unloaded" if entry.unloading else exc.code
+            raise LoadFailed(code, str(exc)) from exc
+        if manifest.memory_mb is None:  # the real size is known now: account for it
+            entry.size_mb = -(-staged.bytes_total // (1024 * 1024))
+            self._make_room(entry)
+        return [str(f) for f in staged.files], str(staged.model_dir), staged.bytes_total
+
+    def _start_and_load(self, entry: Entry, files: list[str], model_dir: str, size_bytes: int) -> dict[str, object]:
+        manifest = entry.manifest
         proc = BackendProcess(
             manifest.backend, entry.model, self.socket_dir,
             start_timeout_s=self.settings.backend_start_timeout_s,
@@ -114,17 +158,36 @@ class ModelManager:
             if entry.unloading:
                 raise LoadFailed("unloaded", "the model was unloaded while loading")
             entry.proc = proc
-        size = sum(f.size or 0 for f in manifest.files)
         try:
             proc.start()
-            info = proc.load([], "", manifest.options, "",
-                             timeout_s=load_deadline_s(size, base_s=self.settings.load_base_timeout_s))
+            info = proc.load(files, model_dir, manifest.options, "",
+                             timeout_s=load_deadline_s(size_bytes, base_s=self.settings.load_base_timeout_s))
         except BackendError as exc:
             proc.stop()
             if entry.unloading:
                 raise LoadFailed("unloaded", "the model was unloaded while loading") from exc
             raise LoadFailed(getattr(exc, "code", "load_failed"), str(exc)) from exc
-        return {"pid": proc.pid, "backend": manifest.backend, **dict(info)}
+        return {"pid": proc.pid, "backend": manifest.backend, "device": info.get("device"), "dim": info.get("dim")}
+
+    def _make_room(self, entry: Entry) -> None:
+        """Evict LRU idle unpinned models until ``entry`` fits in the budget, or raise
+        ``insufficient_memory`` without evicting anything more."""
+        while True:
+            with self._lock:
+                used = sum(e.size_mb for e in self._entries.values() if e is not entry and e.state != "failed")
+                free = self.budget_mb - used
+                if entry.size_mb <= free:
+                    return
+                idle = sorted((e for e in self._entries.values() if e.idle_evictable),
+                              key=lambda e: e.last_used_mono)
+                if entry.size_mb > free + sum(e.size_mb for e in idle):
+                    raise LoadFailed("insufficient_memory",
+                                     f"{entry.model} needs {entry.size_mb} MB; node {self.settings.node_id} has "
+                                     f"{free} MB free of {self.budget_mb} MB and busy or pinned models hold the rest")
+                victim = idle[0]
+                victim.unloading = True  # claimed under the lock: no new job acquires it
+            log.info("evicting %s (%d MB, idle) to make room for %s", victim.model, victim.size_mb, entry.model)
+            self.unload(victim.model)
 
     def _settle_failed(self, entry: Entry, exc: LoadFailed) -> None:
         entry.state, entry.error = "failed", exc
@@ -138,20 +201,25 @@ class ModelManager:
         entry.settled.set()
 
     def _on_exit(self, entry: Entry, returncode: int) -> None:
-        """The backend process died on its own: the model is lost on this node."""
+        """The backend process died on its own: the model is lost on this node. Its calls in
+        flight fail (the supervisor's doing); the next request loads it again."""
+        if entry.unloading:
+            return
         log.error("backend for %s exited unexpectedly (code %s)", entry.model, returncode)
-        if entry.state == "ready":
-            self._consume(model_queue(entry.model), False)
+        was_ready = entry.state == "ready"
+        entry.crashed = True
         entry.state = "failed"
-        entry.error = LoadFailed("backend_exited", f"backend process exited with code {returncode}")
+        entry.error = LoadFailed("backend_crashed", f"backend process exited with code {returncode}")
+        if was_ready:
+            self._consume(model_queue(entry.model), False)
         self._publish(entry)
         entry.settled.set()
 
     # ---- using ------------------------------------------------------------------------
 
     def acquire(self, model: str, cancelled: Callable[[], bool]) -> Entry:
-        """The ready entry for ``model``, waiting while it loads here. Raises :class:`NotHere`,
-        :class:`LoadFailed`, or returns None-like via ``cancelled`` (raises ``NotHere``)."""
+        """The ready entry for ``model``, waiting while it loads here. Raises :class:`NotHere`
+        (not here, being unloaded, or ``cancelled()`` while waiting) or :class:`LoadFailed`."""
         while True:
             with self._lock:
                 entry = self._entries.get(model)
@@ -161,6 +229,8 @@ class ModelManager:
                     entry.in_flight += 1
                     return entry
                 if entry.state == "failed":
+                    if entry.crashed:
+                        raise NotHere(model)
                     raise entry.error or LoadFailed("load_failed", "model failed on this node")
             if entry.settled.wait(0.2):
                 continue
@@ -170,13 +240,17 @@ class ModelManager:
     def release(self, entry: Entry) -> None:
         with self._lock:
             entry.in_flight = max(0, entry.in_flight - 1)
-            entry.last_used = utcnow()
+            self._touch(entry)
         self._publish(entry)
+
+    @staticmethod
+    def _touch(entry: Entry) -> None:
+        entry.last_used, entry.last_used_mono = utcnow(), time.monotonic()
 
     # ---- unloading --------------------------------------------------------------------
 
     def unload(self, model: str, *, stop_consuming: bool = True) -> str:
-        """Stop the model's backend (loading or ready). Returns how it ended.
+        """Stop the model's backend (staging, loading or ready). Returns how it ended.
 
         ``stop_consuming`` False skips cancelling the model queue's consumer: at worker
         shutdown the consumer is already gone and would never answer."""
@@ -198,6 +272,20 @@ class ModelManager:
         entry.settled.set()
         return how
 
+    def expire_idle(self) -> list[str]:
+        """Unload ready models idle longer than their keep-alive (manifest, else the
+        setting; 0 keeps them). Pinned models stay. Returns the unloaded names."""
+        now = time.monotonic()
+        expired = []
+        for entry in self.entries():
+            keep_s = entry.manifest.keep_alive_s
+            keep_s = self.settings.keep_alive_s if keep_s is None else keep_s
+            if keep_s > 0 and entry.idle_evictable and now - entry.last_used_mono > keep_s:
+                log.info("unloading %s: idle for more than %gs", entry.model, keep_s)
+                self.unload(entry.model)
+                expired.append(entry.model)
+        return expired
+
     def stop_all(self) -> None:
         for model in list(self._entries):
             try:
@@ -213,10 +301,13 @@ class ModelManager:
             return list(self._entries.values())
 
     def memory_used_mb(self) -> int:
-        return sum(e.manifest.memory_mb or 0 for e in self.entries() if e.state != "failed")
+        return sum(e.size_mb for e in self.entries() if e.state != "failed")
+
+    def memory_evictable_mb(self) -> int:
+        return sum(e.size_mb for e in self.entries() if e.idle_evictable)
 
     def loads_in_flight(self) -> int:
-        return sum(1 for e in self.entries() if e.state == "loading")
+        return sum(1 for e in self.entries() if e.state in ("staging", "loading"))
 
     def republish(self) -> None:
         for entry in self.entries():
@@ -224,14 +315,13 @@ class ModelManager:
 
     def _publish(self, entry: Entry) -> None:
         proc = entry.proc
+        live = proc is not None and entry.state == "ready"
         state = ModelNode(
             model=entry.model, node=self.settings.node_id, state=entry.state,  # type: ignore[arg-type]
             in_flight=entry.in_flight, last_used=entry.last_used, loaded_at=entry.loaded_at,
             load_job=entry.load_job, error=entry.error.message if entry.error else None,
-            pid=proc.pid if proc is not None and entry.state == "ready" else None,
-            socket=str(proc.socket_path) if proc is not None and entry.state == "ready" else None,
-            instance=proc.instance if proc is not None else None,
-            memory_mb=entry.manifest.memory_mb or 0)
+            pid=proc.pid if live else None, socket=str(proc.socket_path) if live else None,
+            instance=proc.instance if proc is not None else None, memory_mb=entry.size_mb)
         try:
             self.store.set_model_state(state)
         except Exception as exc:  # state mirroring must not break a load
@@ -239,8 +329,9 @@ class ModelManager:
 
     def _consume(self, queue: str, start: bool) -> None:
         """Start or stop consuming ``queue`` on this worker (handled by its own event loop)."""
+        verb = "consume" if start else "cancel"
         if self.hostname is None:
-            log.warning("worker name unknown; cannot %s %s", "consume" if start else "cancel", queue)
+            log.warning("worker name unknown; cannot %s %s", verb, queue)
             return
         control = self.celery.control
         try:
@@ -248,8 +339,7 @@ class ModelManager:
                 reply = control.add_consumer(queue, exchange=queue, routing_key=queue,
                                              destination=[self.hostname], reply=True, timeout=10)
             else:
-                reply = control.cancel_consumer(queue, destination=[self.hostname], reply=True,
-                                                timeout=10)
-            log.info("%s %s: %s", "consume" if start else "cancel", queue, reply)
+                reply = control.cancel_consumer(queue, destination=[self.hostname], reply=True, timeout=10)
+            log.info("%s %s: %s", verb, queue, reply)
         except Exception as exc:
-            log.error("could not %s %s: %s", "consume" if start else "cancel", queue, exc)
+            log.error("could not %s %s: %s", verb, queue, exc)

@@ -11,7 +11,8 @@ from typing import Any
 from tasks.names import TASK_INFER, TASK_LOAD, TASK_NOOP, TASK_UNLOAD
 from tasks.schemas import JobRecord
 from workers.app import app, runtime
-from workers.runtime import LoadFailed, NotHere
+from workers.progress import job_progress_sink
+from workers.runtime import Entry, LoadFailed, NotHere
 from workers.backend_calls import BackendCallError, BackendCancelled, BackendError
 
 log = logging.getLogger("modelbay.worker")
@@ -36,14 +37,18 @@ def load(job_id: str) -> None:
     try:
         if manifest is None:
             raise LoadFailed("model_not_found", f"model {job.model!r} is no longer in the catalog")
-        result = rt.manager.load(job, manifest)
+        sink = job_progress_sink(rt.store, job_id, rt.settings.progress_interval_s)
+        result = rt.manager.load(job, manifest, sink)
     except LoadFailed as exc:
         status = "cancelled" if exc.code == "unloaded" else "failed"
         rt.store.finish(job_id, status, error={"type": exc.code, "message": exc.message})
+        if status == "failed":
+            cooldown_s = rt.store.note_load_failure(job.model, exc.message)
+            log.info("load %s of %s failed (%s); new loads wait %gs", job_id, job.model, exc.message, cooldown_s)
         _fail_waiters(job, exc)
-        log.info("load %s of %s ended %s: %s", job_id, job.model, status, exc.message)
     else:
         rt.store.finish(job_id, "succeeded", result=result)
+        rt.store.clear_cooldown(job.model)
         for waiter in rt.store.pop_waiters(job_id):
             rt.store.transition(waiter, "queued", allowed_from=("loading",))
         log.info("load %s of %s succeeded on %s", job_id, job.model, job.node)
@@ -68,7 +73,7 @@ def unload(job_id: str) -> None:
 
 
 @app.task(name=TASK_INFER)
-def infer(job_id: str) -> None:
+def infer(job_id: str, reroutes: int = 0) -> None:
     """Run one inference job on the model held here. Cancellable: the cancel watcher
     cancels the gRPC call when the job turns ``cancelled``, and the backend stops."""
     rt = runtime()
@@ -78,7 +83,7 @@ def infer(job_id: str) -> None:
     try:
         entry = rt.manager.acquire(job.model, lambda: rt.cancels.is_cancelled(job_id))
     except NotHere:
-        _reroute(job)
+        _reroute(job, reroutes)
         return
     except LoadFailed as exc:
         rt.store.fail(job_id, exc.code, f"model load failed: {exc.message}")
@@ -87,32 +92,40 @@ def infer(job_id: str) -> None:
         change = rt.store.transition(job_id, "running", allowed_from=("queued", "loading"),
                                      node=rt.settings.node_id, attempts=job.attempts + 1)
         if change.applied and change.record is not None:
-            _run(change.record, entry)
+            _run(change.record, entry, reroutes)
     finally:
         rt.manager.release(entry)
 
 
-def _reroute(job: JobRecord) -> None:
-    """The model is not here (unloaded after the message was routed): route the job again."""
+def _reroute(job: JobRecord, reroutes: int) -> None:
+    """The model is not here (unloaded or lost after the message was routed): route the job
+    again, at most ``MAX_REROUTES`` times (the count travels in the message)."""
     rt = runtime()
     if rt.cancels.is_cancelled(job.id):
         return
     manifest = rt.store.get_manifest(job.model)
-    if manifest is None or job.attempts >= MAX_REROUTES:
+    if manifest is None or reroutes >= MAX_REROUTES:
         reason = "not in the catalog" if manifest is None else "not available after several tries"
         rt.store.fail(job.id, "model_unavailable", f"model {job.model!r} is {reason}")
         return
-    job.attempts += 1
     try:
-        rt.dispatcher.route(job, manifest)
+        rt.dispatcher.route(job, manifest, reroutes=reroutes + 1)
     except Exception as exc:
         rt.store.fail(job.id, getattr(exc, "code", "model_unavailable"), str(exc))
 
 
-def _run(job: JobRecord, entry: Any) -> None:
+class Delivery:
+    """How much of a job's output had been produced when a call failed."""
+
+    def __init__(self) -> None:
+        self.pieces = 0
+
+
+def _run(job: JobRecord, entry: Entry, reroutes: int) -> None:
     rt = runtime()
     timeout_s = rt.settings.inference_timeout_s
     proc = entry.proc
+    delivery = Delivery()
     try:
         if job.task == "embed":
             texts = [job.input] if isinstance(job.input, str) else list(job.input)
@@ -121,7 +134,7 @@ def _run(job: JobRecord, entry: Any) -> None:
                                       "usage": {"prompt_tokens": prompt_tokens,
                                                 "total_tokens": prompt_tokens}}
         elif job.task in ("generate", "chat"):
-            result = _generate(job, proc, timeout_s)
+            result = _generate(job, proc, timeout_s, delivery)
         else:
             rt.store.fail(job.id, "unsupported_task",
                           f"backend {entry.manifest.backend!r} does not support task {job.task!r}")
@@ -131,6 +144,9 @@ def _run(job: JobRecord, entry: Any) -> None:
     except BackendCallError as exc:
         if rt.cancels.is_cancelled(job.id):
             return
+        if entry.crashed:
+            _after_crash(job, delivery, reroutes)
+            return
         rt.store.fail(job.id, exc.code, str(exc))
         return
     except BackendError as exc:
@@ -139,7 +155,20 @@ def _run(job: JobRecord, entry: Any) -> None:
     rt.store.finish(job.id, "succeeded", result=result)
 
 
-def _generate(job: JobRecord, proc: Any, timeout_s: float) -> dict[str, Any]:
+def _after_crash(job: JobRecord, delivery: Delivery, reroutes: int) -> None:
+    """The backend died under the job: retry it once if it produced nothing yet (its model
+    loads again), else fail it with ``backend_crashed``."""
+    rt = runtime()
+    if delivery.pieces == 0 and job.attempts < 2:
+        log.warning("backend of %s crashed before job %s produced output; retrying", job.model, job.id)
+        _reroute(job, reroutes)
+        return
+    rt.store.fail(job.id, "backend_crashed",
+                  f"the backend process of {job.model!r} exited during the job "
+                  f"after {delivery.pieces} token(s); the next request loads the model again")
+
+
+def _generate(job: JobRecord, proc: Any, timeout_s: float, delivery: Delivery) -> dict[str, Any]:
     rt = runtime()
     prompt = job.input if job.task == "generate" else ""
     messages = job.input if job.task == "chat" else []
@@ -153,6 +182,7 @@ def _generate(job: JobRecord, proc: Any, timeout_s: float) -> dict[str, Any]:
                 final = piece
             else:
                 pieces.append(piece.text)
+                delivery.pieces += 1
     finally:
         if rt.cancels.unwatch(job.id):
             raise BackendCancelled(f"job {job.id} cancelled")
