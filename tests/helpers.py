@@ -95,3 +95,16 @@ def wait_job(client: Any, job_id: str, timeout_s: float = 30, statuses: set[str]
         return body if body["status"] in want else None
 
     return poll(check, timeout_s, f"job {job_id} to reach {sorted(want)}")
+
+
+def backend_status(state: dict, name: str) -> Any:
+    """Ask a backend process itself for its Status, over its unix socket (``state`` is the
+    model's per-node state from ``GET /v1/models/{name}``)."""
+    import grpc
+
+    from workers.backends.proto.modelbay.backend.v1 import backend_pb2 as pb
+    from workers.backends.proto.modelbay.backend.v1 import backend_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"unix:{state['socket']}") as channel:
+        stub = pb_grpc.BackendStub(channel)
+        return stub.Status(pb.StatusRequest(model=pb.ModelRef(name=name, instance=state["instance"])), timeout=5)

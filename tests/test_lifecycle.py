@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import os
 
-import grpc
 import pytest
 
-from helpers import pid_alive, poll, wait_job
-from workers.backends.proto.modelbay.backend.v1 import backend_pb2 as pb
-from workers.backends.proto.modelbay.backend.v1 import backend_pb2_grpc as pb_grpc
+from helpers import backend_status, pid_alive, poll, wait_job
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -21,13 +18,6 @@ def model_state(client, name: str) -> dict | None:
 
 def ready_state(client, name: str) -> dict:
     return poll(lambda: (s := model_state(client, name)) and s["state"] == "ready" and s, 20, f"{name} ready")
-
-
-def backend_status(state: dict, name: str) -> pb.StatusResponse:
-    """Ask the backend process itself, over its unix socket."""
-    with grpc.insecure_channel(f"unix:{state['socket']}") as channel:
-        stub = pb_grpc.BackendStub(channel)
-        return stub.Status(pb.StatusRequest(model=pb.ModelRef(name=name, instance=state["instance"])), timeout=5)
 
 
 def load(client, name: str) -> dict:

@@ -170,22 +170,28 @@ class ModelManager:
         return {"pid": proc.pid, "backend": manifest.backend, "device": info.get("device"), "dim": info.get("dim")}
 
     def _make_room(self, entry: Entry) -> None:
-        """Evict LRU idle unpinned models until ``entry`` fits in the budget, or raise
-        ``insufficient_memory`` without evicting anything more."""
+        """Evict LRU idle unpinned models until ``entry`` fits in the budget, waiting for
+        models already unloading; raise ``insufficient_memory`` (evicting nothing) when even
+        that is not enough."""
         while True:
             with self._lock:
-                used = sum(e.size_mb for e in self._entries.values() if e is not entry and e.state != "failed")
-                free = self.budget_mb - used
+                others = [e for e in self._entries.values() if e is not entry and e.state != "failed"]
+                free = self.budget_mb - sum(e.size_mb for e in others)
                 if entry.size_mb <= free:
                     return
-                idle = sorted((e for e in self._entries.values() if e.idle_evictable),
-                              key=lambda e: e.last_used_mono)
-                if entry.size_mb > free + sum(e.size_mb for e in idle):
+                idle = sorted((e for e in others if e.idle_evictable), key=lambda e: e.last_used_mono)
+                draining = [e for e in others if e.unloading]
+                reclaimable = sum(e.size_mb for e in idle) + sum(e.size_mb for e in draining)
+                if entry.size_mb > free + reclaimable:
                     raise LoadFailed("insufficient_memory",
                                      f"{entry.model} needs {entry.size_mb} MB; node {self.settings.node_id} has "
                                      f"{free} MB free of {self.budget_mb} MB and busy or pinned models hold the rest")
-                victim = idle[0]
-                victim.unloading = True  # claimed under the lock: no new job acquires it
+                victim = idle[0] if idle else None
+                if victim is not None:
+                    victim.unloading = True  # claimed under the lock: no new job acquires it
+            if victim is None:  # only models already unloading can make room: wait for one
+                draining[0].settled.wait(self.settings.backend_stop_grace_s + 5)
+                continue
             log.info("evicting %s (%d MB, idle) to make room for %s", victim.model, victim.size_mb, entry.model)
             self.unload(victim.model)
 
