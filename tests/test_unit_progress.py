@@ -1,0 +1,116 @@
+"""The debouncer's output for scripted tick streams (no servers, scripted clock and timer)."""
+from __future__ import annotations
+
+from typing import Any
+
+import fakeredis
+
+from tasks.schemas import JobRecord
+from tasks.settings import load_settings
+from tasks.store import Store, new_job_id
+from workers.progress import Debouncer, human_bytes, job_progress_sink, to_job_progress
+
+
+class Script:
+    """A clock the test moves, and a timer queue it fires by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[tuple[float, Any]] = []
+        self.out: list[tuple[float, str, int]] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def schedule(self, delay_s: float, fn: Any) -> None:
+        self.timers.append((self.now + delay_s, fn))
+
+    def advance(self, to: float) -> None:
+        """Move time to ``to``, firing due timers in order."""
+        while True:
+            due = sorted((t for t in self.timers if t[0] <= to), key=lambda t: t[0])
+            if not due:
+                break
+            when, fn = due[0]
+            self.timers.remove(due[0])
+            self.now = when
+            fn()
+        self.now = to
+
+    def debouncer(self, interval_s: float = 1.0) -> Debouncer:
+        return Debouncer(lambda e, s: self.out.append((self.now, e, s["bytes_done"])), interval_s,
+                         clock=self.clock, schedule=self.schedule)
+
+
+def test_leading_edge_then_trailing_flush_of_the_latest_tick():
+    s = Script()
+    d = s.debouncer()
+    for t, done in [(0.0, 1), (0.1, 2), (0.5, 3), (0.9, 4)]:
+        s.advance(t)
+        d.submit("progress", {"bytes_done": done})
+    s.advance(5.0)
+    assert s.out == [(0.0, "progress", 1), (1.0, "progress", 4)]
+
+
+def test_a_stall_never_hides_the_last_bytes():
+    s = Script()
+    d = s.debouncer()
+    d.submit("progress", {"bytes_done": 10})
+    s.advance(0.2)
+    d.submit("progress", {"bytes_done": 20})  # then nothing more arrives for a long time
+    s.advance(60.0)
+    assert s.out[-1] == (1.0, "progress", 20)
+
+
+def test_steady_ticks_are_bounded_to_one_per_interval():
+    s = Script()
+    d = s.debouncer(interval_s=1.0)
+    for i in range(1000):  # a tick every 10 ms for 10 s
+        s.advance(i * 0.01)
+        d.submit("progress", {"bytes_done": i})
+    s.advance(20.0)
+    times = [t for t, _, _ in s.out]
+    assert 10 <= len(times) <= 12
+    assert all(b - a >= 0.999 for a, b in zip(times, times[1:]))
+    assert s.out[-1][2] == 999
+
+
+def test_transitions_are_never_dropped_or_delayed_and_cancel_a_stale_flush():
+    s = Script()
+    d = s.debouncer()
+    d.submit("start", {"bytes_done": 0})
+    d.submit("progress", {"bytes_done": 1})
+    s.advance(0.1)
+    d.submit("progress", {"bytes_done": 2})
+    d.submit("file_complete", {"bytes_done": 3})
+    d.submit("complete", {"bytes_done": 3})
+    d.submit("loading", {"bytes_done": 3})
+    s.advance(10.0)
+    # The tick right after "start" falls in start's interval and is held; the transition
+    # that follows replaces it, and no stale flush comes after the transitions.
+    assert [(e, b) for _, e, b in s.out] == [("start", 0), ("file_complete", 3), ("complete", 3), ("loading", 3)]
+    assert all(t == 0.0 or t == 0.1 for t, _, _ in s.out)
+
+
+def test_an_emit_that_raises_never_reaches_the_caller():
+    def boom(event: str, state: dict) -> None:
+        raise ConnectionError("store down")
+
+    d = Debouncer(boom, 1.0)
+    d.submit("start", {"bytes_done": 0})  # no exception
+
+
+def test_progress_message_and_job_record():
+    p = to_job_progress("progress", {"file": "model.gguf", "file_index": 1, "files_total": 2,
+                                     "bytes_done": 300_000_000, "bytes_total": 1_200_000_000})
+    assert p.progress == 25.0 and p.phase == "staging"
+    assert p.message == "processing file: model.gguf. Total: 1.2 GB. Current: 300.0 MB"
+    assert human_bytes(512) == "512 B" and human_bytes(None) == "?"
+    store = Store(fakeredis.FakeRedis(decode_responses=True), load_settings({}))
+    job = store.create_job(JobRecord(id=new_job_id(), kind="load", model="m"))
+    sink = job_progress_sink(store, job.id, interval_s=60)
+    sink("start", {"bytes_done": 0, "bytes_total": 10, "files_total": 1, "file_index": 0})
+    sink("progress", {"bytes_done": 5, "bytes_total": 10})  # inside the interval: held back
+    assert store.get_job(job.id).progress.bytes_done == 0
+    sink("complete", {"bytes_done": 10, "bytes_total": 10})
+    assert store.get_job(job.id).progress.progress == 100.0
