@@ -190,6 +190,7 @@ def test_pinned_jobs_and_loads(client, register, worker):
     assert resp.status_code == 202
     job = resp.get_json()
     assert job["node"] == worker.node_id and job["status"] == "loading"
+    assert resp.headers["X-Modelbay-Node"] == worker.node_id
     done = wait_job(client, job["id"])
     assert done["result"]["text"] == "pinned"
     polled = client.get(f"/v1/jobs/{job['id']}")
@@ -213,3 +214,22 @@ def test_readyz_and_healthz(client):
     assert client.get("/healthz").get_json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.get_json()["nodes"] >= 1
+
+
+def test_an_idle_model_unloads_after_its_keep_alive(client, register):
+    name = register(keep_alive_s=1.5)
+    state = load(client, name)
+    job = submit(client, name, "generate", "keep me")
+    assert wait_job(client, job["id"])["status"] == "succeeded"
+    poll(lambda: model_state(client, name) is None, 15, "the idle model to unload")
+    poll(lambda: not pid_alive(state["pid"]), 5, "its backend to exit")
+    # A pinned model with the same keep-alive stays.
+    pinned = register(keep_alive_s=0.5, pinned=True)
+    load(client, pinned)
+    last = client.get(f"/v1/models/{pinned}").get_json()["nodes"][0]["last_used"]
+    # Two heartbeats later (node TTL 3 s → a beat per second) it is still there.
+    poll(lambda: client.get("/v1/nodes").get_json()["data"][0]["last_heartbeat"] > last, 5, "a heartbeat")
+    first = client.get("/v1/nodes").get_json()["data"][0]["last_heartbeat"]
+    poll(lambda: client.get("/v1/nodes").get_json()["data"][0]["last_heartbeat"] > first, 5, "another heartbeat")
+    assert model_state(client, pinned)["state"] == "ready"
+    client.post(f"/v1/models/{pinned}/unload")

@@ -43,7 +43,10 @@ def submit():
     if manifest is None:
         raise not_found_model(req.model)
     record = mb().dispatcher.submit(req, manifest)
-    return jsonify(record.public()), 202, {"Location": f"/v1/jobs/{record.id}"}
+    headers = {"Location": f"/v1/jobs/{record.id}"}
+    if record.node:
+        headers["X-Modelbay-Node"] = record.node
+    return jsonify(record.public()), 202, headers
 
 
 @bp.get("/<job_id>")
