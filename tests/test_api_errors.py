@@ -161,3 +161,41 @@ def test_replacing_a_manifest_is_200_and_the_server_stays_up(client, model):
     resp = client.put(f"/v1/models/{model}", json={**GOOD_MANIFEST, "memory_mb": 3})
     assert resp.status_code == 200 and resp.get_json()["manifest"]["memory_mb"] == 3
     assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("files,param", [
+    ([{"uri": "https://h.example/m.bin", "path": "../escape.bin"}], "files.0.path"),
+    ([{"uri": "https://h.example/m.bin", "path": "/etc/cron.d/x"}], "files.0.path"),
+    ([{"uri": "https://h.example/m.bin", "path": "a//b"}], "files.0.path"),
+    ([{"uri": "ftp://h.example/m.bin"}], "files.0.uri"),
+    ([{"uri": "gopher://h.example/m.bin"}], "files.0.uri"),
+    ([{"uri": "data:text/plain,hello"}], "files.0.uri"),
+    ([{"uri": "relative/m.bin"}], "files.0.uri"),
+    ([{"uri": "file:///etc/passwd"}], "files.0.uri"),
+    ([{"uri": "/etc/passwd"}], "files.0.uri"),
+    ([{"uri": "pkg://../etc/passwd"}], "files.0.uri"),
+    ([{"uri": "pkg://tasks/../../x"}], "files.0.uri"),
+    ([{"uri": "https:///no-host"}], "files.0.uri"),
+    ([{"uri": "https://h.example/a/m.bin"}, {"uri": "https://h.example/b/m.bin"}], "files.1.path"),
+])
+def test_hostile_sources_are_rejected_at_registration(client, files, param):
+    resp = client.put(f"/v1/models/{unique()}", json={"backend": "echo", "files": files})
+    err = assert_envelope(resp, 400, "invalid_source")
+    assert err["param"] in (param, param.replace(".path", ".uri"))
+
+
+def test_local_files_must_be_under_an_allowed_root(stack_env, tmp_path):
+    from web import create_app
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "ok.bin").write_bytes(b"x")
+    (tmp_path / "outside.bin").write_bytes(b"x")
+    (root / "link.bin").symlink_to(tmp_path / "outside.bin")
+    app = create_app({"TESTING": True, "MODELBAY_ENV": {**stack_env, "MODELBAY_FILE_ROOTS": str(root)}})
+    c = app.test_client()
+    ok = c.put(f"/v1/models/{unique()}", json={"backend": "echo", "files": [{"uri": f"file://{root}/ok.bin"}]})
+    assert ok.status_code == 201
+    for uri in (f"file://{tmp_path}/outside.bin", f"{root}/../outside.bin", f"file://{root}/link.bin"):
+        resp = c.put(f"/v1/models/{unique()}", json={"backend": "echo", "files": [{"uri": uri}]})
+        assert_envelope(resp, 400, "invalid_source", "files.0.uri")

@@ -6,6 +6,7 @@ from typing import Any
 from flask import Blueprint, jsonify
 
 from tasks.schemas import LoadRequest, Manifest, ModelNode
+from tasks.sources import check_manifest
 from web.extensions import mb
 from web.util import check_model_name, not_found_model, parse_body, pin
 
@@ -48,6 +49,7 @@ def list_models():
 def put_model(name: str):
     check_model_name(name)
     manifest = parse_body(Manifest)
+    check_manifest(name, manifest, mb().settings)  # hostile sources and paths: 400
     created = mb().store.put_manifest(name, manifest)
     body = model_object(name, manifest, mb().store.model_nodes(name), full=True)
     return jsonify(body), 201 if created else 200

@@ -16,7 +16,7 @@ from tasks.settings import Settings, load_settings
 from tasks.store import Store
 from workers.cancel import CancelWatcher
 from workers.node import NodeAgent, gpus, memory_budget_mb
-from workers.runtime import ModelManager, Stager
+from workers.runtime import ModelManager
 
 log = logging.getLogger("modelbay.worker")
 
@@ -32,18 +32,9 @@ class Runtime:
         self.settings = settings
         self.store = Store.from_settings(settings)
         self.dispatcher = Dispatcher(self.store, app)
-        self.manager = ModelManager(settings, self.store, app, memory_budget_mb(settings, gpus()),
-                                    stager=_stager())
+        self.manager = ModelManager(settings, self.store, app, memory_budget_mb(settings, gpus()))
         self.cancels = CancelWatcher(self.store, settings.cancel_poll_s)
         self.agent: NodeAgent | None = None
-
-
-def _stager() -> Stager | None:
-    try:
-        from workers.staging import stage
-    except ImportError:  # staging not available in this build
-        return None
-    return stage
 
 
 _runtime: Runtime | None = None

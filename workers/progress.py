@@ -102,8 +102,12 @@ def to_job_progress(event: str, state: dict[str, Any]) -> JobProgress:
         return JobProgress(phase="loading", progress=100.0, message=state.get("message"))
     done, total = state.get("bytes_done") or 0, state.get("bytes_total")
     pct = 100.0 if event == "complete" else (min(100.0, 100.0 * done / total) if total else 0.0)
-    message = state.get("message") if event == "error" else (
-        f"processing file: {state.get('file') or '-'}. Total: {human_bytes(total)}. Current: {human_bytes(done)}")
+    if event == "error":
+        message = state.get("message")
+    elif state.get("file") is None:
+        message = f"staging {state.get('files_total') or 0} file(s). Total: {human_bytes(total)}"
+    else:
+        message = f"processing file: {state['file']}. Total: {human_bytes(total)}. Current: {human_bytes(done)}"
     return JobProgress(phase="staging", progress=round(pct, 1), bytes_done=done, bytes_total=total,
                        file=state.get("file"), file_index=state.get("file_index"),
                        files_total=state.get("files_total"), message=message)

