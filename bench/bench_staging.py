@@ -1,8 +1,8 @@
 """Throughput of ``stage()`` (hashing every byte, fsync, rename) against ``cp`` and ``curl``.
 
 (a) ``file://``: ``cp SRC DST`` vs ``stage()`` of ``file://SRC`` into a fresh models dir.
-(b) HTTP: ``curl -s -o DST URL`` vs ``stage()`` of the same URL, served from this process by
-    a ThreadingHTTPServer that answers with ``socket.sendfile``.
+(b) HTTP: ``curl -s -o DST URL`` vs ``stage()`` of the same URL, served by a child process
+    (a ThreadingHTTPServer that answers with ``socket.sendfile``).
 
 The source (random-ish bytes, written once) stays in the page cache, so every run reads from
 memory. Each measurement is repeated ``--repeat`` times, interleaved with its baseline, after
@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,7 +48,8 @@ def make_source(path: Path, size: int) -> str:
     return digest.hexdigest()
 
 
-def serve(path: Path) -> ThreadingHTTPServer:
+def serve(path: Path) -> None:
+    """Serve ``path`` on a free port (printed on stdout) with ``socket.sendfile``, forever."""
     size = path.stat().st_size
 
     class Handler(BaseHTTPRequestHandler):
@@ -68,8 +68,8 @@ def serve(path: Path) -> ThreadingHTTPServer:
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd
+    print(httpd.server_port, flush=True)
+    httpd.serve_forever()
 
 
 def clean(*paths: Path) -> None:
@@ -91,16 +91,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mb", type=int, default=1024, help="file size in MiB")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # the child: serve this file
     args = parser.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return 0
     size = args.size_mb << 20
     work = Path(tempfile.mkdtemp(prefix="mb-bench-staging-", dir="/tmp"))
-    httpd = None
+    server: subprocess.Popen[str] | None = None
     try:
         src, dst, models = work / "src.bin", work / "dst.bin", work / "models"
         digest = make_source(src, size)
         settings = load_settings({}, models_dir=str(models), file_roots=str(work))
-        httpd = serve(src)
-        url = f"http://127.0.0.1:{httpd.server_port}/src.bin"
+        server = subprocess.Popen([sys.executable, "-m", "bench.bench_staging", "--serve", str(src)],
+                                  stdout=subprocess.PIPE, text=True)
+        port = server.stdout.readline() if server.stdout is not None else ""
+        url = f"http://127.0.0.1:{int(port)}/src.bin"
 
         def run_stage(uri: str) -> None:
             spec = FileSpec(uri=uri, sha256=digest, size=size, path="w.bin")
@@ -146,9 +152,9 @@ def main() -> int:
         hash_rate = hash_throughput()
         print(f"  sha256 alone (hashlib, in memory): {hash_rate:.0f} MB/s")
     finally:
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
+        if server is not None:
+            server.kill()
+            server.wait()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

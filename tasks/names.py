@@ -61,3 +61,22 @@ def node_queue(node_id: str) -> str:
 
 def model_queue(name: str) -> str:
     return f"model.{model_token(name)}"
+
+
+def progress_subject(prefix: str, kind: str, key: str) -> str:
+    """``<prefix>.staging.<model token>.progress``, ``<prefix>.load.<token>.progress`` or
+    ``<prefix>.jobs.<job id>.progress`` (DESIGN 5). ``kind`` is staging, loading, unloading or
+    inference; ``key`` is the model name (staging/loading/unloading) or the job id."""
+    if kind == "staging":
+        return f"{prefix}.staging.{model_token(key)}.progress"
+    if kind in ("loading", "unloading"):
+        return f"{prefix}.load.{model_token(key)}.progress"
+    return f"{prefix}.jobs.{key}.progress"
+
+
+def cancel_subject(prefix: str, job_id: str) -> str:
+    return f"{prefix}.jobs.{job_id}.cancel"
+
+
+def progress_wildcards(prefix: str) -> list[str]:
+    return [f"{prefix}.staging.*.progress", f"{prefix}.load.*.progress", f"{prefix}.jobs.*.progress"]

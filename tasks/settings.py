@@ -57,6 +57,10 @@ class Settings:
     cancel_poll_s: float = 0.1
     # Progress ticks: at most one per interval per operation (leading + trailing edge).
     progress_interval_s: float = 1.0
+    # A mirrored operation expires this long after its last event (keepalives every third).
+    ops_ttl_s: float = 60.0
+    # An operation that failed stays visible this long with its error.
+    ops_error_grace_s: float = 10.0
     # Celery
     visibility_timeout_s: int = 7200
 

@@ -11,6 +11,8 @@ Keys (all under ``mb:``):
 - ``mb:nodemodels:<id>``      hash model name → :class:`ModelNode` JSON for that node
 - ``mb:sf:load:<node>:<tok>`` single-flight: the id of the load in flight for (model, node)
 - ``mb:waiters:<load id>``    set of inference job ids waiting for that load
+- ``mb:ops``                  set of load and unload job ids not yet terminal (the operations
+                              baseline of ``GET /api/operations``)
 
 Transitions use WATCH/MULTI: a terminal record is never overwritten, so a ``cancelled``
 job never turns ``succeeded``.
@@ -76,6 +78,8 @@ class Store:
             pipe.set(job_key(record.id), record.model_dump_json(), nx=True,
                      ex=self._ttl_for(record))
             pipe.zadd(f"{P}jobs", {record.id: time.time()})
+            if record.kind != "inference":
+                pipe.sadd(f"{P}ops", record.id)
             pipe.execute()
         self._trim_recent()
         return record
@@ -103,6 +107,8 @@ class Store:
                         return Change(False, current)
                     pipe.multi()
                     pipe.set(key, new.model_dump_json(), ex=self._ttl_for(new))
+                    if new.terminal and new.kind != "inference":
+                        pipe.srem(f"{P}ops", job_id)
                     if new.status != current.status:
                         pipe.publish(job_channel(job_id), new.status)
                     pipe.execute()
@@ -180,6 +186,27 @@ class Store:
 
     def _trim_recent(self) -> None:
         self.r.zremrangebyrank(f"{P}jobs", 0, -self.settings.jobs_recent_max - 1)
+
+    def active_ops(self) -> list[JobRecord]:
+        """Load and unload jobs that are queued or running, whatever their node's state."""
+        ids = sorted(self.r.smembers(f"{P}ops"))
+        out, gone = [], []
+        for job_id, raw in zip(ids, self.r.mget([job_key(i) for i in ids]) if ids else []):
+            rec = JobRecord.model_validate_json(raw) if raw else None
+            if rec is None or rec.terminal:
+                gone.append(job_id)
+            else:
+                out.append(rec)
+        if gone:
+            self.r.srem(f"{P}ops", *gone)
+        return out
+
+    def jobs(self, ids: list[str]) -> dict[str, JobRecord]:
+        """The records of ``ids`` that exist, in one round trip."""
+        if not ids:
+            return {}
+        raws = self.r.mget([job_key(i) for i in ids])
+        return {i: JobRecord.model_validate_json(r) for i, r in zip(ids, raws) if r}
 
     # ---- catalog ----------------------------------------------------------------------
 
@@ -273,6 +300,7 @@ class Store:
                     pipe.set(job_key(candidate.id), candidate.model_dump_json(),
                              ex=self._ttl_for(candidate))
                     pipe.zadd(f"{P}jobs", {candidate.id: time.time()})
+                    pipe.sadd(f"{P}ops", candidate.id)
                     pipe.execute()
                     return candidate, True
                 except redis.WatchError:

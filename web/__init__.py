@@ -14,7 +14,7 @@ from tasks.settings import load_settings
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app. ``test_config`` may hold ``MODELBAY_ENV`` (``MODELBAY_*`` variables laid
     over the environment), ``MODELBAY`` (typed settings overrides) and any Flask config key."""
-    from web import auth, errors, jobs, models, nodes
+    from web import auth, errors, jobs, models, nodes, operations
     from web.extensions import Modelbay
 
     app = Flask(__name__, static_folder=None)
@@ -29,6 +29,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     Modelbay(app, settings)
     errors.init_app(app)
     auth.init_app(app, settings.api_key_list)
-    for blueprint in (models.bp, jobs.bp, nodes.bp):
+    for blueprint in (models.bp, jobs.bp, nodes.bp, operations.bp):
         app.register_blueprint(blueprint)
+    # The progress subscriber starts here, in the serving process: gunicorn imports the app
+    # after fork (never run it with --preload); Live also restarts it if the pid changes.
+    app.extensions["modelbay"].live.ensure_started()
     return app

@@ -15,6 +15,7 @@ from tasks.dispatch import Dispatcher
 from tasks.schemas import JobRecord
 from tasks.settings import Settings
 from tasks.store import JOB_CHANNEL_PATTERN, Store
+from web.live import Live
 
 log = logging.getLogger("modelbay.web")
 
@@ -96,6 +97,7 @@ class Modelbay:
         self.celery = make_celery(settings, main="modelbay-web")
         self.dispatcher = Dispatcher(self.store, self.celery)
         self.waiter = JobWaiter(self.store)
+        self.live = Live(settings, self.store)
         app.extensions["modelbay"] = self
 
 

@@ -55,6 +55,9 @@ def get(job_id: str):
     wait_s = _float_arg("wait", 0, mb().settings.max_wait_s)
     if wait_s and not record.terminal:
         record = mb().waiter.wait(job_id, wait_s) or record
+    live = mb().live.job_progress(record)
+    if live is not None:
+        record.progress = live
     headers = {"X-Modelbay-Node": record.node} if record.node else {}
     return jsonify(record.public()), 200, headers
 

@@ -10,11 +10,13 @@ import logging
 
 from celery.signals import worker_ready, worker_shutdown
 
+from tasks.bus import Bus
 from tasks.celery_app import make_celery
 from tasks.dispatch import Dispatcher
 from tasks.settings import Settings, load_settings
 from tasks.store import Store
 from workers.cancel import CancelWatcher
+from workers.live import LivePublisher
 from workers.node import NodeAgent, gpus, memory_budget_mb
 from workers.runtime import ModelManager
 
@@ -34,6 +36,8 @@ class Runtime:
         self.dispatcher = Dispatcher(self.store, app)
         self.manager = ModelManager(settings, self.store, app, memory_budget_mb(settings, gpus()))
         self.cancels = CancelWatcher(self.store, settings.cancel_poll_s)
+        self.bus = Bus(settings.nats_url, name=f"worker-{settings.node_id}").start()
+        self.live = LivePublisher(settings, self.bus)
         self.agent: NodeAgent | None = None
 
 
@@ -63,6 +67,7 @@ def _on_shutdown(**_: object) -> None:
         return
     _runtime.cancels.stop()
     _runtime.manager.stop_all()
+    _runtime.bus.close()
     if _runtime.agent is not None:
         _runtime.agent.stop()
     log.info("node %s stopped", settings.node_id)

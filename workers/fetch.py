@@ -26,9 +26,9 @@ import urllib.request
 from collections.abc import Callable
 from urllib.parse import unquote, urljoin, urlsplit
 
-CHUNK_BYTES = 1 << 20          # one buffer: the unit hashed and written (bytes); fits in L2
-BUFFERS = 4                    # buffers in flight between reader, writer and hasher
-READ_BYTES = 1 << 20           # at most this much per socket read: the HTTP progress step (bytes)
+CHUNK_BYTES = 256 << 10        # one buffer: the unit read, hashed and written (bytes)
+BUFFERS = 4                    # buffers in flight: 1 MiB in all, which stays in a core's L2 cache
+READ_BYTES = 256 << 10         # at most this much per socket read: the HTTP progress step (bytes)
 RETRIES = 3                    # retries of a failed HTTP attempt that made no progress
 BACKOFF_BASE_S = 0.2           # retry n waits BACKOFF_BASE_S * 2**(n-1) seconds
 CONNECT_TIMEOUT_S = 15.0

@@ -20,7 +20,7 @@ from tasks.store import Store
 
 log = logging.getLogger("modelbay.worker")
 
-TRANSITIONS = frozenset({"start", "file_complete", "complete", "error", "loading"})
+TRANSITIONS = frozenset({"start", "file_complete", "complete", "error", "loading", "done"})
 
 
 class Debouncer:

@@ -34,12 +34,21 @@ def load(job_id: str) -> None:
         return
     job = change.record
     manifest = rt.store.get_manifest(job.model)
+    op = rt.live.operation(job_id, "staging" if manifest and manifest.files else "loading", job.model, job_id)
+    record_sink = job_progress_sink(rt.store, job_id, rt.settings.progress_interval_s)
+
+    def sink(event: str, fields: dict[str, Any]) -> None:
+        record_sink(event, fields)
+        op.update(event, fields)
+
     try:
         if manifest is None:
             raise LoadFailed("model_not_found", f"model {job.model!r} is no longer in the catalog")
-        sink = job_progress_sink(rt.store, job_id, rt.settings.progress_interval_s)
+        if not manifest.files:  # with files, staging sends the operation's "start"
+            op.update("start", {"message": f"loading {job.model} on {rt.settings.node_id}"})
         result = rt.manager.load(job, manifest, sink)
     except LoadFailed as exc:
+        op.fail(exc.message)
         status = "cancelled" if exc.code == "unloaded" else "failed"
         rt.store.finish(job_id, status, error={"type": exc.code, "message": exc.message})
         if status == "failed":
@@ -47,6 +56,7 @@ def load(job_id: str) -> None:
             log.info("load %s of %s failed (%s); new loads wait %gs", job_id, job.model, exc.message, cooldown_s)
         _fail_waiters(job, exc)
     else:
+        op.done()
         rt.store.finish(job_id, "succeeded", result=result)
         rt.store.clear_cooldown(job.model)
         for waiter in rt.store.pop_waiters(job_id):
@@ -68,7 +78,10 @@ def unload(job_id: str) -> None:
     change = rt.store.transition(job_id, "running", allowed_from=("queued",))
     if not change.applied or change.record is None:
         return
+    op = rt.live.operation(job_id, "unloading", change.record.model, job_id)
+    op.update("start", {"message": f"unloading {change.record.model} on {rt.settings.node_id}"})
     how = rt.manager.unload(change.record.model)
+    op.done()
     rt.store.finish(job_id, "succeeded", result={"node": rt.settings.node_id, "stopped": how})
 
 

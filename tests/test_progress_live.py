@@ -1,0 +1,185 @@
+"""Cross-replica progress on real parts: three gunicorn web processes, one worker, NATS and
+Valkey. Every replica shows the same operations while a slow staging runs, through a worker
+freeze and through a NATS outage."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from helpers import poll, start_worker, unique
+from tasks.bus import Bus
+from tasks.services import free_port, spawn, start_nats, start_valkey, stop_process, web_command
+from tasks.settings import load_settings
+from tasks.store import Store
+from test_staging import FileServer, payload, sha
+
+INTERVAL_S = 0.5
+OPS_TTL_S = 3.0
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def live(artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    valkey = start_valkey(Path(tempfile.mkdtemp(prefix="mb-valkey-")), appendonly=False)
+    nats_port = free_port()
+    box = {"nats": start_nats(nats_port)}
+    run = tmp_path_factory.mktemp("live")
+    env = {"MODELBAY_REDIS_URL": valkey.url, "MODELBAY_NATS_URL": box["nats"].url, "MODELBAY_RUN_DIR": str(run),
+           "MODELBAY_MODELS_DIR": str(run / "models"), "MODELBAY_NODE_TTL_S": "3",
+           "MODELBAY_OPS_TTL_S": str(OPS_TTL_S), "MODELBAY_PROGRESS_INTERVAL_S": str(INTERVAL_S),
+           "MODELBAY_BACKEND_STOP_GRACE_S": "3"}
+    store = Store.from_settings(load_settings(env))
+    files = FileServer()
+    webs, worker = [], None
+    try:
+        worker = start_worker(env, f"l{os.getpid()}", artifacts, store)
+        urls = []
+        for i in range(3):
+            port = free_port()
+            webs.append(spawn(web_command("127.0.0.1", port, 1), env, artifacts / f"web-live-{i}.log"))
+            urls.append(f"http://127.0.0.1:{port}")
+        for url in urls:
+            poll(lambda u=url: _ok(f"{u}/healthz"), 30, f"web at {url}")
+        yield {"urls": urls, "worker": worker, "box": box, "nats_port": nats_port, "files": files,
+               "store": store, "env": env}
+    finally:
+        if worker is not None:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+            worker.stop()
+        for proc in webs:
+            stop_process(proc, 10)
+        files.close()
+        box["nats"].stop()
+        valkey.stop()
+
+
+def _ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def slow_model(live: dict, n_files: int, size: int, rate_bps: float) -> tuple[str, dict]:
+    files, specs = live["files"], []
+    name = unique("slow")
+    for i in range(n_files):
+        data = payload(size, seed=hash((name, i)) & 0xFFFF)
+        path = f"/{name}/part{i}.bin"
+        files.files[path] = data
+        specs.append({"uri": files.url(path), "sha256": sha(data), "size": size})
+    files.rate_bps = rate_bps
+    manifest = {"backend": "echo", "files": specs}
+    assert requests.put(f"{live['urls'][0]}/v1/models/{name}", json=manifest, timeout=5).status_code == 201
+    return name, manifest
+
+
+def row_for(url: str, job_id: str) -> dict | None:
+    resp = requests.get(f"{url}/api/operations", timeout=5)
+    assert resp.status_code == 200
+    return next((r for r in resp.json()["operations"] if r["id"] == job_id), None)
+
+
+def job_status(url: str, job_id: str) -> str:
+    return requests.get(f"{url}/v1/jobs/{job_id}", timeout=5).json()["status"]
+
+
+class Counter:
+    """Counts the NATS progress messages of each op, with a subscriber of the test's own."""
+
+    def __init__(self, url: str) -> None:
+        self.counts: dict[str, int] = defaultdict(int)
+        self.times: dict[str, list[float]] = defaultdict(list)
+        self.bus = Bus(url, name="test-counter")
+        self.bus.subscribe("modelbay.>", self._on)
+        self.bus.start()
+        poll(self.bus.connected.is_set, 10, "the test's NATS subscriber")
+
+    def _on(self, subject: str, data: bytes) -> None:
+        event = json.loads(data)
+        self.counts[event["op"]] += 1
+        self.times[event["op"]].append(time.monotonic())
+
+
+def test_every_replica_shows_the_same_row_without_flicker_and_within_the_message_budget(live):
+    urls, n_files = live["urls"], 3
+    counter = Counter(live["box"]["nats"].url)
+    name, _ = slow_model(live, n_files, 1 * MiB, rate_bps=1.2 * MiB)
+    job = requests.post(f"{urls[0]}/v1/models/{name}/load", timeout=5).json()
+    seen_first, last_bytes, polls = None, defaultdict(int), 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        url = urls[polls % 3]
+        polls += 1
+        row = row_for(url, job["id"])
+        status = job_status(url, job["id"])
+        if status in ("succeeded", "failed"):
+            break
+        if row is None:
+            assert seen_first is None, f"the row vanished on replica {url} (poll {polls}) before the load ended"
+        else:
+            seen_first = seen_first or time.monotonic()
+            done = row["bytes_done"] or 0
+            assert done >= last_bytes[url], f"bytes_done went backwards on {url}: {done} < {last_bytes[url]}"
+            last_bytes[url] = done
+            assert row["model"] == name and row["job"] == job["id"] and row["files_total"] in (None, n_files)
+        time.sleep(0.1)  # the 100 ms polling cadence the issue asks for, not synchronisation
+    assert status == "succeeded"
+    assert seen_first is not None and max(last_bytes.values()) > 0 and polls > 20
+    ended = time.monotonic()
+    poll(lambda: all(row_for(u, job["id"]) is None for u in urls), 2.0, "the row to leave every replica")
+    assert time.monotonic() - ended <= 2.5
+    times = counter.times[job["id"]]
+    duration_s = times[-1] - times[0]
+    budget = math.ceil(duration_s / INTERVAL_S) + 2 * n_files + 3
+    assert 0 < counter.counts[job["id"]] <= budget, (counter.counts[job["id"]], budget, duration_s)
+    counter.bus.close()
+
+
+def test_a_frozen_worker_leaves_no_phantom_row(live):
+    urls, worker = live["urls"], live["worker"]
+    name, _ = slow_model(live, 1, 4 * MiB, rate_bps=0.5 * MiB)
+    job = requests.post(f"{urls[0]}/v1/models/{name}/load", timeout=5).json()
+    poll(lambda: (r := row_for(urls[1], job["id"])) and (r["bytes_done"] or 0) > 0, 20, "staging to start")
+    os.kill(worker.proc.pid, signal.SIGSTOP)
+    try:
+        # Node TTL (3 s) drops the Redis baseline; the ops TTL (3 s) expires the mirrors.
+        poll(lambda: all(row_for(u, job["id"]) is None for u in urls), 15, "the phantom to expire everywhere")
+    finally:
+        os.kill(worker.proc.pid, signal.SIGCONT)
+    poll(lambda: job_status(urls[0], job["id"]) == "succeeded", 60, "the thawed load to finish")
+    requests.post(f"{urls[0]}/v1/models/{name}/unload", timeout=5)
+
+
+def test_a_nats_outage_keeps_the_rows_and_live_ticks_come_back(live):
+    urls, box = live["urls"], live["box"]
+    name, _ = slow_model(live, 1, 10 * MiB, rate_bps=1 * MiB)
+    job = requests.post(f"{urls[0]}/v1/models/{name}/load", timeout=5).json()
+    poll(lambda: all((r := row_for(u, job["id"])) and r["live"] for u in urls), 20, "live rows everywhere")
+    box["nats"].stop()
+    outage_end = time.monotonic() + OPS_TTL_S + 1.5  # long enough for the mirrors to expire
+    polls = 0
+    while time.monotonic() < outage_end:
+        for url in urls:
+            row = row_for(url, job["id"])  # the API answers throughout
+            assert row is not None, "the row left a replica during the NATS outage"
+            polls += 1
+        time.sleep(0.1)
+    assert polls > 10
+    assert all(not row_for(u, job["id"])["live"] for u in urls)  # coarse rows from Redis
+    box["nats"] = start_nats(live["nats_port"])
+    marks = {u: row_for(u, job["id"])["bytes_done"] or 0 for u in urls}
+    poll(lambda: all((r := row_for(u, job["id"])) and r["live"] and r["bytes_done"] > marks[u] for u in urls),
+         20, "live ticks to come back on every replica")
+    poll(lambda: job_status(urls[0], job["id"]) == "succeeded", 30, "the load to finish")
+    requests.post(f"{urls[0]}/v1/models/{name}/unload", timeout=5)

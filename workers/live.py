@@ -1,0 +1,123 @@
+"""Live progress over NATS: every operation this process runs publishes debounced events.
+
+An operation (a load: staging then loading; an unload) has one id (its job id), one origin
+(this process) and a ``seq`` that only grows. Byte ticks go through the same
+:class:`~workers.progress.Debouncer` as the job record (leading edge, trailing flush);
+transitions go at once; while the operation lives, a keepalive is sent at least every
+``ops_ttl_s / 3`` so mirrors do not expire it. Publishing never blocks or fails a task.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+from tasks.bus import Bus
+from tasks.names import progress_subject
+from tasks.schemas import utcnow
+from tasks.settings import Settings
+from workers.progress import Debouncer, to_job_progress
+
+log = logging.getLogger("modelbay.worker")
+
+# Internal progress events → the status on the wire (DESIGN 5). The end of staging and the
+# start of loading are progress of the same operation; only the load's end completes it.
+_WIRE = {"start": "start", "progress": "progress", "file_complete": "file_complete",
+         "complete": "progress", "loading": "progress", "done": "complete", "error": "error"}
+_FIELDS = ("file", "file_index", "files_total", "bytes_done", "bytes_total", "message")
+
+
+class Operation:
+    """One live operation. ``update(event, fields)`` is the progress sink of a load."""
+
+    def __init__(self, publisher: LivePublisher, op_id: str, kind: str, model: str, job: str | None) -> None:
+        self.publisher = publisher
+        self.id = op_id
+        self.kind = kind
+        self.model = model
+        self.job = job
+        self.seq = 0
+        self.started_at = utcnow()
+        self.state: dict[str, Any] = {}
+        self.last_sent = time.monotonic()
+        self.ended = False
+        self._lock = threading.Lock()
+        self.debouncer = Debouncer(self._send, publisher.settings.progress_interval_s)
+
+    def update(self, event: str, fields: dict[str, Any]) -> None:
+        if event == "loading":
+            self.kind = "loading"
+        self.debouncer.submit(event, dict(fields))
+
+    def done(self) -> None:
+        self.debouncer.submit("done", {})
+        self.publisher.forget(self)
+
+    def fail(self, message: str) -> None:
+        self.debouncer.submit("error", {"message": message, "error": message})
+        self.publisher.forget(self)
+
+    def keepalive(self) -> None:
+        self._send("keepalive", {})
+
+    def _send(self, event: str, fields: dict[str, Any]) -> None:
+        with self._lock:
+            if self.ended:
+                return
+            self.seq += 1
+            for key in _FIELDS:
+                if fields.get(key) is not None:
+                    self.state[key] = fields[key]
+            if self.kind == "staging" and event in ("start", "progress", "file_complete", "complete"):
+                # The same words as the job record's progress, from the same state.
+                self.state["message"] = to_job_progress(event, self.state).message
+            status = _WIRE.get(event, "keepalive")
+            if status in ("complete", "error"):
+                self.ended = True
+            done, total = self.state.get("bytes_done"), self.state.get("bytes_total")
+            pct = 100.0 if status == "complete" or self.kind == "loading" else (
+                round(100.0 * done / total, 1) if done is not None and total else 0.0)
+            body = {"v": 1, "op": self.id, "kind": self.kind, "status": status, "seq": self.seq,
+                    "origin": self.publisher.origin, "model": self.model, "node": self.publisher.settings.node_id,
+                    "job": self.job, "phase": self.kind, **{k: self.state.get(k) for k in _FIELDS},
+                    "progress": pct, "error": fields.get("error"), "started_at": self.started_at,
+                    "ts": time.time()}
+            self.last_sent = time.monotonic()
+        self.publisher.bus.publish(progress_subject(self.publisher.settings.nats_prefix, self.kind, self.model),
+                                   json.dumps(body).encode())
+
+
+class LivePublisher:
+    """Creates operations and keeps them alive with keepalives until they end."""
+
+    def __init__(self, settings: Settings, bus: Bus) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.origin = f"{settings.node_id}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._ops: dict[str, Operation] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._keepalives, name="modelbay-keepalive", daemon=True).start()
+
+    def operation(self, op_id: str, kind: str, model: str, job: str | None = None) -> Operation:
+        op = Operation(self, op_id, kind, model, job)
+        with self._lock:
+            self._ops[op_id] = op
+        return op
+
+    def forget(self, op: Operation) -> None:
+        with self._lock:
+            self._ops.pop(op.id, None)
+
+    def _keepalives(self) -> None:
+        every_s = self.settings.ops_ttl_s / 3
+        while True:
+            time.sleep(min(1.0, every_s / 2))
+            now = time.monotonic()
+            with self._lock:
+                due = [op for op in self._ops.values() if now - op.last_sent >= every_s]
+            for op in due:
+                op.keepalive()
