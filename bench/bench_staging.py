@@ -5,8 +5,8 @@
     (a ThreadingHTTPServer that answers with ``socket.sendfile``).
 
 The source (random-ish bytes, written once) stays in the page cache, so every run reads from
-memory. Each measurement is repeated ``--repeat`` times, interleaved with its baseline, after
-one untimed warm-up of each; the median counts. Before each timed run the previous outputs
+memory. Each measurement is repeated ``--repeat`` times after one untimed warm-up round, the
+cases of a round in a shuffled order (what ran just before matters on a VM); the median counts. Before each timed run the previous outputs
 are deleted and ``sync`` flushes dirty pages, so no run pays for an earlier run's writeback.
 ``cp`` does not fsync and ``stage()`` does; ``cp+fsync`` (cp, then fsync of its output, both
 timed) is printed for reference.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -134,6 +135,7 @@ def main() -> int:
             while f.read(16 << 20):
                 pass
         for round_ in range(args.repeat + 1):
+            random.Random(round_).shuffle(cases)  # no case always follows the same one
             for name, fn in cases:
                 clean(dst, models)
                 elapsed = timed(fn)
@@ -143,7 +145,8 @@ def main() -> int:
 
         mbps = {name: size / statistics.median(ts) / 1e6 for name, ts in times.items()}
         print(f"{args.size_mb} MiB, median of {args.repeat} (after a warm-up), {os.cpu_count()} CPUs")
-        for name, ts in times.items():
+        for name in ("cp", "cp+fsync", "stage file://", "curl", "stage http://"):
+            ts = times[name]
             runs = ", ".join(f"{size / t / 1e6:.0f}" for t in ts)
             print(f"  {name:14s} {mbps[name]:7.0f} MB/s   (runs: {runs})")
         print(f"  ratio file://  stage / cp       = {mbps['stage file://'] / mbps['cp']:.2f}")

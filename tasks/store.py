@@ -13,6 +13,7 @@ Keys (all under ``mb:``):
 - ``mb:waiters:<load id>``    set of inference job ids waiting for that load
 - ``mb:ops``                  set of load and unload job ids not yet terminal (the operations
                               baseline of ``GET /api/operations``)
+- ``mb:ops:ver``              counter bumped whenever ``mb:ops`` gains or loses a member
 
 Transitions use WATCH/MULTI: a terminal record is never overwritten, so a ``cancelled``
 job never turns ``succeeded``.
@@ -80,6 +81,7 @@ class Store:
             pipe.zadd(f"{P}jobs", {record.id: time.time()})
             if record.kind != "inference":
                 pipe.sadd(f"{P}ops", record.id)
+                pipe.incr(f"{P}ops:ver")
             pipe.execute()
         self._trim_recent()
         return record
@@ -109,6 +111,7 @@ class Store:
                     pipe.set(key, new.model_dump_json(), ex=self._ttl_for(new))
                     if new.terminal and new.kind != "inference":
                         pipe.srem(f"{P}ops", job_id)
+                        pipe.incr(f"{P}ops:ver")
                     if new.status != current.status:
                         pipe.publish(job_channel(job_id), new.status)
                     pipe.execute()
@@ -199,7 +202,12 @@ class Store:
                 out.append(rec)
         if gone:
             self.r.srem(f"{P}ops", *gone)
+            self.r.incr(f"{P}ops:ver")
         return out
+
+    def ops_version(self) -> int:
+        """Changes whenever the set of active operations does (see ``mb:ops:ver``)."""
+        return int(self.r.get(f"{P}ops:ver") or 0)
 
     def jobs(self, ids: list[str]) -> dict[str, JobRecord]:
         """The records of ``ids`` that exist, in one round trip."""
@@ -301,6 +309,7 @@ class Store:
                              ex=self._ttl_for(candidate))
                     pipe.zadd(f"{P}jobs", {candidate.id: time.time()})
                     pipe.sadd(f"{P}ops", candidate.id)
+                    pipe.incr(f"{P}ops:ver")
                     pipe.execute()
                     return candidate, True
                 except redis.WatchError:

@@ -183,3 +183,30 @@ def test_a_nats_outage_keeps_the_rows_and_live_ticks_come_back(live):
          20, "live ticks to come back on every replica")
     poll(lambda: job_status(urls[0], job["id"]) == "succeeded", 30, "the load to finish")
     requests.post(f"{urls[0]}/v1/models/{name}/unload", timeout=5)
+
+
+def test_the_stream_sends_a_snapshot_then_changes_with_unbuffered_headers(live):
+    url = live["urls"][2]
+    with requests.get(f"{url}/api/operations/stream", stream=True, timeout=30) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        assert resp.headers["Cache-Control"] == "no-cache" and resp.headers["X-Accel-Buffering"] == "no"
+        lines = resp.iter_lines(decode_unicode=True)
+        first = [next(lines), next(lines)]
+        assert first[0] == "event: snapshot" and "operations" in json.loads(first[1].removeprefix("data: "))
+        name, _ = slow_model(live, 1, 1 * MiB, rate_bps=2 * MiB)
+        job = requests.post(f"{live['urls'][0]}/v1/models/{name}/load", timeout=5).json()
+        saw_row = saw_gone = False
+        deadline = time.monotonic() + 30
+        for line in lines:
+            if time.monotonic() > deadline:
+                break
+            if not line.startswith("data: "):
+                continue
+            ids = {r["id"] for r in json.loads(line.removeprefix("data: "))["operations"]}
+            saw_row = saw_row or job["id"] in ids
+            if saw_row and job["id"] not in ids:
+                saw_gone = True
+                break
+        assert saw_row and saw_gone, "the stream showed the load's row appear and leave"
+    requests.post(f"{live['urls'][0]}/v1/models/{name}/unload", timeout=5)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from tasks.bus import Bus
@@ -23,6 +24,7 @@ from tasks.store import Store
 
 log = logging.getLogger("modelbay.web")
 
+BASELINE_REFRESH_S = 1.0   # the longest the coarse progress of baseline rows may be cached
 ROW_FIELDS = ("id", "kind", "model", "node", "job", "phase", "file", "file_index", "files_total",
               "bytes_done", "bytes_total", "progress", "message", "error", "started_at", "updated_at")
 
@@ -35,6 +37,7 @@ class Live:
         self.bus: Bus | None = None
         self._pid: int | None = None
         self._lock = threading.Lock()
+        self._cache: tuple[int, float, list[dict[str, Any]]] | None = None
 
     def ensure_started(self) -> None:
         if self._pid == os.getpid():
@@ -64,21 +67,32 @@ class Live:
         """The merged operations, oldest first, identical on every replica."""
         self.ensure_started()
         live_nodes = {n.id for n in self.store.live_nodes()}
-        rows = {rec.id: baseline_row(rec) for rec in self.store.active_ops() if rec.node in live_nodes}
-        orphans = []
+        active = self._active()  # every load/unload not yet ended, on any node
+        active_ids = {row["id"] for row in active}
+        rows = {row["id"]: dict(row) for row in active if row["node"] in live_nodes}
         for op in self.table.snapshot():
             key = op.get("job") or op["op"]
-            if key in rows:
-                rows[key] = overlay(rows[key], op)
-            else:
-                orphans.append((key, op))
-        # A live op whose job already ended in Redis lost its "complete": drop it now rather
-        # than wait for its TTL. Ops of dead nodes stay until their TTL (DESIGN 5).
-        ended = {k for k, rec in self.store.jobs([k for k, _ in orphans]).items() if rec.terminal}
-        for key, op in orphans:
-            if key not in ended or op.get("status") == "error":
+            base = rows.get(key)
+            if base is not None:
+                rows[key] = overlay(base, op)
+            elif key in active_ids or op.get("status") == "error" or op.get("kind") == "inference":
+                # Not in the baseline: its node is gone (the mirror expires after its TTL) or
+                # it failed (its error lingers for a grace period).
                 rows[key] = overlay(None, op)
-        return sorted(rows.values(), key=lambda r: (r.get("started_at") or "", r["id"]))
+            # else: its job already ended in Redis and the "complete" was lost: no phantom.
+        return sorted(rows.values(), key=_row_order)
+
+    def _active(self) -> list[dict[str, Any]]:
+        """Baseline rows of the active operations. Which operations exist is exact on every
+        call (one counter read); their coarse progress is re-read at most every
+        ``BASELINE_REFRESH_S`` (the live overlay carries the fresh progress)."""
+        version = self.store.ops_version()
+        cached = self._cache
+        if cached is not None and cached[0] == version and time.monotonic() - cached[1] < BASELINE_REFRESH_S:
+            return cached[2]
+        rows = [baseline_row(rec) for rec in self.store.active_ops()]
+        self._cache = (version, time.monotonic(), rows)
+        return rows
 
     def job_progress(self, record: JobRecord) -> JobProgress | None:
         """The live progress of ``record``'s operation, when it is fresher than the record's."""
@@ -110,11 +124,25 @@ def baseline_row(rec: JobRecord) -> dict[str, Any]:
 def overlay(base: dict[str, Any] | None, op: dict[str, Any]) -> dict[str, Any]:
     """The live op over its baseline row. Progress never goes backwards: the larger of the
     two byte counts wins (the record and NATS are debounced apart)."""
-    row = dict(base) if base else {"id": op.get("job") or op["op"]}
-    for key in ROW_FIELDS[1:]:
-        if key in ("bytes_done", "progress") and base is not None:
-            row[key] = max(v for v in (op.get(key), base.get(key), 0) if v is not None)
-        elif op.get(key) is not None or base is None:
-            row[key] = op.get(key)
+    if base is None:
+        row = {key: op.get(key) for key in ROW_FIELDS}
+        row["id"] = op.get("job") or op["op"]
+    else:
+        row = base
+        for key in _OVERLAID:
+            value = op.get(key)
+            if value is not None:
+                row[key] = value
+        for key in ("bytes_done", "progress"):
+            mine, theirs = op.get(key), base.get(key)
+            if mine is not None and theirs is not None and theirs > mine:
+                row[key] = theirs
     row["live"] = True
     return row
+
+
+_OVERLAID = tuple(k for k in ROW_FIELDS if k not in ("id", "job"))
+
+
+def _row_order(row: dict[str, Any]) -> tuple[str, str]:
+    return (row.get("started_at") or "", row["id"])
