@@ -147,6 +147,15 @@ class OpsTable:
         rows.sort(key=_order)
         return [dict(r) for r in rows]
 
+    def live_rows(self) -> list[Row]:
+        """The live rows themselves, unsorted and NOT copied: read them, never change them
+        (stored rows are replaced, never mutated, so reading outside the lock is safe)."""
+        now = self._clock()
+        with self._lock:
+            if self._maybe_prune(now):
+                self._bump()
+            return [e.row for e in self._ops.values() if e.row is not None and e.until > now]
+
     def get(self, op: str) -> Row | None:
         """A copy of the live row of ``op``, or None."""
         now = self._clock()

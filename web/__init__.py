@@ -9,6 +9,11 @@ from collections.abc import Mapping
 from flask import Flask
 
 from tasks.settings import load_settings
+from web.jsonprovider import OrjsonProvider
+
+
+class ModelbayFlask(Flask):
+    json_provider_class = OrjsonProvider
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
@@ -17,7 +22,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     from web import auth, errors, jobs, models, nodes, operations
     from web.extensions import Modelbay
 
-    app = Flask(__name__, static_folder=None)
+    app = ModelbayFlask(__name__, static_folder=None)
     config = dict(test_config or {})
     environ = {**os.environ, **config.pop("MODELBAY_ENV", {})}
     settings = load_settings(environ, **config.pop("MODELBAY", {}))

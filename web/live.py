@@ -25,6 +25,7 @@ from tasks.store import Store
 log = logging.getLogger("modelbay.web")
 
 BASELINE_REFRESH_S = 1.0   # the longest the coarse progress of baseline rows may be cached
+NODES_REFRESH_S = 0.5      # the longest the set of live nodes may be cached
 ROW_FIELDS = ("id", "kind", "model", "node", "job", "phase", "file", "file_index", "files_total",
               "bytes_done", "bytes_total", "progress", "message", "error", "started_at", "updated_at")
 
@@ -38,6 +39,7 @@ class Live:
         self._pid: int | None = None
         self._lock = threading.Lock()
         self._cache: tuple[int, float, list[dict[str, Any]]] | None = None
+        self._nodes: tuple[float, set[str]] | None = None
 
     def ensure_started(self) -> None:
         if self._pid == os.getpid():
@@ -66,11 +68,11 @@ class Live:
     def rows(self) -> list[dict[str, Any]]:
         """The merged operations, oldest first, identical on every replica."""
         self.ensure_started()
-        live_nodes = {n.id for n in self.store.live_nodes()}
+        live_nodes = self._live_nodes()
         active = self._active()  # every load/unload not yet ended, on any node
         active_ids = {row["id"] for row in active}
-        rows = {row["id"]: dict(row) for row in active if row["node"] in live_nodes}
-        for op in self.table.snapshot():
+        rows = {row["id"]: row for row in active if row["node"] in live_nodes}
+        for op in self.table.live_rows():  # read-only: overlay builds new dicts
             key = op.get("job") or op["op"]
             base = rows.get(key)
             if base is not None:
@@ -81,6 +83,13 @@ class Live:
                 rows[key] = overlay(None, op)
             # else: its job already ended in Redis and the "complete" was lost: no phantom.
         return sorted(rows.values(), key=_row_order)
+
+    def _live_nodes(self) -> set[str]:
+        """Ids of the live nodes, re-read at most every ``NODES_REFRESH_S``."""
+        now = time.monotonic()
+        if self._nodes is None or now - self._nodes[0] >= NODES_REFRESH_S:
+            self._nodes = (now, {n.id for n in self.store.live_nodes()})
+        return self._nodes[1]
 
     def _active(self) -> list[dict[str, Any]]:
         """Baseline rows of the active operations. Which operations exist is exact on every
@@ -122,26 +131,22 @@ def baseline_row(rec: JobRecord) -> dict[str, Any]:
 
 
 def overlay(base: dict[str, Any] | None, op: dict[str, Any]) -> dict[str, Any]:
-    """The live op over its baseline row. Progress never goes backwards: the larger of the
-    two byte counts wins (the record and NATS are debounced apart)."""
+    """The live op over its baseline row, as a new dict (a cached base is never changed).
+    Progress never goes backwards: the larger of the two byte counts wins (the record and
+    NATS are debounced apart)."""
+    get = op.get
     if base is None:
-        row = {key: op.get(key) for key in ROW_FIELDS}
-        row["id"] = op.get("job") or op["op"]
+        row = {key: get(key) for key in ROW_FIELDS}
+        row["id"] = get("job") or op["op"]
     else:
-        row = base
-        for key in _OVERLAID:
-            value = op.get(key)
-            if value is not None:
-                row[key] = value
+        row = {key: (value if (value := get(key)) is not None else base.get(key)) for key in ROW_FIELDS}
+        row["id"] = base["id"]
         for key in ("bytes_done", "progress"):
-            mine, theirs = op.get(key), base.get(key)
-            if mine is not None and theirs is not None and theirs > mine:
+            theirs, mine = base.get(key), row[key]
+            if theirs is not None and mine is not None and theirs > mine:
                 row[key] = theirs
     row["live"] = True
     return row
-
-
-_OVERLAID = tuple(k for k in ROW_FIELDS if k not in ("id", "job"))
 
 
 def _row_order(row: dict[str, Any]) -> tuple[str, str]:
