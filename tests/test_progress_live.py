@@ -210,3 +210,29 @@ def test_the_stream_sends_a_snapshot_then_changes_with_unbuffered_headers(live):
                 break
         assert saw_row and saw_gone, "the stream showed the load's row appear and leave"
     requests.post(f"{live['urls'][0]}/v1/models/{name}/unload", timeout=5)
+
+
+def test_generation_progress_reaches_the_job_on_every_replica(live):
+    urls = live["urls"]
+    name = unique("gen")
+    body = {"backend": "echo", "options": {"token_delay_s": 0.25}}
+    assert requests.put(f"{urls[0]}/v1/models/{name}", json=body, timeout=5).status_code == 201
+    words = " ".join(f"w{i}" for i in range(16))
+    job = requests.post(f"{urls[0]}/v1/jobs", json={"model": name, "task": "generate", "input": words,
+                                                    "params": {"max_tokens": 16}}, timeout=5).json()
+    seen: dict[str, float] = {}
+
+    def check() -> bool:
+        for url in urls:
+            rec = requests.get(f"{url}/v1/jobs/{job['id']}", timeout=5).json()
+            p = rec["progress"]
+            if rec["status"] == "running" and p and p["phase"] == "inference" and 0 < p["progress"] < 100:
+                assert p["message"].startswith("generated ")
+                seen[url] = p["progress"]
+        return len(seen) == 3
+
+    poll(check, 20, "token progress on every replica")
+    done = poll(lambda: (r := requests.get(f"{urls[0]}/v1/jobs/{job['id']}?wait=5", timeout=10).json())
+                ["status"] == "succeeded" and r, 20, "the generation")
+    assert done["result"]["text"] == words
+    requests.post(f"{urls[0]}/v1/models/{name}/unload", timeout=5)

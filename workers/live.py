@@ -78,16 +78,23 @@ class Operation:
             status = _WIRE.get(event, "keepalive")
             if status in ("complete", "error"):
                 self.ended = True
+            if fields.get("progress") is not None:
+                self.state["progress"] = fields["progress"]
             done, total = self.state.get("bytes_done"), self.state.get("bytes_total")
-            pct = 100.0 if status == "complete" or self.kind == "loading" else (
-                round(100.0 * done / total, 1) if done is not None and total else 0.0)
+            if status == "complete" or self.kind == "loading":
+                pct = 100.0
+            elif self.kind == "inference":
+                pct = self.state.get("progress") or 0.0
+            else:
+                pct = round(100.0 * done / total, 1) if done is not None and total else 0.0
             body = {"v": 1, "op": self.id, "kind": self.kind, "status": status, "seq": self.seq,
                     "origin": self.publisher.origin, "model": self.model, "node": self.publisher.settings.node_id,
                     "job": self.job, "phase": self.kind, **{k: self.state.get(k) for k in _FIELDS},
                     "progress": pct, "error": fields.get("error"), "started_at": self.started_at,
                     "ts": time.time()}
             self.last_sent = time.monotonic()
-        self.publisher.bus.publish(progress_subject(self.publisher.settings.nats_prefix, self.kind, self.model),
+        key = self.job or self.id if self.kind == "inference" else self.model
+        self.publisher.bus.publish(progress_subject(self.publisher.settings.nats_prefix, self.kind, key),
                                    json.dumps(body).encode())
 
 

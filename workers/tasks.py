@@ -187,6 +187,10 @@ def _generate(job: JobRecord, proc: Any, timeout_s: float, delivery: Delivery) -
     messages = job.input if job.task == "chat" else []
     call = proc.generate(prompt, messages, job.params, timeout_s)
     rt.cancels.watch(job.id, call.cancel)
+    # Token progress on jobs.<id>.progress, debounced like every operation.
+    op = rt.live.operation(job.id, "inference", job.model, job.id)
+    op.update("start", {"message": "generating"})
+    max_tokens = job.params.get("max_tokens") if isinstance(job.params.get("max_tokens"), int) else None
     pieces: list[str] = []
     final: Any = None
     try:
@@ -196,9 +200,18 @@ def _generate(job: JobRecord, proc: Any, timeout_s: float, delivery: Delivery) -
             else:
                 pieces.append(piece.text)
                 delivery.pieces += 1
+                op.update("progress", {"message": f"generated {len(pieces)} token(s)",
+                                       "progress": round(100.0 * len(pieces) / max_tokens, 1) if max_tokens else None})
+    except BackendCancelled:
+        op.done()  # a cancel ends the operation; it is not an error to show
+        raise
+    except BaseException as exc:
+        op.fail(f"generation failed: {exc}")
+        raise
     finally:
         if rt.cancels.unwatch(job.id):
             raise BackendCancelled(f"job {job.id} cancelled")
+    op.done()
     finish = getattr(final, "finish_reason", "") or "stop"
     usage = {"prompt_tokens": getattr(final, "prompt_tokens", 0),
              "completion_tokens": getattr(final, "completion_tokens", len(pieces))}
