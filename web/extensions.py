@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import defaultdict
@@ -16,6 +15,7 @@ from tasks.schemas import JobRecord
 from tasks.settings import Settings
 from tasks.store import JOB_CHANNEL_PATTERN, Store
 from web.live import Live
+from web.perprocess import PerProcess
 
 log = logging.getLogger("modelbay.web")
 
@@ -28,11 +28,12 @@ class JobWaiter:
         self.store = store
         self._lock = threading.Lock()
         self._events: dict[str, list[threading.Event]] = defaultdict(list)
-        self._pid: int | None = None
+        self._listener = PerProcess(lambda: threading.Thread(target=self._listen, name="modelbay-job-waiter",
+                                                             daemon=True).start())
 
     def wait(self, job_id: str, timeout_s: float) -> JobRecord | None:
         """The job once terminal, or as it is after ``timeout_s`` seconds."""
-        self._ensure_thread()
+        self._listener.ensure()
         event = threading.Event()
         with self._lock:
             self._events[job_id].append(event)
@@ -55,15 +56,6 @@ class JobWaiter:
                     waiters.remove(event)
                 if not waiters:
                     self._events.pop(job_id, None)
-
-    def _ensure_thread(self) -> None:
-        if self._pid == os.getpid():
-            return
-        with self._lock:
-            if self._pid == os.getpid():
-                return
-            self._pid = os.getpid()
-            threading.Thread(target=self._listen, name="modelbay-job-waiter", daemon=True).start()
 
     def _listen(self) -> None:
         backoff_s = 0.1

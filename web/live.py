@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from typing import Any
 
@@ -21,6 +20,7 @@ from tasks.ops import OpsTable
 from tasks.schemas import JobProgress, JobRecord
 from tasks.settings import Settings
 from tasks.store import Store
+from web.perprocess import PerProcess
 
 log = logging.getLogger("modelbay.web")
 
@@ -36,23 +36,20 @@ class Live:
         self.store = store
         self.table = OpsTable(ttl_s=settings.ops_ttl_s, error_grace_s=settings.ops_error_grace_s)
         self.bus: Bus | None = None
-        self._pid: int | None = None
-        self._lock = threading.Lock()
+        self._subscriber = PerProcess(self._start)
         self._cache: tuple[int, float, list[dict[str, Any]]] | None = None
         self._nodes: tuple[float, set[str]] | None = None
 
     def ensure_started(self) -> None:
-        if self._pid == os.getpid():
-            return
-        with self._lock:
-            if self._pid == os.getpid():
-                return
-            self._pid = os.getpid()
-            self.table = OpsTable(ttl_s=self.settings.ops_ttl_s, error_grace_s=self.settings.ops_error_grace_s)
-            self.bus = Bus(self.settings.nats_url, name=f"web-{os.getpid()}")
-            for subject in progress_wildcards(self.settings.nats_prefix):
-                self.bus.subscribe(subject, self._on_message)
-            self.bus.start()
+        self._subscriber.ensure()
+
+    def _start(self) -> None:
+        """A fresh table and subscriber for this process."""
+        self.table = OpsTable(ttl_s=self.settings.ops_ttl_s, error_grace_s=self.settings.ops_error_grace_s)
+        self.bus = Bus(self.settings.nats_url, name=f"web-{os.getpid()}")
+        for subject in progress_wildcards(self.settings.nats_prefix):
+            self.bus.subscribe(subject, self._on_message)
+        self.bus.start()
 
     def _on_message(self, subject: str, data: bytes) -> None:
         try:
