@@ -46,18 +46,25 @@ def load(job_id: str) -> None:
             raise LoadFailed("model_not_found", f"model {job.model!r} is no longer in the catalog")
         if not manifest.files:  # with files, staging sends the operation's "start"
             op.update("start", {"message": f"loading {job.model} on {rt.settings.node_id}"})
-        result = rt.manager.load(job, manifest, sink)
+        try:
+            result = rt.manager.load(job, manifest, sink)
+        except LoadFailed:
+            raise
+        except Exception as exc:  # a bug must not leave the load (and its waiters) hanging
+            log.exception("load %s of %s crashed", job_id, job.model)
+            raise LoadFailed("internal_error", f"the load failed unexpectedly: {exc}") from exc
     except LoadFailed as exc:
-        op.fail(exc.message)
+        # The record first, then the live op: a poll in between never shows a regression.
         status = "cancelled" if exc.code == "unloaded" else "failed"
         rt.store.finish(job_id, status, error={"type": exc.code, "message": exc.message})
+        op.fail(exc.message)
         if status == "failed":
             cooldown_s = rt.store.note_load_failure(job.model, exc.message)
             log.info("load %s of %s failed (%s); new loads wait %gs", job_id, job.model, exc.message, cooldown_s)
         _fail_waiters(job, exc)
     else:
-        op.done()
         rt.store.finish(job_id, "succeeded", result=result)
+        op.done()
         rt.store.clear_cooldown(job.model)
         for waiter in rt.store.pop_waiters(job_id):
             rt.store.transition(waiter, "queued", allowed_from=("loading",))
@@ -80,9 +87,15 @@ def unload(job_id: str) -> None:
         return
     op = rt.live.operation(job_id, "unloading", change.record.model, job_id)
     op.update("start", {"message": f"unloading {change.record.model} on {rt.settings.node_id}"})
-    how = rt.manager.unload(change.record.model)
-    op.done()
+    try:
+        how = rt.manager.unload(change.record.model)
+    except Exception as exc:  # the job must end, whatever happened
+        log.exception("unload %s of %s crashed", job_id, change.record.model)
+        rt.store.fail(job_id, "internal_error", f"the unload failed unexpectedly: {exc}")
+        op.fail(str(exc))
+        return
     rt.store.finish(job_id, "succeeded", result={"node": rt.settings.node_id, "stopped": how})
+    op.done()
 
 
 @app.task(name=TASK_INFER)
@@ -164,6 +177,10 @@ def _run(job: JobRecord, entry: Entry, reroutes: int) -> None:
         return
     except BackendError as exc:
         rt.store.fail(job.id, exc.code, str(exc))
+        return
+    except Exception as exc:  # a bug must not leave the job running forever
+        log.exception("job %s crashed", job.id)
+        rt.store.fail(job.id, "internal_error", f"the job failed unexpectedly: {exc}")
         return
     rt.store.finish(job.id, "succeeded", result=result)
 
