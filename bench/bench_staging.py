@@ -6,10 +6,10 @@
 
 The source (random-ish bytes, written once) stays in the page cache, so every run reads from
 memory. Each measurement is repeated ``--repeat`` times after one untimed warm-up round, the
-cases of a round in a shuffled order (what ran just before matters on a VM); the median counts. Before each timed run the previous outputs
-are deleted and ``sync`` flushes dirty pages, so no run pays for an earlier run's writeback.
-``cp`` does not fsync and ``stage()`` does; ``cp+fsync`` (cp, then fsync of its output, both
-timed) is printed for reference.
+cases of a round in a shuffled order (what ran just before matters on a VM); the median
+counts. Before each timed run the previous outputs are deleted and ``sync`` flushes dirty
+pages, so no run pays for an earlier run's writeback. ``cp`` does not fsync and ``stage()``
+does; ``cp+fsync`` (cp, then fsync of its output, both timed) is printed for reference.
 
 Run from the repo root: ``python -m bench.bench_staging [--size-mb 1024] [--repeat 3]``.
 """

@@ -19,6 +19,7 @@ from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from tasks.errors import InvalidRequest
+from tasks.names import model_token
 from tasks.schemas import FileSpec, Manifest
 from tasks.settings import Settings
 
@@ -39,7 +40,10 @@ class Source:
 
     @property
     def basename(self) -> str:
-        return (urlsplit(self.url).path if self.kind == "http" else self.path).rsplit("/", 1)[-1]
+        """The last segment of the URL's path (percent-decoded) or of the local/package path."""
+        if self.kind == "http":
+            return unquote(urlsplit(self.url).path.rsplit("/", 1)[-1])
+        return self.path.rsplit("/", 1)[-1]
 
 
 def _reject(message: str, param: str | None) -> InvalidRequest:
@@ -50,6 +54,8 @@ def parse_source(uri: str, param: str | None = None) -> Source:
     """Parse ``uri`` or raise :class:`InvalidRequest` (``code="invalid_source"``, ``param``)."""
     if "\0" in uri or any(ord(c) < 0x20 or c == "\x7f" for c in uri):
         raise _reject("the uri contains control characters", param)
+    if uri.startswith("//"):
+        raise _reject("scheme-relative URLs are not supported: name the scheme", param)
     if uri.startswith("/"):
         return Source("local", uri, path=uri)
     parts = urlsplit(uri)
@@ -126,7 +132,7 @@ def package_file(package: str, rel: str) -> Path | None:
 def file_rel_path(spec: FileSpec, source: Source | None = None, param: str | None = None) -> str:
     """Where ``spec`` goes inside the model's directory: ``spec.path`` or the URI's basename."""
     source = source or parse_source(spec.uri, param)
-    rel = spec.path if spec.path is not None else unquote(source.basename)
+    rel = spec.path if spec.path is not None else source.basename
     reason = invalid_relative_path(rel)
     if reason:
         hint = "" if spec.path is not None else " (derived from the uri; set path)"
@@ -161,14 +167,21 @@ def check_manifest(name: str, manifest: Manifest, settings: Settings) -> None:
                               f"files.{i}.path")
 
 
+def model_dir(models_dir: Path, model: str) -> Path:
+    """A model's directory: ``models_dir/<model token>``. The token (no ``/``, unique per
+    name) keeps nested names apart: model ``a`` with file ``b/c`` and model ``a/b`` with file
+    ``c`` would otherwise share one path."""
+    return Path(models_dir).resolve() / model_token(model)
+
+
 def dest_path(models_dir: Path, model: str, spec: FileSpec) -> Path:
     """The resolved destination of ``spec`` for ``model`` under ``models_dir``. Raises
-    :class:`InvalidRequest` when it would land outside ``models_dir/<model>`` (a bad path, or
-    a symlink on the way) or inside the blob store."""
+    :class:`InvalidRequest` when it would land outside ``models_dir/<model token>`` (a bad
+    path, or a symlink on the way) or inside the blob store."""
     rel = file_rel_path(spec)
     root = Path(models_dir).resolve()
-    dest = root.joinpath(*model.split("/"), *rel.split("/")).resolve()
-    model_root = root.joinpath(*model.split("/")).resolve()
+    model_root = model_dir(root, model).resolve()
+    dest = model_root.joinpath(*rel.split("/")).resolve()
     if not dest.is_relative_to(model_root) or dest == model_root or not model_root.is_relative_to(root) \
             or dest.is_relative_to(root / ".blobs"):
         raise _reject(f"{rel!r} would land outside the model's directory", "path")

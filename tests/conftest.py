@@ -11,12 +11,23 @@ from collections.abc import Iterator
 
 import pytest
 
+from fileserver import FileServer
 from helpers import Worker, backend_pids, poll, start_worker
 from tasks.services import Service, start_nats, start_valkey
 from tasks.settings import load_settings
 from tasks.store import Store
 
 NODE = f"t{os.getpid()}"
+
+
+@pytest.fixture
+def server() -> Iterator[FileServer]:
+    """A local HTTP file server (the tests' model source), closed after the test."""
+    srv = FileServer()
+    try:
+        yield srv
+    finally:
+        srv.close()
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from tasks.bus import Bus
 from tasks.services import free_port, spawn, start_nats, start_valkey, stop_process, web_command
 from tasks.settings import load_settings
 from tasks.store import Store
-from test_staging import FileServer, payload, sha
+from fileserver import FileServer, payload, sha
 
 INTERVAL_S = 0.5
 OPS_TTL_S = 3.0

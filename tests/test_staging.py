@@ -6,131 +6,27 @@ part-way through a path's first response.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
-import hashlib
 import os
-import socket
+import stat
 import threading
-import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 import workers.fetch as fetch
+import workers.staging as staging
 from helpers import poll
 from tasks.errors import InvalidRequest
 from tasks.schemas import FileSpec, Manifest
+from fileserver import FileServer, payload, sha
+from tasks.names import model_token
 from tasks.settings import Settings, load_settings
 from tasks.sources import check_manifest, dest_path
-from workers.staging import StageProgress, StagingError, stage
+from workers.staging import StageProgress, StagingError, stage, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class FileServer:
-    """A tiny HTTP file server. ``files``: path → bytes; ``redirects``: path → Location.
-    ``rate_bps`` throttles bodies; ``drop_after[path]`` closes the first response of ``path``
-    after that many body bytes; ``ignore_range`` answers 200 to ranged requests. ``requests``
-    records ``(path, Range header)`` of every GET."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.redirects: dict[str, str] = {}
-        self.status: dict[str, int] = {}
-        self.rate_bps: float | None = None
-        self.drop_after: dict[str, int] = {}
-        self.ignore_range = False
-        self.requests: list[tuple[str, str | None]] = []
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802 - the http.server API
-                server.handle(self)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_port}{path}"
-
-    def gets(self, path: str) -> list[str | None]:
-        with self.lock:
-            return [rng for p, rng in self.requests if p == path]
-
-    def handle(self, req: BaseHTTPRequestHandler) -> None:
-        path, rng = req.path, req.headers.get("Range")
-        with self.lock:
-            first = all(p != path for p, _ in self.requests)
-            self.requests.append((path, rng))
-        if path in self.status:
-            req.send_response(self.status[path])
-            req.send_header("Content-Length", "0")
-            req.end_headers()
-            return
-        if path in self.redirects:
-            req.send_response(302)
-            req.send_header("Location", self.redirects[path])
-            req.send_header("Content-Length", "0")
-            req.end_headers()
-            return
-        data = self.files.get(path)
-        if data is None:
-            req.send_error(404)
-            return
-        start = 0
-        if rng and not self.ignore_range:
-            start = int(rng.removeprefix("bytes=").split("-")[0])
-            req.send_response(206)
-            req.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            req.send_response(200)
-        req.send_header("Content-Length", str(len(data) - start))
-        req.send_header("Accept-Ranges", "bytes")
-        req.end_headers()
-        body = memoryview(data)[start:]
-        limit = self.drop_after.get(path) if first else None
-        sent, began, step = 0, time.monotonic(), 16 << 10
-        while sent < len(body):
-            n = min(step, len(body) - sent) if limit is None else min(step, len(body) - sent, limit - sent)
-            if n <= 0:  # drop the connection mid-body
-                req.wfile.flush()
-                req.connection.shutdown(socket.SHUT_RDWR)
-                req.close_connection = True
-                return
-            try:
-                req.wfile.write(body[sent:sent + n])
-            except OSError:
-                return
-            sent += n
-            if self.rate_bps:
-                ahead = sent / self.rate_bps - (time.monotonic() - began)
-                if ahead > 0:
-                    time.sleep(ahead)  # throttling the server, not synchronising the test
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
-
-
-@pytest.fixture
-def server() -> Iterator[FileServer]:
-    srv = FileServer()
-    try:
-        yield srv
-    finally:
-        srv.close()
 
 
 @pytest.fixture(autouse=True)
@@ -148,15 +44,6 @@ def root(tmp_path: Path) -> Path:
 @pytest.fixture
 def settings(tmp_path: Path, root: Path) -> Settings:
     return load_settings({}, models_dir=str(tmp_path / "models"), file_roots=str(root))
-
-
-def payload(size: int, seed: int = 0) -> bytes:
-    block = hashlib.sha256(str(seed).encode()).digest() * 2048  # 64 KiB, not all one byte
-    return (block * (size // len(block) + 1))[:size]
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def manifest(*files: dict) -> Manifest:
@@ -193,9 +80,21 @@ def leftovers(models_dir: Path) -> list[str]:
     return found
 
 
+def no_splice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As where the kernel cannot splice from a socket: bodies are read into a buffer."""
+    def refuse(*args: object, **kwargs: object) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(fetch.os, "splice", refuse)
+
+
+@pytest.mark.parametrize("splice", [True, False])
 def test_http_throttled_with_progress(server: FileServer, settings: Settings,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                      monkeypatch: pytest.MonkeyPatch, splice: bool) -> None:
     monkeypatch.setattr(fetch, "READ_BYTES", 16 << 10)
+    monkeypatch.setattr(fetch, "HASH_LAG_BYTES", 64 << 10)
+    if not splice:
+        no_splice(monkeypatch)
     data = payload(512 << 10)
     server.files["/w.bin"] = data
     server.rate_bps = 2 << 20  # about a quarter of a second
@@ -213,13 +112,26 @@ def test_http_throttled_with_progress(server: FileServer, settings: Settings,
     assert all(e.bytes_total == len(data) for e in events if e.event == "progress")
     assert all(e.file == "sub/w.bin" and e.file_index == 1 for e in events if e.event == "progress")
     assert any(e.rate_bps > 0 and e.eta_s is not None for e in events if e.event == "progress")
-    model_dir = Path(settings.models_dir).resolve() / "org" / "m1"
+    model_dir = Path(settings.models_dir).resolve() / model_token("org/m1")
     assert staged.model_dir == model_dir and staged.files == [model_dir / "sub" / "w.bin"]
     assert staged.bytes_total == staged.bytes_copied == len(data)
     assert staged.files[0].read_bytes() == data
 
 
-def test_dropped_connection_resumes_with_range(server: FileServer, settings: Settings) -> None:
+@pytest.mark.parametrize("splice", ["yes", "not into files", "no"])
+def test_dropped_connection_resumes_with_range(server: FileServer, settings: Settings,
+                                               monkeypatch: pytest.MonkeyPatch, splice: str) -> None:
+    if splice == "no":
+        no_splice(monkeypatch)
+    elif splice == "not into files":  # a filesystem without splice: the pipe is read and written
+        real = os.splice
+
+        def socket_only(src: int, dst: int, count: int, **kwargs: object) -> int:
+            if stat.S_ISREG(os.fstat(dst).st_mode):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(src, dst, count, **kwargs)
+
+        monkeypatch.setattr(fetch.os, "splice", socket_only)
     data = payload(1 << 20, seed=1)
     server.files["/big.bin"] = data
     server.drop_after["/big.bin"] = 100_000
@@ -244,11 +156,24 @@ def test_server_without_range_restarts_from_zero(server: FileServer, settings: S
     assert done == sorted(done) and done[-1] == len(data)
 
 
-def test_wrong_sha256_leaves_nothing(server: FileServer, settings: Settings) -> None:
+def test_a_file_that_changed_is_not_resumed(server: FileServer, settings: Settings) -> None:
+    old, new = payload(500_000, seed=6), payload(500_000, seed=7)
+    server.files["/ch.bin"] = old
+    server.drop_after["/ch.bin"] = 200_000
+    server.replace_after_drop["/ch.bin"] = new  # If-Range no longer matches: a whole new body
+    staged = stage("m", manifest({"uri": server.url("/ch.bin")}), settings, Events())
+    assert server.gets("/ch.bin") == [None, "bytes=200000-"]
+    assert staged.files[0].read_bytes() == new
+
+
+@pytest.mark.parametrize("where", ["http", "local"])
+def test_wrong_sha256_leaves_nothing(server: FileServer, settings: Settings, root: Path, where: str) -> None:
     server.files["/x.bin"] = payload(200_000)
+    (root / "x.bin").write_bytes(payload(200_000))
+    uri = server.url("/x.bin") if where == "http" else (root / "x.bin").as_uri()
     events = Events()
     with pytest.raises(StagingError) as err:
-        stage("m", manifest({"uri": server.url("/x.bin"), "sha256": "0" * 64}), settings, events)
+        stage("m", manifest({"uri": uri, "sha256": "0" * 64}), settings, events)
     assert err.value.code == "hash_mismatch"
     assert events.kinds()[-1] == "error" and "sha256" in (events[-1].message or "")
     assert leftovers(Path(settings.models_dir)) == []
@@ -268,8 +193,17 @@ def test_wrong_size_leaves_nothing(server: FileServer, settings: Settings, root:
         assert leftovers(Path(settings.models_dir)) == []
 
 
-def test_local_files_under_a_root(settings: Settings, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fetch, "CHUNK_BYTES", 64 << 10)  # many buffers through the hash thread
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_local_files_under_a_root(settings: Settings, root: Path, monkeypatch: pytest.MonkeyPatch,
+                                  kernel_copy: bool) -> None:
+    monkeypatch.setattr(fetch, "READ_BYTES", 64 << 10)
+    monkeypatch.setattr(staging, "COPY_CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr(fetch, "HASH_LAG_BYTES", 128 << 10)  # the writer waits for the hash thread
+    if not kernel_copy:  # as on a kernel or filesystem without copy_file_range between these files
+        def no_copy(*args: object) -> int:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(fetch.os, "copy_file_range", no_copy)
     data = payload(1 << 20, seed=3)
     (root / "d").mkdir()
     (root / "d" / "a.bin").write_bytes(data)
@@ -282,6 +216,9 @@ def test_local_files_under_a_root(settings: Settings, root: Path, monkeypatch: p
     assert [f.relative_to(staged.model_dir).as_posix() for f in staged.files] == ["a.bin", "x/b.txt"]
     assert events[0].bytes_total == len(data) + 5  # local sizes are known up front
     assert staged.bytes_copied == len(data) + 5
+    assert events.kinds().count("progress") >= 16
+    done = [e.bytes_done for e in events]
+    assert done == sorted(done) and done[-1] == len(data) + 5
 
 
 def test_local_files_outside_the_roots_are_refused(settings: Settings, root: Path, tmp_path: Path) -> None:
@@ -417,12 +354,50 @@ def test_cancel_while_waiting_for_the_lock(settings: Settings, root: Path) -> No
     blobs = Path(settings.models_dir) / ".blobs"
     blobs.mkdir(parents=True)
     key = "uri-" + sha(src.as_uri().encode())  # the blob key of a file without sha256
+    asked, stop = [], threading.Event()
+    out: list[object] = []
+
+    def cancelled() -> bool:
+        asked.append(1)
+        return stop.is_set()
+
+    def run() -> None:
+        try:
+            out.append(stage("m", manifest({"uri": src.as_uri()}), settings, Events(), cancelled))
+        except StagingError as exc:
+            out.append(exc)
+
     with open(blobs / f"{key}.lock", "w") as held:  # as a concurrent stager would hold it
         fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(StagingError) as err:
-            stage("m", manifest({"uri": src.as_uri()}), settings, Events(), lambda: True)
-    assert err.value.code == "cancelled"
+        t = threading.Thread(target=run)
+        t.start()
+        try:
+            poll(lambda: len(asked) >= 5, 10, "the stager to wait for the lock")
+            assert not out  # still waiting
+            stop.set()
+        finally:
+            t.join(timeout=10)
+    assert isinstance(out[0], StagingError) and out[0].code == "cancelled"
     assert leftovers(Path(settings.models_dir)) == []
+
+
+def test_leftovers_of_a_dead_stager_are_removed(settings: Settings, root: Path) -> None:
+    src = root / "d.bin"
+    src.write_bytes(b"data")
+    blobs = Path(settings.models_dir) / ".blobs"
+    blobs.mkdir(parents=True)
+    key = "uri-" + sha(src.as_uri().encode())
+    (blobs / f"{key}.tmp-dead").write_bytes(b"half")
+    stage("m", manifest({"uri": src.as_uri()}), settings, Events())
+    assert not (blobs / f"{key}.tmp-dead").exists()
+
+    (blobs / "a.tmp-1").write_bytes(b"x")
+    (blobs / "a.json.tmp-2").write_bytes(b"x")
+    (blobs / "b.tmp-3").write_bytes(b"x")
+    with open(blobs / "b.lock", "w") as held:  # a live stager of blob b
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert sweep(settings.models_dir) == 2
+    assert sorted(p.name for p in blobs.glob("*.tmp-*")) == ["b.tmp-3"]
 
 
 @pytest.mark.parametrize("files,param", [
@@ -446,6 +421,7 @@ def test_cancel_while_waiting_for_the_lock(settings: Settings, root: Path) -> No
     ([{"uri": "pkg://tasks"}], "files.0.uri"),
     ([{"uri": "pkg://not-a-name/x"}], "files.0.uri"),
     ([{"uri": "relative/x.bin"}], "files.0.uri"),
+    ([{"uri": "//host/x.bin"}], "files.0.uri"),
     ([{"uri": "https:///nohost"}], "files.0.uri"),
     ([{"uri": "http://"}], "files.0.uri"),
     ([{"uri": "https://h/"}], "files.0.uri"),  # no file name to derive
@@ -489,3 +465,13 @@ def test_dest_path_stays_inside(tmp_path: Path) -> None:
         dest_path(models, "m", FileSpec(uri="https://h/x", path="out/x"))
     with pytest.raises(InvalidRequest):
         dest_path(models, "m", FileSpec(uri="https://h/x", path="../x"))
+
+
+def test_nested_model_names_never_share_a_file(server: FileServer, settings: Settings) -> None:
+    """Model ``a`` with file ``b/c`` and model ``a/b`` with file ``c`` are different files."""
+    one, two = payload(10_000, seed=31), payload(10_000, seed=32)
+    server.files["/one"], server.files["/two"] = one, two
+    a = stage("a", manifest({"uri": server.url("/one"), "path": "b/c"}), settings, Events())
+    ab = stage("a/b", manifest({"uri": server.url("/two"), "path": "c"}), settings, Events())
+    assert a.files[0] != ab.files[0]
+    assert sha(a.files[0].read_bytes()) == sha(one) and sha(ab.files[0].read_bytes()) == sha(two)

@@ -3,24 +3,15 @@ test's own, throttled, dropping the connection once) into the worker's models di
 progress in the job record, before the backend loads."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from helpers import poll, unique, wait_job
-from test_staging import FileServer, payload, sha
+from tasks.names import model_token
+from fileserver import payload, sha
 
 pytestmark = pytest.mark.usefixtures("worker")
-
-
-@pytest.fixture
-def server() -> Iterator[FileServer]:
-    srv = FileServer()
-    try:
-        yield srv
-    finally:
-        srv.close()
 
 
 def files_under(path: Path) -> list[Path]:
@@ -58,7 +49,7 @@ def test_a_load_stages_over_http_with_progress_and_resumes_a_dropped_connection(
     assert seen_bytes == sorted(seen_bytes)
     assert "staging" in seen_states and done["progress"]["phase"] == "loading"
     assert any(rng for rng in server.gets("/weights/m.bin")), "the broken transfer resumed with Range"
-    staged = Path(stack_env["MODELBAY_MODELS_DIR"]) / name / "m.bin"
+    staged = Path(stack_env["MODELBAY_MODELS_DIR"]) / model_token(name) / "m.bin"
     assert sha(staged.read_bytes()) == sha(data)
     # A second model sharing the file: no new transfer.
     other = unique("staged")
@@ -77,6 +68,6 @@ def test_a_corrupted_file_fails_the_load_and_leaves_nothing(client, server, stac
     assert client.put(f"/v1/models/{name}", json=manifest).status_code == 201
     done = wait_job(client, client.post(f"/v1/models/{name}/load").get_json()["id"])
     assert done["status"] == "failed" and done["error"]["type"] == "hash_mismatch", done
-    assert files_under(Path(stack_env["MODELBAY_MODELS_DIR"]) / name) == []
+    assert files_under(Path(stack_env["MODELBAY_MODELS_DIR"]) / model_token(name)) == []
     state = client.get(f"/v1/models/{name}").get_json()["nodes"][0]
     assert state["state"] == "failed" and "sha256" in state["error"].lower()

@@ -19,6 +19,7 @@ from workers.cancel import CancelWatcher
 from workers.live import LivePublisher
 from workers.node import NodeAgent, gpus, memory_budget_mb
 from workers.runtime import ModelManager
+from workers.staging import sweep
 
 log = logging.getLogger("modelbay.worker")
 
@@ -35,6 +36,9 @@ class Runtime:
         self.store = Store.from_settings(settings)
         self.dispatcher = Dispatcher(self.store, app)
         self.manager = ModelManager(settings, self.store, app, memory_budget_mb(settings, gpus()))
+        swept = sweep(settings.models_dir)  # temp files of copies a dead worker left behind
+        if swept:
+            log.info("removed %d stale staging temp file(s)", swept)
         self.cancels = CancelWatcher(self.store, settings.cancel_poll_s)
         self.bus = Bus(settings.nats_url, name=f"worker-{settings.node_id}").start()
         self.live = LivePublisher(settings, self.bus)

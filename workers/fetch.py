@@ -1,45 +1,57 @@
-"""Moving a source's bytes into a file while hashing them: local files and HTTP(S).
+"""Writing a file while hashing it (:class:`Output`), and fetching one over HTTP(S).
 
-:class:`HashingWriter` reads into a few large reused buffers; the calling thread writes each
-full buffer to the file while a second thread feeds the same buffer to SHA-256 (hashlib and
-file I/O release the GIL), so every byte is read once, hashed once and written once, and the
-hash is of exactly the bytes written. :func:`copy_local` and :func:`download` fill it.
+Every path writes the file first, and a second thread hashes the file as it grows, reading
+back what was written while it is still in the page cache (:class:`Output`): the hash is of
+exactly the bytes in the file, each byte is hashed once, and hashing overlaps the transfer
+(hashlib and file I/O release the GIL). Writing keeps the data in the kernel where it can:
+``copy_file_range`` for local files (workers/staging.py), ``splice`` (socket → pipe → file)
+for plain-HTTP bodies of known length; TLS and chunked bodies go through a reused buffer.
+Writeback to disk is started as the file grows (``sync_file_range``), so the final fsync is
+short.
 
-HTTP uses the standard library's ``http.client``: ``readinto`` lands socket data straight in
-the buffer, and redirects and ``Range`` resumes need full control anyway. Proxies come from
-the usual ``http_proxy``/``https_proxy``/``no_proxy`` environment variables.
+HTTP uses the standard library's ``http.client``: redirects and ``Range`` resumes need full
+control, and its socket is reachable for ``splice``. Proxies come from the usual
+``http_proxy``/``https_proxy``/``no_proxy`` environment variables.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
+import ctypes
 import errno
+import fcntl
+import functools
 import hashlib
 import http.client
 import os
-import queue
 import re
+import select
 import ssl
-import stat
 import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from typing import Any
+from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
-CHUNK_BYTES = 256 << 10        # one buffer: the unit read, hashed and written (bytes)
-BUFFERS = 4                    # buffers in flight: 1 MiB in all, which stays in a core's L2 cache
-READ_BYTES = 256 << 10         # at most this much per socket read: the HTTP progress step (bytes)
+READ_BYTES = 256 << 10         # one socket read or splice, or one read of a file (bytes): the HTTP progress step
+HASH_LAG_BYTES = 32 << 20      # how far writing may run ahead of hashing (bytes)
+WRITEBACK_BYTES = 8 << 20      # start writing to disk every this many bytes written (bytes)
 RETRIES = 3                    # retries of a failed HTTP attempt that made no progress
 BACKOFF_BASE_S = 0.2           # retry n waits BACKOFF_BASE_S * 2**(n-1) seconds
 CONNECT_TIMEOUT_S = 15.0
 READ_TIMEOUT_S = 60.0          # the longest a socket read may stall
 MAX_REDIRECTS = 5
+# what copy_file_range and splice fail with where a kernel or filesystem cannot do them
+UNSUPPORTED_ERRNOS = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM,
+                                errno.EBADF})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 Cancelled = Callable[[], bool]
-OnBytes = Callable[[int], None]
+OnBytes = Callable[[int, int], None]  # (bytes just moved, bytes of this file so far)
 
 
 class StagingError(Exception):
@@ -57,132 +69,137 @@ def check_cancelled(cancelled: Cancelled) -> None:
         raise StagingError("staging was cancelled", "cancelled")
 
 
-class HashingWriter:
-    """Appends to the open file ``fd`` and hashes what it writes, in a second thread.
+def write_failed(exc: OSError) -> StagingError:
+    return StagingError(f"writing the file failed: {exc}", "staging_failed")
 
-    Fill it with :meth:`read_from`; :meth:`finish` returns ``(size_bytes, sha256_hex)`` once
-    everything is written and fsync'd. Always :meth:`close` it (idempotent)."""
 
-    def __init__(self, fd: int, size_hint: int | None = None) -> None:
-        self._fd = fd
-        chunk = CHUNK_BYTES if size_hint is None else max(64 << 10, min(CHUNK_BYTES, size_hint))
-        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        for _ in range(BUFFERS):
-            self._free.put(bytearray(chunk))
-        self._cur: bytearray | None = None
-        self._filled = 0
-        self.written = 0
-        self._thread: threading.Thread | None = None
-        self._start()
+class _Hasher:
+    """SHA-256 of the file at ``path`` up to where :meth:`advance` says it is written, in a
+    thread that reads it back (from the page cache) at most HASH_LAG_BYTES behind."""
 
-    def _start(self) -> None:
-        self._hash = hashlib.sha256()
-        self._todo: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, args=(self._hash, self._todo),
-                                        name="modelbay-sha256", daemon=True)
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._digest = hashlib.sha256()
+        self._cond = threading.Condition()
+        self._pos = self._end = 0
+        self._closing = self._idle = self._waiting = False
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="modelbay-sha256", daemon=True)
         self._thread.start()
 
-    def _run(self, digest: hashlib._Hash, todo: queue.SimpleQueue[tuple[bytearray, int] | None]) -> None:
-        while (item := todo.get()) is not None:
-            buf, n = item
-            digest.update(memoryview(buf)[:n])
-            self._free.put(buf)
+    def advance(self, end: int) -> None:
+        """The file is written up to byte ``end``. When hashing lags more than HASH_LAG_BYTES
+        behind, waits until it is down to half that (few wake-ups, each worth many bytes)."""
+        with self._cond:
+            self._end = end
+            if self._idle:
+                self._cond.notify_all()
+            if end - self._pos > HASH_LAG_BYTES and self._error is None:
+                self._waiting = True
+                self._cond.wait_for(lambda: end - self._pos <= HASH_LAG_BYTES // 2 or self._error is not None)
+                self._waiting = False
 
-    def _stop(self) -> None:
-        if self._thread is not None:
-            self._todo.put(None)
-            self._thread.join()
-            self._thread = None
+    def _run(self) -> None:
+        view = memoryview(bytearray(READ_BYTES))
+        while True:
+            with self._cond:
+                self._idle = True
+                self._cond.wait_for(lambda: self._end > self._pos or self._closing)
+                self._idle = False
+                if self._end <= self._pos or self._error is not None:
+                    return
+                pos, end = self._pos, self._end
+            try:
+                n = os.preadv(self._fd, [view[:min(len(view), end - pos)]], pos)
+                if not n:
+                    raise OSError(errno.EIO, "the file is shorter than what was written to it")
+                self._digest.update(view[:n])
+            except OSError as exc:
+                n, self._error = 0, exc
+            with self._cond:
+                self._pos += n
+                if self._waiting and (self._end - self._pos <= HASH_LAG_BYTES // 2 or self._error is not None):
+                    self._cond.notify_all()
 
-    @property
-    def received(self) -> int:
-        """Bytes taken in so far, written or still in the current buffer."""
-        return self.written + self._filled
-
-    def read_from(self, readinto: Callable[[memoryview], int | None], limit: int) -> int:
-        """Call ``readinto`` once with room for at most ``limit`` bytes; the count it read."""
-        if self._cur is None:
-            self._cur, self._filled = self._free.get(), 0
-        room = min(limit, len(self._cur) - self._filled)
-        n = readinto(memoryview(self._cur)[self._filled:self._filled + room]) or 0
-        self._filled += n
-        if self._filled == len(self._cur):
-            self.flush()
-        return n
-
-    def flush(self) -> None:
-        """Write (and hash) the current buffer, even if it is not full."""
-        buf, n = self._cur, self._filled
-        if buf is None:
-            return
-        self._cur, self._filled = None, 0
-        if n == 0:
-            self._free.put(buf)
-            return
-        self._todo.put((buf, n))  # the hasher may return buf early: only this thread reuses it
-        view = memoryview(buf)[:n]
-        try:
-            while view:
-                view = view[os.write(self._fd, view):]
-        except OSError as exc:
-            raise StagingError(f"writing the file failed: {exc}", "staging_failed") from exc
-        self.written += n
-
-    def reset(self) -> None:
-        """Forget everything: an empty file and a fresh hash (a restart from byte 0)."""
-        if self._cur is not None:
-            self._filled = 0
-            self.flush()
-        self._stop()
-        os.ftruncate(self._fd, 0)
-        os.lseek(self._fd, 0, os.SEEK_SET)
-        self.written = 0
-        self._start()
-
-    def finish(self) -> tuple[int, str]:
-        """Write the rest, fsync the file; ``(size_bytes, sha256_hex)``."""
-        self.flush()
-        self._stop()
-        os.fsync(self._fd)
-        return self.written, self._hash.hexdigest()
+    def finish(self) -> str:
+        """Hash the rest; the hex digest."""
+        self.close()
+        if self._error is not None:
+            raise StagingError(f"reading back the file failed: {self._error}", "staging_failed")
+        return self._digest.hexdigest()
 
     def close(self) -> None:
-        self._cur = None
-        self._stop()
+        if self._thread.is_alive():
+            with self._cond:
+                self._closing = True
+                self._cond.notify_all()
+            self._thread.join()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
-def copy_local(path: str, writer: HashingWriter, on_bytes: OnBytes, cancelled: Cancelled) -> None:
-    """Copy the regular file ``path`` (already resolved and allowed) into ``writer``."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise StagingError(f"{path} does not exist", "source_unreachable") from None
-    except OSError as exc:
-        code = "source_rejected" if isinstance(exc, (PermissionError, IsADirectoryError)) or \
-            exc.errno == errno.ELOOP else "source_unreachable"  # ELOOP: a symlink swapped in
-        raise StagingError(f"cannot open {path}: {exc}", code) from exc
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise StagingError(f"{path} is not a regular file", "source_rejected")
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        while True:
-            check_cancelled(cancelled)
-            try:
-                n = writer.read_from(lambda view: os.readv(fd, [view]), CHUNK_BYTES)
-            except OSError as exc:
-                raise StagingError(f"reading {path} failed: {exc}", "source_unreachable") from exc
-            if not n:
-                return
-            on_bytes(n)
-    finally:
-        os.close(fd)
+try:  # Linux sync_file_range(2): start writing a range to disk without waiting for it
+    _SYNC_FILE_RANGE: Any = ctypes.CDLL(None, use_errno=True).sync_file_range
+    _SYNC_FILE_RANGE.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+except (OSError, AttributeError):
+    _SYNC_FILE_RANGE = None
+
+
+class Output:
+    """A new file at ``path`` being filled from offset 0, hashed as it grows (``size`` bytes
+    so far). :meth:`finish` fsyncs it and returns ``(size_bytes, sha256_hex)``; always
+    :meth:`close` it (idempotent). Write errors raise :class:`StagingError`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.size = self._queued = 0
+        self._hasher = _Hasher(path)
+
+    def wrote(self, n: int) -> None:
+        """``n`` more bytes were written to ``fd`` (by the kernel, say)."""
+        self.size += n
+        if self.size - self._queued >= WRITEBACK_BYTES and _SYNC_FILE_RANGE is not None:
+            # SYNC_FILE_RANGE_WRITE: the disk works while we hash, and the final fsync is short
+            _SYNC_FILE_RANGE(self.fd, self._queued, self.size - self._queued, 2)
+            self._queued = self.size
+        self._hasher.advance(self.size)
+
+    def write(self, view: memoryview) -> None:
+        n = len(view)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:
+            raise write_failed(exc) from exc
+        self.wrote(n)
+
+    def reset(self) -> None:
+        """Start over: an empty file and a fresh hash."""
+        self._hasher.close()
+        os.ftruncate(self.fd, 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        self.size = self._queued = 0
+        self._hasher = _Hasher(self.path)
+
+    def finish(self) -> tuple[int, str]:
+        os.fsync(self.fd)  # while the hash thread catches up
+        return self.size, self._hasher.finish()
+
+    def close(self) -> None:
+        self._hasher.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class _Retry(Exception):
     """A failed attempt that may be retried."""
 
 
-def _connect(url: str, start: int, auth: str | None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+def _connect(url: str, start: int, auth: str | None,
+             if_range: str | None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     parts = urlsplit(url)
     https = parts.scheme == "https"
     host, port = parts.hostname or "", parts.port or (443 if https else 80)
@@ -208,6 +225,8 @@ def _connect(url: str, start: int, auth: str | None) -> tuple[http.client.HTTPCo
     headers = {"Accept-Encoding": "identity", "User-Agent": "modelbay-stager"}
     if start:
         headers["Range"] = f"bytes={start}-"
+        if if_range:  # the server sends the whole file (200) if it changed since the first try
+            headers["If-Range"] = if_range
     if auth:
         headers["Authorization"] = auth
     try:
@@ -221,25 +240,19 @@ def _connect(url: str, start: int, auth: str | None) -> tuple[http.client.HTTPCo
         raise
 
 
-_CONTEXT: ssl.SSLContext | None = None
-
-
+@functools.cache
 def _ssl_context() -> ssl.SSLContext:
     """The system's CAs, plus certifi's bundle when it is installed (as requests does)."""
-    global _CONTEXT
-    if _CONTEXT is None:
-        context = ssl.create_default_context()
-        try:
-            import certifi
+    context = ssl.create_default_context()
+    with contextlib.suppress(ImportError, OSError):
+        import certifi
 
-            context.load_verify_locations(certifi.where())
-        except (ImportError, OSError):
-            pass
-        _CONTEXT = context
-    return _CONTEXT
+        context.load_verify_locations(certifi.where())
+    return context
 
 
-def _open(url: str, start: int) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+def _open(url: str, start: int,
+          if_range: str | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     """GET ``url`` from byte ``start``, following at most MAX_REDIRECTS http(s) redirects."""
     parts = urlsplit(url)
     auth = None
@@ -247,7 +260,7 @@ def _open(url: str, start: int) -> tuple[http.client.HTTPConnection, http.client
         creds = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
         auth = "Basic " + base64.b64encode(creds.encode()).decode()
     for _ in range(MAX_REDIRECTS + 1):
-        conn, resp = _connect(url, start, auth)
+        conn, resp = _connect(url, start, auth, if_range)
         if resp.status not in _REDIRECTS:
             return conn, resp
         location = resp.getheader("Location")
@@ -259,46 +272,54 @@ def _open(url: str, start: int) -> tuple[http.client.HTTPConnection, http.client
         if scheme not in ("http", "https"):
             raise StagingError(f"{url} redirects to a {scheme or 'relative'} URL, which is refused",
                                "source_rejected")
-        if parts.scheme == "https" and scheme == "http":
+        if urlsplit(url).scheme.lower() == "https" and scheme == "http":
             raise StagingError(f"{url} redirects from https to http, which is refused", "source_rejected")
         url, auth = target, None
     raise StagingError(f"more than {MAX_REDIRECTS} redirects", "source_unreachable")
 
 
-def download(url: str, writer: HashingWriter, on_size: Callable[[int], None], on_bytes: OnBytes,
-             cancelled: Cancelled, max_bytes: int | None = None) -> None:
-    """Stream ``url`` into ``writer``, resuming with ``Range`` after a broken connection.
+def download(url: str, out_path: Path, on_size: Callable[[int], None], on_bytes: OnBytes,
+             cancelled: Cancelled, max_bytes: int | None = None) -> tuple[int, str]:
+    """Stream ``url`` to the new file ``out_path``, fsync'd; ``(size_bytes, sha256_hex)``.
 
-    ``on_size(total_bytes)`` is called once the server tells the size; ``on_bytes(n)`` after
-    each read. More than ``max_bytes`` (the manifest's size) fails with ``hash_mismatch``.
-    A 4xx (but 408/425/429) fails at once; other failures are retried RETRIES times with
-    exponential backoff, the count starting over whenever an attempt made progress."""
-    failures = 0
-    while True:
-        check_cancelled(cancelled)
-        writer.flush()
-        start = writer.written
-        try:
-            if _attempt(url, start, writer, on_size, on_bytes, cancelled, max_bytes):
-                return
-            failure: Exception = _Retry("the connection closed early")
-        except (_Retry, OSError, http.client.HTTPException) as exc:
-            failure = exc
-        writer.flush()  # keep what arrived before the break
-        failures = 0 if writer.written > start else failures + 1
-        if failures > RETRIES:
-            raise StagingError(f"downloading {url} failed after {RETRIES} retries: {failure}",
-                               "source_unreachable")
-        deadline = time.monotonic() + BACKOFF_BASE_S * 2 ** max(0, failures - 1)
-        while time.monotonic() < deadline:
+    Resumes with ``Range`` (and ``If-Range``) after a broken connection, from the bytes
+    already written; a server that answers 200 instead is read again from byte 0.
+    ``on_size(total_bytes)`` is called once the server tells the size; ``on_bytes`` after each
+    read. More than ``max_bytes`` (the manifest's size) fails with ``hash_mismatch``. A 4xx
+    (but 408/425/429) fails at once; other failures are retried RETRIES times with exponential
+    backoff, the count starting over whenever an attempt made progress."""
+    out = Output(out_path)
+    try:
+        failures = 0
+        validator: dict[str, str] = {}  # If-Range: the first response's strong ETag or Last-Modified
+        while True:
             check_cancelled(cancelled)
-            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+            start = out.size
+            try:
+                if _attempt(url, out, on_size, on_bytes, cancelled, max_bytes, validator):
+                    return out.finish()
+                failure: Exception = _Retry("the connection closed early")
+            except ssl.SSLCertVerificationError as exc:  # retrying cannot help
+                raise StagingError(f"{url}: {exc}", "source_rejected") from exc
+            except (_Retry, OSError, http.client.HTTPException) as exc:
+                failure = exc
+            failures = 0 if out.size > start else failures + 1
+            if failures > RETRIES:
+                raise StagingError(f"downloading {url} failed after {RETRIES} retries: {failure}",
+                                   "source_unreachable")
+            deadline = time.monotonic() + BACKOFF_BASE_S * 2 ** max(0, failures - 1)
+            while time.monotonic() < deadline:
+                check_cancelled(cancelled)
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+    finally:
+        out.close()
 
 
-def _attempt(url: str, start: int, writer: HashingWriter, on_size: Callable[[int], None], on_bytes: OnBytes,
-             cancelled: Cancelled, max_bytes: int | None) -> bool:
-    """One GET from ``start``; True when the whole body arrived."""
-    conn, resp = _open(url, start)
+def _attempt(url: str, out: Output, on_size: Callable[[int], None], on_bytes: OnBytes,
+             cancelled: Cancelled, max_bytes: int | None, validator: dict[str, str]) -> bool:
+    """One GET from byte ``out.size``; True when the whole body arrived."""
+    start = out.size
+    conn, resp = _open(url, start, validator.get("value"))
     try:
         if resp.status in _RETRY_STATUS:
             raise _Retry(f"HTTP {resp.status} {resp.reason}")
@@ -310,11 +331,13 @@ def _attempt(url: str, start: int, writer: HashingWriter, on_size: Callable[[int
             total = None if match.group(3) == "*" else int(match.group(3))
         elif resp.status == 200 or (start and resp.status == 416):
             if start:
-                writer.reset()  # no resume: start over from byte 0
+                out.reset()  # no resume: start over from byte 0
                 if resp.status == 416:
                     raise _Retry("the server refused the range")
             length = resp.getheader("Content-Length")
             total = int(length) if length and length.isdigit() else None
+            etag = resp.getheader("ETag") or ""
+            validator["value"] = etag if etag.startswith('"') else resp.getheader("Last-Modified") or ""
         else:
             raise StagingError(f"{url} answered HTTP {resp.status} {resp.reason}", "source_unreachable")
         if total is not None:
@@ -322,16 +345,85 @@ def _attempt(url: str, start: int, writer: HashingWriter, on_size: Callable[[int
                 raise StagingError(f"size mismatch: the manifest says {max_bytes} bytes, {url} has {total}",
                                    "hash_mismatch")
             on_size(total)
+            if not resp.chunked and not isinstance(conn.sock, ssl.SSLSocket) and hasattr(os, "splice"):
+                done = _splice_body(conn, resp, out, total, on_bytes, cancelled)
+                if done is not None:
+                    return done
+        view = memoryview(bytearray(READ_BYTES))
         while True:
             check_cancelled(cancelled)
-            limit = READ_BYTES if total is None else min(READ_BYTES, total - writer.received)
+            limit = READ_BYTES if total is None else min(READ_BYTES, total - out.size)
             if limit <= 0:
                 return True
-            n = writer.read_from(resp.readinto, limit)
+            n = resp.readinto(view[:limit])
             if not n:
                 return total is None  # EOF: whole only when the length was never known
-            on_bytes(n)
-            if max_bytes is not None and writer.received > max_bytes:
+            out.write(view[:n])
+            on_bytes(n, out.size)
+            if max_bytes is not None and out.size > max_bytes:
                 raise StagingError(f"size mismatch: {url} sent more than {max_bytes} bytes", "hash_mismatch")
     finally:
         conn.close()
+
+
+def _splice_body(conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, out: Output, total: int,
+                 on_bytes: OnBytes, cancelled: Cancelled) -> bool | None:
+    """Move a plain-HTTP body of known length from the socket into ``out`` in the kernel
+    (socket → pipe → file); True when all of it arrived, False at an early EOF, None where the
+    kernel cannot splice from this socket (then the rest is to be read from ``resp``)."""
+    if conn.sock is None or resp.fp is None:
+        return None
+    sock = conn.sock.fileno()
+    # first what http.client has read ahead: read1 returns its buffer, then that is empty
+    buffered = resp.fp.read1(min(65536, total - out.size)) if out.size < total else b""
+    if buffered:
+        out.write(memoryview(buffered))
+        on_bytes(len(buffered), out.size)
+    rpipe, wpipe = os.pipe2(os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):  # the default 64 KiB pipe works too
+            fcntl.fcntl(wpipe, fcntl.F_SETPIPE_SZ, 1 << 20)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        spliced = False
+        while out.size < total:
+            check_cancelled(cancelled)
+            try:
+                n = os.splice(sock, wpipe, min(READ_BYTES, total - out.size), flags=os.SPLICE_F_MOVE)
+            except BlockingIOError:  # the socket has a timeout, so it is non-blocking
+                if not poller.poll(READ_TIMEOUT_S * 1000):
+                    raise TimeoutError(f"no data for {READ_TIMEOUT_S} s") from None
+                continue
+            except OSError as exc:
+                if exc.errno in UNSUPPORTED_ERRNOS and not spliced:
+                    return None  # the caller reads on from the same response
+                raise
+            spliced = True
+            if not n:
+                return False
+            _drain(rpipe, out, n)
+            on_bytes(n, out.size)
+        return True
+    finally:
+        os.close(rpipe)
+        os.close(wpipe)
+
+
+def _drain(rpipe: int, out: Output, n: int) -> None:
+    """Move exactly ``n`` bytes from the pipe into ``out``."""
+    moved = 0
+    try:
+        while moved < n:
+            try:
+                k = os.splice(rpipe, out.fd, n - moved, flags=os.SPLICE_F_MOVE)
+            except OSError as exc:
+                if exc.errno not in UNSUPPORTED_ERRNOS:
+                    raise
+                data = memoryview(os.read(rpipe, n - moved))  # a filesystem that cannot splice
+                out.write(data)
+                moved += len(data)
+                continue
+            out.wrote(k)
+            moved += k
+    except OSError as exc:
+        raise write_failed(exc) from exc

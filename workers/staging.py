@@ -15,11 +15,13 @@ share a file on one node transfer it once, and a load after a restart transfers 
   when the manifest has one, else the same URI (and an unchanged local source) and size.
 - ``<key>.tmp-<random>``: a blob being filled, hashed while written, fsync'd, then renamed
   into place (``os.replace``), so no reader ever sees half a file. A mismatch, an error or a
-  cancel removes it; a dead stager's leftover is removed by the next holder of the lock.
+  cancel removes it; a dead stager's leftover is removed by the next holder of the lock, or
+  by :func:`sweep`. Blobs are read-only (0444): every model that links one shares it.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -27,6 +29,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -38,12 +41,16 @@ from tasks.schemas import FileSpec, Manifest
 from tasks.settings import Settings
 from tasks.sources import (Source, allowed_local_path, check_manifest, dest_path, file_rel_path, package_file,
                            parse_source)
-from workers.fetch import HashingWriter, StagingError, check_cancelled, copy_local, download
+from tasks.sources import model_dir as model_dir_of
+from workers import fetch
+from workers.fetch import (UNSUPPORTED_ERRNOS, OnBytes, Output, StagingError, check_cancelled, download,
+                           write_failed)
 
-__all__ = ["StageProgress", "StagedModel", "StagingError", "stage"]
+__all__ = ["StageProgress", "StagedModel", "StagingError", "stage", "sweep"]
 
 log = logging.getLogger("modelbay.worker")
 
+COPY_CHUNK_BYTES = 8 << 20  # one copy_file_range call: the local-copy progress step (bytes)
 LOCK_POLL_S = 0.05      # how often a stager waiting for a blob's lock looks again
 RATE_WINDOW_S = 5.0     # rate_bps is measured over this many seconds
 
@@ -95,10 +102,16 @@ class _Tracker:
         self.reported = 0
         self.samples: deque[tuple[float, int]] = deque([(time.monotonic(), 0)])
         self.moved = 0               # bytes transferred, for the rate
+        self._others: tuple[int, int | None] | None = None
 
     def total(self) -> int | None:
-        sizes = [item.size for item in self.items]
-        return None if None in sizes else sum(s for s in sizes if s is not None)
+        """The sum of all sizes, or None while one is unknown. Once staging runs, only the
+        current file's size changes, so the others are summed once per file."""
+        if self._others is None or self._others[0] != self.index:
+            rest = [item.size for i, item in enumerate(self.items, 1) if i != self.index]
+            self._others = (self.index, None if None in rest else sum(s for s in rest if s is not None))
+        current = self.items[self.index - 1].size if self.index else 0
+        return None if self._others[1] is None or current is None else self._others[1] + current
 
     def transferred(self, n: int, received: int) -> None:
         self.moved += n
@@ -149,7 +162,7 @@ def stage(model: str, manifest: Manifest, settings: Settings, on_progress: Calla
         for item in items:
             item.size = item.size if item.size is not None else _size_hint(models_dir, item, settings)
         tracker.items = items
-        model_dir = models_dir.resolve().joinpath(*model.split("/"))
+        model_dir = model_dir_of(models_dir, model)
         model_dir.mkdir(parents=True, exist_ok=True)
         tracker.emit("start")
         copied = 0
@@ -167,6 +180,28 @@ def stage(model: str, manifest: Manifest, settings: Settings, on_progress: Calla
         error = StagingError(f"staging failed: {exc}", "staging_failed")
         tracker.emit("error", str(error))
         raise error from exc
+
+
+def sweep(models_dir: Path | str) -> int:
+    """Remove the temp files that dead stagers left in the blob store (call it when a worker
+    starts); the number removed. A blob whose lock is held (a live stager, here or in another
+    process) is left alone."""
+    blobs = Path(models_dir) / ".blobs"
+    removed = 0
+    for key in sorted({p.name.split(".tmp-")[0].removesuffix(".json") for p in blobs.glob("*.tmp-*")}):
+        fd = os.open(blobs / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            for stale in [*blobs.glob(f"{key}.tmp-*"), *blobs.glob(f"{key}.json.tmp-*")]:
+                stale.unlink(missing_ok=True)
+                removed += 1
+        finally:
+            os.close(fd)
+    return removed
 
 
 @contextlib.contextmanager
@@ -256,8 +291,8 @@ def _stage_file(models_dir: Path, item: _Item, settings: Settings, tracker: _Tra
             if not spec.sha256:
                 size = _reusable(blob, meta, spec, src_stat)
         if size is None:
-            for stale in blobs.glob(f"{key}.tmp-*"):
-                stale.unlink(missing_ok=True)
+            for stale in [*blobs.glob(f"{key}.tmp-*"), *blobs.glob(f"{key}.json.tmp-*")]:
+                stale.unlink(missing_ok=True)  # a dead stager's
             if src_stat is not None and item.size is None:
                 item.size = src_stat.st_size
             size = _fill_blob(blob, meta, blobs, item, local, src_stat, tracker, cancelled)
@@ -277,31 +312,20 @@ def _fill_blob(blob: Path, meta: Path, blobs: Path, item: _Item, local: Path | N
         raise StagingError(f"not enough disk space for {item.rel} ({need} bytes) in {blobs}", "staging_failed")
     tmp = blobs / f"{blob.name}.tmp-{secrets.token_hex(6)}"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            writer = HashingWriter(fd, need)
-            try:
-                def on_bytes(n: int) -> None:
-                    tracker.transferred(n, writer.received)
+        if local is not None:
+            size, digest = _copy_local(str(local), tmp, tracker.transferred, cancelled)
+        else:
+            def on_size(total: int) -> None:
+                item.size = total
 
-                if local is not None:
-                    copy_local(str(local), writer, on_bytes, cancelled)
-                else:
-                    def on_size(total: int) -> None:
-                        item.size = total
-
-                    download(item.source.url, writer, on_size, on_bytes, cancelled, spec.size)
-                size, digest = writer.finish()
-            finally:
-                writer.close()
-        finally:
-            os.close(fd)
+            size, digest = download(item.source.url, tmp, on_size, tracker.transferred, cancelled, spec.size)
         if spec.size is not None and size != spec.size:
             raise StagingError(f"size mismatch for {item.rel}: the manifest says {spec.size} bytes, "
                                f"the source has {size}", "hash_mismatch")
         if spec.sha256 is not None and digest != spec.sha256:
             raise StagingError(f"sha256 mismatch for {item.rel}: expected {spec.sha256}, got {digest}",
                                "hash_mismatch")
+        os.chmod(tmp, 0o444)  # a blob is shared by every model that links it: nobody writes to it
         os.replace(tmp, blob)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -341,6 +365,54 @@ def _link(blob: Path, dest: Path) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(dest.parent)
+
+
+def _copy_local(path: str, out_path: Path, on_bytes: OnBytes,
+                cancelled: Callable[[], bool]) -> tuple[int, str]:
+    """Copy the regular file ``path`` (already resolved and allowed) to the new file
+    ``out_path``, fsync'd; ``(size_bytes, sha256_hex)``. The kernel copies
+    (``copy_file_range``: no trip through user space) where it can; else read and write."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise StagingError(f"{path} does not exist", "source_unreachable") from None
+    except OSError as exc:
+        code = "source_rejected" if isinstance(exc, (PermissionError, IsADirectoryError)) or \
+            exc.errno == errno.ELOOP else "source_unreachable"  # ELOOP: a symlink swapped in
+        raise StagingError(f"cannot open {path}: {exc}", code) from exc
+    out = None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StagingError(f"{path} is not a regular file", "source_rejected")
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        out = Output(out_path)
+        kernel = True
+        view = memoryview(bytearray(fetch.READ_BYTES))
+        while True:
+            check_cancelled(cancelled)
+            n = 0
+            if kernel:
+                try:
+                    n = os.copy_file_range(fd, out.fd, COPY_CHUNK_BYTES)
+                    if n:
+                        out.wrote(n)
+                except OSError as exc:
+                    if out.size or exc.errno not in UNSUPPORTED_ERRNOS:
+                        raise write_failed(exc) from exc
+                kernel = bool(n) or bool(out.size)  # nothing copied this way: read and write
+            if not kernel:
+                try:
+                    n = os.readv(fd, [view])
+                except OSError as exc:
+                    raise StagingError(f"reading {path} failed: {exc}", "source_unreachable") from exc
+                out.write(view[:n])
+            if not n:
+                return out.finish()
+            on_bytes(n, out.size)
+    finally:
+        if out is not None:
+            out.close()
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
