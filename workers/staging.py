@@ -1,4 +1,4 @@
-"""Stage a manifest's files into the node's cache: ``models_dir/<model>/<path>``.
+"""Stage a manifest's files into the node's cache: ``models_dir/<model token>/<path>``.
 
 Every file lands first in a content-addressed blob store, ``models_dir/.blobs/<key>``
 (``key``: the manifest's sha256, else ``uri-`` + the sha256 of the source URI), and the
@@ -20,19 +20,14 @@ share a file on one node transfer it once, and a load after a restart transfers 
 """
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
-import hashlib
 import json
 import logging
 import os
 import secrets
 import shutil
-import stat
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,16 +37,14 @@ from tasks.settings import Settings
 from tasks.sources import (Source, allowed_local_path, check_manifest, dest_path, file_rel_path, package_file,
                            parse_source)
 from tasks.sources import model_dir as model_dir_of
-from workers import fetch
-from workers.fetch import (UNSUPPORTED_ERRNOS, OnBytes, Output, StagingError, check_cancelled, download,
-                           write_failed)
+from workers.blobs import blob_key, fsync_dir, link, locked, reusable, sweep
+from workers.fetch import download
+from workers.output import StagingError, copy_local
 
 __all__ = ["StageProgress", "StagedModel", "StagingError", "stage", "sweep"]
 
 log = logging.getLogger("modelbay.worker")
 
-COPY_CHUNK_BYTES = 8 << 20  # one copy_file_range call: the local-copy progress step (bytes)
-LOCK_POLL_S = 0.05      # how often a stager waiting for a blob's lock looks again
 RATE_WINDOW_S = 5.0     # rate_bps is measured over this many seconds
 
 
@@ -182,49 +175,6 @@ def stage(model: str, manifest: Manifest, settings: Settings, on_progress: Calla
         raise error from exc
 
 
-def sweep(models_dir: Path | str) -> int:
-    """Remove the temp files that dead stagers left in the blob store (call it when a worker
-    starts); the number removed. A blob whose lock is held (a live stager, here or in another
-    process) is left alone."""
-    blobs = Path(models_dir) / ".blobs"
-    removed = 0
-    for key in sorted({p.name.split(".tmp-")[0].removesuffix(".json") for p in blobs.glob("*.tmp-*")}):
-        fd = os.open(blobs / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        try:
-            for stale in [*blobs.glob(f"{key}.tmp-*"), *blobs.glob(f"{key}.json.tmp-*")]:
-                stale.unlink(missing_ok=True)
-                removed += 1
-        finally:
-            os.close(fd)
-    return removed
-
-
-@contextlib.contextmanager
-def _locked(path: Path, cancelled: Callable[[], bool]) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path``, waiting for it while not cancelled."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                check_cancelled(cancelled)
-                time.sleep(LOCK_POLL_S)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _blob_key(spec: FileSpec) -> str:
-    return spec.sha256 or "uri-" + hashlib.sha256(spec.uri.encode()).hexdigest()
-
-
 def _local_source(item: _Item, settings: Settings) -> Path | None:
     """The resolved local file of a ``file://``/path or ``pkg://`` source; None for HTTP."""
     source = item.source
@@ -248,31 +198,10 @@ def _size_hint(models_dir: Path, item: _Item, settings: Settings) -> int | None:
         if item.source.kind != "http":
             local = _local_source(item, settings)
             return local.stat().st_size if local is not None else None
-        key = _blob_key(item.spec)
-        return _reusable(models_dir / ".blobs" / key, models_dir / ".blobs" / f"{key}.json", item.spec, None)
+        key = blob_key(item.spec)
+        return reusable(models_dir / ".blobs" / key, models_dir / ".blobs" / f"{key}.json", item.spec, None)
     except (StagingError, OSError):
         return None  # the transfer will tell
-
-
-def _reusable(blob: Path, meta: Path, spec: FileSpec, src: os.stat_result | None) -> int | None:
-    """The blob's size when it can stand for ``spec`` without a transfer, else None."""
-    try:
-        record = json.loads(meta.read_text())
-        st = blob.stat()
-        if st.st_size != record["size"] or st.st_mtime_ns != record["mtime_ns"]:
-            return None
-        if spec.size is not None and spec.size != st.st_size:
-            return None
-        if spec.sha256 is not None:
-            return st.st_size if record["sha256"] == spec.sha256 else None
-        if record["uri"] != spec.uri:
-            return None
-        if src is not None and (record.get("source_size"), record.get("source_mtime_ns")) != \
-                (src.st_size, src.st_mtime_ns):
-            return None
-        return st.st_size
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _stage_file(models_dir: Path, item: _Item, settings: Settings, tracker: _Tracker,
@@ -280,16 +209,16 @@ def _stage_file(models_dir: Path, item: _Item, settings: Settings, tracker: _Tra
     """Put one file in place; ``(size_bytes, bytes_transferred)``."""
     blobs = models_dir / ".blobs"
     blobs.mkdir(parents=True, exist_ok=True)
-    key = _blob_key(item.spec)
+    key = blob_key(item.spec)
     blob, meta = blobs / key, blobs / f"{key}.json"
-    with _locked(blobs / f"{key}.lock", cancelled):
+    with locked(blobs / f"{key}.lock", cancelled):
         spec, local, src_stat = item.spec, None, None
-        size = _reusable(blob, meta, spec, None) if spec.sha256 else None
+        size = reusable(blob, meta, spec, None) if spec.sha256 else None
         if size is None:  # the source is looked at only when the blob cannot be trusted as is
             local = _local_source(item, settings)
             src_stat = local.stat() if local is not None else None
             if not spec.sha256:
-                size = _reusable(blob, meta, spec, src_stat)
+                size = reusable(blob, meta, spec, src_stat)
         if size is None:
             for stale in [*blobs.glob(f"{key}.tmp-*"), *blobs.glob(f"{key}.json.tmp-*")]:
                 stale.unlink(missing_ok=True)  # a dead stager's
@@ -299,7 +228,7 @@ def _stage_file(models_dir: Path, item: _Item, settings: Settings, tracker: _Tra
             moved = size
         else:
             item.size, moved = size, 0
-        _link(blob, item.dest)
+        link(blob, item.dest)
     return size, moved
 
 
@@ -313,7 +242,7 @@ def _fill_blob(blob: Path, meta: Path, blobs: Path, item: _Item, local: Path | N
     tmp = blobs / f"{blob.name}.tmp-{secrets.token_hex(6)}"
     try:
         if local is not None:
-            size, digest = _copy_local(str(local), tmp, tracker.transferred, cancelled)
+            size, digest = copy_local(str(local), tmp, tracker.transferred, cancelled)
         else:
             def on_size(total: int) -> None:
                 item.size = total
@@ -330,7 +259,7 @@ def _fill_blob(blob: Path, meta: Path, blobs: Path, item: _Item, local: Path | N
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(blobs)
+    fsync_dir(blobs)
     st = blob.stat()
     record = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest, "uri": spec.uri}
     if src_stat is not None:
@@ -341,83 +270,3 @@ def _fill_blob(blob: Path, meta: Path, blobs: Path, item: _Item, local: Path | N
     return size
 
 
-def _link(blob: Path, dest: Path) -> None:
-    """Make ``dest`` the blob: a hard link, or a copy with the blob's mtime where linking fails."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    bst = blob.stat()
-    try:
-        dst = os.stat(dest, follow_symlinks=False)
-        if os.path.samestat(bst, dst) or (dst.st_nlink == 1 and (dst.st_size, dst.st_mtime_ns)
-                                          == (bst.st_size, bst.st_mtime_ns)):
-            return
-    except FileNotFoundError:
-        pass
-    tmp = dest.with_name(f".{dest.name}.mbtmp-{secrets.token_hex(6)}")
-    try:
-        try:
-            os.link(blob, tmp)
-        except OSError:  # another filesystem, or no hard links there: copy
-            shutil.copyfile(blob, tmp)
-            os.utime(tmp, ns=(bst.st_atime_ns, bst.st_mtime_ns))
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(dest.parent)
-
-
-def _copy_local(path: str, out_path: Path, on_bytes: OnBytes,
-                cancelled: Callable[[], bool]) -> tuple[int, str]:
-    """Copy the regular file ``path`` (already resolved and allowed) to the new file
-    ``out_path``, fsync'd; ``(size_bytes, sha256_hex)``. The kernel copies
-    (``copy_file_range``: no trip through user space) where it can; else read and write."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise StagingError(f"{path} does not exist", "source_unreachable") from None
-    except OSError as exc:
-        code = "source_rejected" if isinstance(exc, (PermissionError, IsADirectoryError)) or \
-            exc.errno == errno.ELOOP else "source_unreachable"  # ELOOP: a symlink swapped in
-        raise StagingError(f"cannot open {path}: {exc}", code) from exc
-    out = None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise StagingError(f"{path} is not a regular file", "source_rejected")
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        out = Output(out_path)
-        kernel = True
-        view = memoryview(bytearray(fetch.READ_BYTES))
-        while True:
-            check_cancelled(cancelled)
-            n = 0
-            if kernel:
-                try:
-                    n = os.copy_file_range(fd, out.fd, COPY_CHUNK_BYTES)
-                    if n:
-                        out.wrote(n)
-                except OSError as exc:
-                    if out.size or exc.errno not in UNSUPPORTED_ERRNOS:
-                        raise write_failed(exc) from exc
-                kernel = bool(n) or bool(out.size)  # nothing copied this way: read and write
-            if not kernel:
-                try:
-                    n = os.readv(fd, [view])
-                except OSError as exc:
-                    raise StagingError(f"reading {path} failed: {exc}", "source_unreachable") from exc
-                out.write(view[:n])
-            if not n:
-                return out.finish()
-            on_bytes(n, out.size)
-    finally:
-        if out is not None:
-            out.close()
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
