@@ -8,14 +8,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from tasks.names import node_queue
 from tasks.services import spawn, stop_process, worker_command
 from tasks.store import Store
 
 
-def poll(check: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
+def poll(check: Callable[[], Any], timeout_s: float, what: str = "the condition", interval_s: float = 0.05) -> Any:
     """Call ``check`` until it returns something truthy; fail the test after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     last: Any = None
@@ -25,6 +25,18 @@ def poll(check: Callable[[], Any], timeout_s: float, what: str, interval_s: floa
             return last
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+def every(interval_s: float, for_s: float) -> Iterator[int]:
+    """Yield 0, 1, 2, ... every ``interval_s`` seconds for ``for_s`` seconds: for tests that
+    *sample* state at a cadence over a span of time (observing, not waiting for something;
+    to wait for a condition use :func:`poll`)."""
+    deadline = time.monotonic() + for_s
+    n = 0
+    while time.monotonic() < deadline:
+        yield n
+        n += 1
+        time.sleep(interval_s)
 
 
 def pid_alive(pid: int) -> bool:

@@ -22,6 +22,8 @@ from typing import Any
 
 import grpc
 import pytest
+
+from helpers import pid_alive, poll
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from workers.backends.base import BackendModel, BackendServicer, ImageResult, LoadInfo, wait_or_cancel
@@ -37,26 +39,6 @@ from workers.backend_calls import (
 from workers.supervisor import SERVICE_NAME, BackendProcess
 
 WORDS = "the quick brown fox jumps over the lazy dog"
-
-
-def wait_for(condition: Callable[[], Any], timeout_s: float, interval_s: float = 0.02) -> Any:
-    """Poll ``condition`` until it returns a truthy value; fail after ``timeout_s`` seconds."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout_s}s")
-        time.sleep(interval_s)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def f32(x: float) -> float:
@@ -202,7 +184,7 @@ def test_cancel_reaches_the_backend(backends: Callable[..., BackendProcess]) -> 
     assert info.value.code == "cancelled"
     canceller.join(5)
 
-    status = wait_for(lambda: (s := bp.status())["generations_cancelled"] == 1 and s["active_calls"] == 0 and s, 5)
+    status = poll(lambda: (s := bp.status())["generations_cancelled"] == 1 and s["active_calls"] == 0 and s, 5)
     assert status["generations_started"] == 1 and status["generations_completed"] == 0
     assert status["tokens_generated"] < 10
 
@@ -219,7 +201,7 @@ def test_stop_during_slow_load(backends: Callable[..., BackendProcess]) -> None:
 
     loader = threading.Thread(target=load)
     loader.start()
-    wait_for(lambda: bp.status()["state"] == "loading", 5)
+    poll(lambda: bp.status()["state"] == "loading", 5)
     pid = bp.pid
     assert pid is not None
     t0 = time.monotonic()
@@ -255,7 +237,7 @@ def test_unexpected_exit_is_reported(backends: Callable[..., BackendProcess]) ->
     with pytest.raises(BackendCallError, match="exited"):
         for _ in call:
             pass
-    assert wait_for(lambda: exits, 5) == [-signal.SIGKILL]
+    assert poll(lambda: exits, 5) == [-signal.SIGKILL]
     assert not bp.alive()
     with pytest.raises(BackendCallError, match="exited with code -9"):
         bp.status()
@@ -370,5 +352,5 @@ def test_generate_image_streams_progress_and_cancels(image_stub: backend_pb2_grp
     def status() -> backend_pb2.StatusResponse:
         return image_stub.Status(backend_pb2.StatusRequest(model=ref), timeout=5)
 
-    done = wait_for(lambda: (s := status()).generations_cancelled == 1 and s.active_calls == 0 and s, 5)
+    done = poll(lambda: (s := status()).generations_cancelled == 1 and s.active_calls == 0 and s, 5)
     assert (done.generations_started, done.generations_completed) == (3, 1)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import workers.fetch as fetch
-import workers.staging as staging
+import workers.output as output
 from helpers import poll
 from tasks.errors import InvalidRequest
 from tasks.schemas import FileSpec, Manifest
@@ -85,14 +85,14 @@ def no_splice(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> int:
         raise OSError(errno.EINVAL, "Invalid argument")
 
-    monkeypatch.setattr(fetch.os, "splice", refuse)
+    monkeypatch.setattr(output.os, "splice", refuse)
 
 
 @pytest.mark.parametrize("splice", [True, False])
 def test_http_throttled_with_progress(server: FileServer, settings: Settings,
                                       monkeypatch: pytest.MonkeyPatch, splice: bool) -> None:
-    monkeypatch.setattr(fetch, "READ_BYTES", 16 << 10)
-    monkeypatch.setattr(fetch, "HASH_LAG_BYTES", 64 << 10)
+    monkeypatch.setattr(output, "READ_BYTES", 16 << 10)
+    monkeypatch.setattr(output, "HASH_LAG_BYTES", 64 << 10)
     if not splice:
         no_splice(monkeypatch)
     data = payload(512 << 10)
@@ -131,7 +131,7 @@ def test_dropped_connection_resumes_with_range(server: FileServer, settings: Set
                 raise OSError(errno.EINVAL, "Invalid argument")
             return real(src, dst, count, **kwargs)
 
-        monkeypatch.setattr(fetch.os, "splice", socket_only)
+        monkeypatch.setattr(output.os, "splice", socket_only)
     data = payload(1 << 20, seed=1)
     server.files["/big.bin"] = data
     server.drop_after["/big.bin"] = 100_000
@@ -196,14 +196,14 @@ def test_wrong_size_leaves_nothing(server: FileServer, settings: Settings, root:
 @pytest.mark.parametrize("kernel_copy", [True, False])
 def test_local_files_under_a_root(settings: Settings, root: Path, monkeypatch: pytest.MonkeyPatch,
                                   kernel_copy: bool) -> None:
-    monkeypatch.setattr(fetch, "READ_BYTES", 64 << 10)
-    monkeypatch.setattr(staging, "COPY_CHUNK_BYTES", 64 << 10)
-    monkeypatch.setattr(fetch, "HASH_LAG_BYTES", 128 << 10)  # the writer waits for the hash thread
+    monkeypatch.setattr(output, "READ_BYTES", 64 << 10)
+    monkeypatch.setattr(output, "COPY_CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr(output, "HASH_LAG_BYTES", 128 << 10)  # the writer waits for the hash thread
     if not kernel_copy:  # as on a kernel or filesystem without copy_file_range between these files
         def no_copy(*args: object) -> int:
             raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-        monkeypatch.setattr(fetch.os, "copy_file_range", no_copy)
+        monkeypatch.setattr(output.os, "copy_file_range", no_copy)
     data = payload(1 << 20, seed=3)
     (root / "d").mkdir()
     (root / "d" / "a.bin").write_bytes(data)
@@ -337,7 +337,7 @@ def test_shared_file_is_transferred_once(server: FileServer, settings: Settings)
 
 
 def test_cancel_stops_and_cleans_up(server: FileServer, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fetch, "READ_BYTES", 16 << 10)
+    monkeypatch.setattr(output, "READ_BYTES", 16 << 10)
     server.files["/slow.bin"] = payload(2 << 20)
     server.rate_bps = 512 << 10  # 4 s if it were not cancelled
     events = Events(cancel_at=1)
