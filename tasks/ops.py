@@ -2,7 +2,7 @@
 
 Each web process feeds the events its NATS subscriber decodes to :meth:`OpsTable.apply`, and
 the events of operations it runs itself to :meth:`OpsTable.local`. Request threads read
-:meth:`OpsTable.snapshot`, :meth:`OpsTable.get` and :meth:`OpsTable.by_job`; SSE streams block
+:meth:`OpsTable.snapshot` and :meth:`OpsTable.get`; SSE streams block
 in :meth:`OpsTable.wait_change`.
 
 Rules:
@@ -162,21 +162,6 @@ class OpsTable:
         with self._lock:
             ent = self._ops.get(op)
             row = ent.row if ent is not None and ent.until > now else None
-        return dict(row) if row is not None else None
-
-    def by_job(self, job: str) -> Row | None:
-        """A copy of the live row whose ``job`` is ``job`` (the latest updated when several
-        ops carry it), or None. A scan: O(live ops)."""
-        if not job:
-            return None
-        now = self._clock()
-        best: _Op | None = None
-        with self._lock:
-            for e in self._ops.values():
-                if e.row is not None and e.until > now and e.row.get("job") == job \
-                        and (best is None or e.at >= best.at):
-                    best = e
-            row = best.row if best is not None else None
         return dict(row) if row is not None else None
 
     def version(self) -> int:

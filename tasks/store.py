@@ -82,8 +82,8 @@ class Store:
             if record.kind != "inference":
                 pipe.sadd(f"{P}ops", record.id)
                 pipe.incr(f"{P}ops:ver")
+            pipe.zremrangebyrank(f"{P}jobs", 0, -self.settings.jobs_recent_max - 1)
             pipe.execute()
-        self._trim_recent()
         return record
 
     def get_job(self, job_id: str) -> JobRecord | None:
@@ -187,9 +187,6 @@ class Store:
         # Active records also expire, much later, so a job stranded by a lost message goes.
         return self.settings.job_ttl_s if record.terminal else self.settings.job_ttl_s * 7
 
-    def _trim_recent(self) -> None:
-        self.r.zremrangebyrank(f"{P}jobs", 0, -self.settings.jobs_recent_max - 1)
-
     def active_ops(self) -> list[JobRecord]:
         """Load and unload jobs that are queued or running, whatever their node's state."""
         ids = sorted(self.r.smembers(f"{P}ops"))
@@ -280,12 +277,13 @@ class Store:
     def model_nodes(self, model: str, nodes: list[NodeRecord] | None = None) -> list[ModelNode]:
         """The state of ``model`` on every live node that has one."""
         live = self.live_nodes() if nodes is None else nodes
-        out = []
-        for node in live:
-            raw = self.r.hget(f"{P}nodemodels:{node.id}", model)
-            if raw:
-                out.append(ModelNode.model_validate_json(raw))
-        return out
+        if not live:
+            return []
+        with self.r.pipeline(transaction=False) as pipe:  # one round trip, whatever the count
+            for node in live:
+                pipe.hget(f"{P}nodemodels:{node.id}", model)
+            raws = pipe.execute()
+        return [ModelNode.model_validate_json(raw) for raw in raws if raw]
 
     # ---- single-flight loads and their waiters ---------------------------------------
 

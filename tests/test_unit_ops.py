@@ -264,12 +264,3 @@ def test_snapshot_returns_sorted_copies(table: OpsTable) -> None:
     assert table.get("c")["bytes_done"] == 10 and table.get("a")["status"] == "progress"
 
 
-def test_by_job(table: OpsTable, clock: Clock) -> None:
-    table.apply(ev(op="stage-1", seq=1, job="job-1"))
-    clock.now += 1
-    table.apply(ev(op="load-1", seq=1, job="job-1", kind="loading"))
-    table.apply(ev(op="other", seq=1, job="job-2"))
-    assert table.by_job("job-1")["op"] == "load-1"                   # the latest updated
-    assert table.by_job("nope") is None and table.by_job("") is None
-    table.apply(ev(op="load-1", seq=2, job="job-1", status="complete"))
-    assert table.by_job("job-1")["op"] == "stage-1"

@@ -101,10 +101,13 @@ class Live:
         return rows
 
     def job_progress(self, record: JobRecord) -> JobProgress | None:
-        """The live progress of ``record``'s operation, when it is fresher than the record's."""
+        """The live progress of ``record``'s operation, when it is fresher than the record's.
+        Workers name every operation after its job, so this is one lookup per poll."""
+        if record.terminal:
+            return None
         self.ensure_started()
-        op = self.table.by_job(record.id)
-        if op is None or record.terminal:
+        op = self.table.get(record.id)
+        if op is None:
             return None
         base = record.progress
         done = max(op.get("bytes_done") or 0, (base.bytes_done or 0) if base else 0)

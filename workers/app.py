@@ -17,7 +17,7 @@ from tasks.settings import Settings, load_settings
 from tasks.store import Store
 from workers.cancel import CancelWatcher
 from workers.live import LivePublisher
-from workers.node import NodeAgent, gpus, memory_budget_mb
+from workers.node import NodeAgent, devices, memory_budget_mb
 from workers.runtime import ModelManager
 from workers.staging import sweep
 
@@ -35,7 +35,8 @@ class Runtime:
         self.settings = settings
         self.store = Store.from_settings(settings)
         self.dispatcher = Dispatcher(self.store, app)
-        self.manager = ModelManager(settings, self.store, app, memory_budget_mb(settings, gpus()))
+        self.devices = devices()  # NVML is asked once; the heartbeat reports the same list
+        self.manager = ModelManager(settings, self.store, app, memory_budget_mb(settings, self.devices))
         swept = sweep(settings.models_dir)  # temp files of copies a dead worker left behind
         if swept:
             log.info("removed %d stale staging temp file(s)", swept)
@@ -60,7 +61,7 @@ def _on_ready(sender: object = None, **_: object) -> None:
     rt = runtime()
     hostname = getattr(sender, "hostname", None) or f"modelbay@{settings.node_id}"
     rt.manager.hostname = hostname
-    rt.agent = NodeAgent(settings, rt.store, rt.manager, hostname)
+    rt.agent = NodeAgent(settings, rt.store, rt.manager, hostname, rt.devices)
     rt.agent.start()
     log.info("node %s ready as %s, consuming %s", settings.node_id, hostname, settings.node_queue)
 

@@ -62,13 +62,14 @@ class NodeAgent:
     """Writes the node record every ``node_ttl_s / 3`` seconds; it expires ``node_ttl_s``
     after the last beat, so a dead worker drops out of placement on its own."""
 
-    def __init__(self, settings: Settings, store: Store, manager: ModelManager, celery_hostname: str) -> None:
+    def __init__(self, settings: Settings, store: Store, manager: ModelManager, celery_hostname: str,
+                 found_devices: list[dict[str, object]]) -> None:
         self.settings = settings
         self.store = store
         self.manager = manager
         self.celery_hostname = celery_hostname
         self.started_at = utcnow()
-        self.devices = devices()
+        self.devices = found_devices
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="modelbay-heartbeat", daemon=True)
 
