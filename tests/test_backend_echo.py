@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,35 +42,6 @@ WORDS = "the quick brown fox jumps over the lazy dog"
 def f32(x: float) -> float:
     """Round to float32, as the proto's ``repeated float`` does."""
     return struct.unpack("f", struct.pack("f", x))[0]
-
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    # pytest's tmp_path can exceed the ~107-byte unix socket path limit: stay short.
-    path = Path(tempfile.mkdtemp(prefix="mb", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def backends(socket_dir: Path) -> Iterator[Callable[..., BackendProcess]]:
-    """Factory of BackendProcess objects (not started); all are stopped at teardown."""
-    made: list[BackendProcess] = []
-
-    def make(backend: str = "echo", model: str = "echo-test", **kwargs: Any) -> BackendProcess:
-        kwargs.setdefault("stop_grace_s", 2.0)
-        kwargs.setdefault("start_timeout_s", 20.0)
-        bp = BackendProcess(backend, model, socket_dir, **kwargs)
-        made.append(bp)
-        return bp
-
-    yield make
-    for bp in made:
-        bp.stop()
-    for bp in made:
-        if bp.pid is not None:
-            assert not pid_alive(bp.pid), f"backend pid {bp.pid} left behind"
-        assert not bp.socket_path.exists()
 
 
 def started(make: Callable[..., BackendProcess], options: dict[str, Any] | None = None,

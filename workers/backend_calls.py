@@ -59,7 +59,70 @@ class GenerateChunk:
     completion_tokens: int
 
 
-class GenerateCall:
+class _StreamCall:
+    """Shared cancel/translate logic of a server-streaming backend call."""
+
+    def __init__(self, call: Any, translate: Callable[[grpc.RpcError], BackendError]) -> None:
+        self._call = call
+        self._translate = translate
+        self._cancelled = threading.Event()
+        self.done = False
+
+    def _next(self) -> Any:
+        try:
+            return next(self._call)
+        except grpc.RpcError as err:
+            if self.done:
+                raise StopIteration from None
+            if self._cancelled.is_set():
+                raise BackendCancelled("call cancelled by the caller") from None
+            raise self._translate(err) from None
+
+    def cancel(self) -> None:
+        """Cancel the stream (thread-safe, idempotent); the backend stops its work."""
+        if not self.done:
+            self._cancelled.set()
+            self._call.cancel()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+@dataclass(frozen=True)
+class ImageEvent:
+    """One GenerateImage message: a step (``png`` None) or the final PNG (pixels, seed)."""
+
+    step: int
+    steps: int
+    png: bytes | None = None
+    width: int = 0
+    height: int = 0
+    seed: int = 0
+
+
+class ImageCall(_StreamCall):
+    """Iterator over the :class:`ImageEvent` of one GenerateImage stream; cancel and errors
+    as :class:`GenerateCall`. The stream ends after the event that carries the image."""
+
+    def __iter__(self) -> Iterator[ImageEvent]:
+        return self
+
+    def __next__(self) -> ImageEvent:
+        if self.done:
+            raise StopIteration
+        resp = self._next()
+        if resp.HasField("image"):
+            self.done = True
+            image = resp.image
+            return ImageEvent(0, 0, image.png, image.width, image.height, image.seed)
+        return ImageEvent(resp.progress.step, resp.progress.steps)
+
+
+
+class GenerateCall(_StreamCall):
     """Iterator over the :class:`GenerateChunk` of one Generate stream.
 
     :meth:`cancel` may be called from any thread: the stream is cancelled (the backend
@@ -69,10 +132,7 @@ class GenerateCall:
     manager, leaving the block cancels an unfinished stream."""
 
     def __init__(self, call: Any, translate: Callable[[grpc.RpcError], BackendError]) -> None:
-        self._call = call
-        self._translate = translate
-        self._cancelled = threading.Event()
-        self.done = False
+        super().__init__(call, translate)
         self.finish_reason: str | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -81,14 +141,7 @@ class GenerateCall:
         return self
 
     def __next__(self) -> GenerateChunk:
-        try:
-            resp = next(self._call)
-        except grpc.RpcError as err:
-            if self.done:
-                raise StopIteration from None
-            if self._cancelled.is_set():
-                raise BackendCancelled("generation cancelled by the caller") from None
-            raise self._translate(err) from None
+        resp = self._next()
         chunk = GenerateChunk(resp.text, resp.index, resp.done, resp.finish_reason,
                               resp.prompt_tokens, resp.completion_tokens)
         if chunk.done:
@@ -96,18 +149,7 @@ class GenerateCall:
             self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
         return chunk
 
-    def cancel(self) -> None:
-        """Cancel the stream (thread-safe, idempotent)."""
-        if not self.done:
-            self._cancelled.set()
-            self._call.cancel()
-
-    def __enter__(self) -> GenerateCall:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cancel()
 
 
 __all__ = ["BackendError", "BackendStartError", "BackendCallError", "BackendCancelled",
-           "GenerateChunk", "GenerateCall", "load_deadline_s"]
+           "GenerateChunk", "GenerateCall", "ImageEvent", "ImageCall", "load_deadline_s"]

@@ -34,8 +34,8 @@ from pathlib import Path
 from tasks.errors import InvalidRequest
 from tasks.schemas import FileSpec, Manifest
 from tasks.settings import Settings
-from tasks.sources import (Source, allowed_local_path, check_manifest, dest_path, file_rel_path, package_file,
-                           parse_source)
+from tasks.sources import (Source, allowed_local_path, check_manifest, dest_path, expand_directories,
+                           file_rel_path, package_file, parse_source)
 from tasks.sources import model_dir as model_dir_of
 from workers.blobs import blob_key, fsync_dir, link, locked, reusable, sweep
 from workers.fetch import download
@@ -144,6 +144,7 @@ def stage(model: str, manifest: Manifest, settings: Settings, on_progress: Calla
     tracker = _Tracker(on_progress, [])
     try:
         try:
+            manifest = manifest.model_copy(update={"files": expand_directories(manifest, settings.file_root_list)})
             check_manifest(model, manifest, settings)
             items = []
             for spec in manifest.files:

@@ -32,7 +32,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from workers.backend_calls import (BackendCallError, BackendCancelled, BackendError, BackendStartError,
-                                   GenerateCall)
+                                   GenerateCall, ImageCall)
 from workers.backends.proto.modelbay.backend.v1 import backend_pb2 as pb
 from workers.backends.proto.modelbay.backend.v1 import backend_pb2_grpc as pb_grpc
 
@@ -290,11 +290,18 @@ class BackendProcess:
         call = self._invoke("Generate", req, timeout_s)
         return GenerateCall(call, lambda err: self._translate(err, "Generate", timeout_s))
 
+    def generate_image(self, prompt: str, params: dict[str, Any], timeout_s: float) -> ImageCall:
+        """Start a GenerateImage stream (step progress, then the PNG) limited to ``timeout_s``."""
+        req = pb.GenerateImageRequest(model=self._ref(), prompt=prompt, params_json=json.dumps(params))
+        call = self._invoke("GenerateImage", req, timeout_s)
+        return ImageCall(call, lambda err: self._translate(err, "GenerateImage", timeout_s))
+
     def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
         """Every StatusResponse field; ``model`` is {"name", "instance"}."""
         r = self._invoke("Status", pb.StatusRequest(model=self._ref()), timeout_s)
         out: dict[str, Any] = {f.name: getattr(r, f.name) for f in r.DESCRIPTOR.fields}
         out["model"] = {"name": r.model.name, "instance": r.model.instance}
+        out["stats"] = json.loads(r.stats_json) if r.stats_json else {}
         return out
 
     def free(self, timeout_s: float = 10.0) -> bool:

@@ -109,6 +109,15 @@ class BackendModel(abc.ABC):
     def free(self) -> None:
         """Release the model's memory (the process keeps running)."""
 
+    def stats(self) -> dict[str, Any]:
+        """Backend-specific counters for Status (``stats_json``); JSON-serialisable."""
+        return {}
+
+    def prompt_tokens(self, prompt: str, messages: list[dict[str, str]]) -> int:
+        """Prompt token count for a generation's usage; :meth:`count_tokens` of each input
+        unless the model knows better (a chat template adds tokens)."""
+        return sum(self.count_tokens(m["content"]) for m in messages) if messages else self.count_tokens(prompt)
+
     def count_tokens(self, text: str) -> int:
         """Token count used for usage figures; whitespace words unless overridden."""
         return len(text.split())
@@ -261,7 +270,8 @@ class BackendServicer(pb_grpc.BackendServicer):
                                      state=self._state, active_calls=self._active,
                                      generations_started=self._started, generations_completed=self._completed,
                                      generations_cancelled=self._cancelled, tokens_generated=self._tokens,
-                                     device=self._info.device, pid=os.getpid())
+                                     device=self._info.device, pid=os.getpid(),
+                                     stats_json=json.dumps(self.model.stats()))
 
     def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
         self._check(request.model, context, ready=True)
@@ -284,12 +294,11 @@ class BackendServicer(pb_grpc.BackendServicer):
         self._check(request.model, context, ready=True)
         params = self._json(request.params_json, context, "params_json")
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        sources = [m["content"] for m in messages] if messages else [request.prompt]
-        prompt_tokens = sum(self.model.count_tokens(s) for s in sources)
         run, cancelled = self._start_run(context)
-        n = 0
+        n = prompt_tokens = 0
         pieces: Iterator[str] | None = None
         try:
+            prompt_tokens = self.model.prompt_tokens(request.prompt, messages)
             pieces = self.model.generate(request.prompt, messages, params, cancelled)
             while True:
                 try:

@@ -51,7 +51,7 @@ class StatusRequest(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("model", "state", "active_calls", "generations_started", "generations_completed", "generations_cancelled", "tokens_generated", "device", "pid")
+    __slots__ = ("model", "state", "active_calls", "generations_started", "generations_completed", "generations_cancelled", "tokens_generated", "device", "pid", "stats_json")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_CALLS_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class StatusResponse(_message.Message):
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    STATS_JSON_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     state: str
     active_calls: int
@@ -70,7 +71,8 @@ class StatusResponse(_message.Message):
     tokens_generated: int
     device: str
     pid: int
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., state: _Optional[str] = ..., active_calls: _Optional[int] = ..., generations_started: _Optional[int] = ..., generations_completed: _Optional[int] = ..., generations_cancelled: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., device: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+    stats_json: str
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., state: _Optional[str] = ..., active_calls: _Optional[int] = ..., generations_started: _Optional[int] = ..., generations_completed: _Optional[int] = ..., generations_cancelled: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., device: _Optional[str] = ..., pid: _Optional[int] = ..., stats_json: _Optional[str] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
     __slots__ = ("model", "texts", "params_json")
