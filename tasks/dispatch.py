@@ -15,7 +15,7 @@ import math
 from celery import Celery
 
 from tasks.errors import Conflict, NotFound, Unavailable
-from tasks.names import TASK_INFER, TASK_LOAD, TASK_UNLOAD, model_queue, node_queue
+from tasks.names import BACKEND_EXTRAS, TASK_INFER, TASK_LOAD, TASK_UNLOAD, model_queue, node_queue
 from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode, NodeRecord, model_size_mb
 from tasks.store import Store, new_job_id
 
@@ -28,7 +28,9 @@ def choose_node(nodes: list[NodeRecord], manifest: Manifest) -> NodeRecord:
     fewest loads in flight, then most free memory."""
     able = [n for n in nodes if manifest.backend in n.backends]
     if not able:
-        raise Unavailable(f"no live node can run backend {manifest.backend!r}", code="no_node")
+        package, extra = BACKEND_EXTRAS.get(manifest.backend, ("", ""))
+        hint = f" (a worker needs {package}: pip install 'modelbay[{extra}]')" if extra else ""
+        raise Unavailable(f"no live node can run backend {manifest.backend!r}{hint}", code="no_node")
     need = model_size_mb(manifest)
 
     def rank(n: NodeRecord) -> tuple[int, int, int, str]:

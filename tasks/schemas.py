@@ -100,6 +100,8 @@ class JobProgress(BaseModel):
     file: str | None = None
     file_index: int | None = None
     files_total: int | None = None
+    step: int | None = None
+    steps: int | None = None
     message: str | None = None
 
 

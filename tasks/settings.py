@@ -6,6 +6,8 @@ settings through :func:`load_settings`, so ``modelbay up`` and compose agree.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import re
 import socket
@@ -43,7 +45,9 @@ class Settings:
     node_ttl_s: float = 15.0
     node_memory_mb: int = 16384
     worker_concurrency: int = 8
-    backends: str = "echo"
+    # Comma-separated backend names, or "auto": echo plus each ML backend whose package is
+    # installed (found without importing it).
+    backends: str = "auto"
     # Default idle time before a model unloads; 0 keeps models loaded until evicted.
     keep_alive_s: float = 0.0
     # A failed load of a model blocks new loads of it for base, 2×base, ... up to max.
@@ -84,11 +88,29 @@ class Settings:
 
     @property
     def backend_list(self) -> list[str]:
+        if self.backends.strip() == "auto":
+            return list(installed_backends())
         return [b.strip() for b in self.backends.split(",") if b.strip()]
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+
+@functools.lru_cache(maxsize=1)
+def installed_backends() -> tuple[str, ...]:
+    """echo, and every backend of :data:`tasks.names.BACKEND_EXTRAS` whose package is
+    installed (located with importlib, not imported)."""
+    from tasks.names import BACKEND_EXTRAS
+
+    found = ["echo"]
+    for backend, (package, _extra) in BACKEND_EXTRAS.items():
+        try:
+            if importlib.util.find_spec(package) is not None:
+                found.append(backend)
+        except (ImportError, ValueError):
+            continue
+    return tuple(found)
 
 
 def env_name(field_name: str) -> str:

@@ -58,7 +58,9 @@ def nats(artifacts: Path) -> Iterator[Service]:
 @pytest.fixture(scope="session")
 def stack_env(valkey: Service, nats: Service, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     run = tmp_path_factory.mktemp("run")
+    (run / "sources").mkdir()  # local model sources (file://) live here
     return {"MODELBAY_REDIS_URL": valkey.url, "MODELBAY_NATS_URL": nats.url,
+            "MODELBAY_FILE_ROOTS": str(run / "sources"),
             "MODELBAY_RUN_DIR": str(run), "MODELBAY_MODELS_DIR": str(run / "models"),
             "MODELBAY_NODE_TTL_S": "3", "MODELBAY_BACKEND_STOP_GRACE_S": "3",
             "MODELBAY_CANCEL_POLL_S": "0.05", "MODELBAY_LOAD_COOLDOWN_BASE_S": "1",

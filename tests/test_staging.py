@@ -249,6 +249,40 @@ def test_pkg_source(settings: Settings) -> None:
     assert err.value.code == "source_unreachable"
 
 
+def test_directory_sources_expand_to_their_files(settings: Settings, root: Path) -> None:
+    model = root / "st-model"
+    (model / "1_Pooling").mkdir(parents=True)
+    (model / ".git").mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "1_Pooling" / "config.json").write_text('{"pooling": 1}')
+    (model / ".gitattributes").write_text("hidden")
+    (model / ".git" / "HEAD").write_text("hidden")
+    staged = stage("m", manifest({"uri": f"file://{model}"}), settings, Events())
+    rel = sorted(str(f.relative_to(staged.model_dir)) for f in staged.files)
+    assert rel == ["st-model/1_Pooling/config.json", "st-model/config.json"]  # hidden entries skipped
+    assert (staged.model_dir / "st-model" / "1_Pooling" / "config.json").read_text() == '{"pooling": 1}'
+    # Under another path, and from a package (no module of it imported).
+    staged = stage("p", manifest({"uri": "pkg://workers/backends/proto", "path": "protos"}), settings, Events())
+    names = {str(f.relative_to(staged.model_dir)) for f in staged.files}
+    assert "protos/modelbay/backend/v1/backend.proto" in names and not any("__pycache__" in n for n in names)
+
+
+@pytest.mark.parametrize("extra, why", [({"sha256": "0" * 64}, "directory"), ({"size": 3}, "directory")])
+def test_directory_sources_refuse_file_fields(settings: Settings, root: Path, extra: dict, why: str) -> None:
+    (root / "d").mkdir()
+    (root / "d" / "f").write_text("x")
+    with pytest.raises(StagingError) as err:
+        stage("m", manifest({"uri": str(root / "d"), **extra}), settings, Events())
+    assert err.value.code == "source_rejected" and why in str(err.value)
+
+
+def test_empty_directory_is_refused(settings: Settings, root: Path) -> None:
+    (root / "empty" / ".hidden").mkdir(parents=True)
+    with pytest.raises(StagingError) as err:
+        stage("m", manifest({"uri": str(root / "empty")}), settings, Events())
+    assert err.value.code == "source_rejected" and "holds no file" in str(err.value)
+
+
 def test_redirects(server: FileServer, settings: Settings) -> None:
     server.files["/real.bin"] = b"real"
     server.redirects["/hop"] = "/real.bin"

@@ -115,7 +115,7 @@ class Live:
                            progress=max(op.get("progress") or 0.0, base.progress if base else 0.0),
                            bytes_done=done, bytes_total=op.get("bytes_total"), file=op.get("file"),
                            file_index=op.get("file_index"), files_total=op.get("files_total"),
-                           message=op.get("message"))
+                           step=op.get("step"), steps=op.get("steps"), message=op.get("message"))
 
 
 def baseline_row(rec: JobRecord) -> dict[str, Any]:

@@ -36,7 +36,8 @@ class Runtime:
         self.store = Store.from_settings(settings)
         self.dispatcher = Dispatcher(self.store, app)
         self.devices = devices()  # NVML is asked once; the heartbeat reports the same list
-        self.manager = ModelManager(settings, self.store, app, memory_budget_mb(settings, self.devices))
+        self.manager = ModelManager(settings, self.store, app, memory_budget_mb(settings, self.devices),
+                                    gpus=[d for d in self.devices if d["type"] == "cuda"])
         swept = sweep(settings.models_dir)  # temp files of copies a dead worker left behind
         if swept:
             log.info("removed %d stale staging temp file(s)", swept)

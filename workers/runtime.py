@@ -61,6 +61,7 @@ class Entry:
     error: LoadFailed | None = None
     unloading: bool = False
     crashed: bool = False
+    gpu: str | None = None  # the GPU (uuid or index) its backend process was given
     settled: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -72,8 +73,9 @@ class ModelManager:
     """Loads, holds and unloads models on this node, and mirrors their state into Redis."""
 
     def __init__(self, settings: Settings, store: Store, celery: Celery, budget_mb: int,
-                 stager: Stager = stage) -> None:
+                 stager: Stager = stage, gpus: list[dict[str, Any]] | None = None) -> None:
         self.settings = settings
+        self.gpus = list(gpus or [])  # NVML records ("uuid", "index", "memory_total_mb")
         self.store = store
         self.celery = celery
         self.budget_mb = budget_mb
@@ -145,8 +147,9 @@ class ModelManager:
 
     def _start_and_load(self, entry: Entry, files: list[str], model_dir: str, size_bytes: int) -> dict[str, object]:
         manifest = entry.manifest
+        env, device = self._place_on_device(entry)
         proc = BackendProcess(
-            manifest.backend, entry.model, self.socket_dir,
+            manifest.backend, entry.model, self.socket_dir, env=env,
             start_timeout_s=self.settings.backend_start_timeout_s,
             stop_grace_s=self.settings.backend_stop_grace_s,
             log_path=self.log_dir / f"{model_token(entry.model)[:80]}.log",
@@ -157,14 +160,30 @@ class ModelManager:
             entry.proc = proc
         try:
             proc.start()
-            info = proc.load(files, model_dir, manifest.options, "",
+            info = proc.load(files, model_dir, manifest.options, device,
                              timeout_s=load_deadline_s(size_bytes, base_s=self.settings.load_base_timeout_s))
         except BackendError as exc:
             proc.stop()
             if entry.unloading:
                 raise LoadFailed("unloaded", "the model was unloaded while loading") from exc
             raise LoadFailed(getattr(exc, "code", "load_failed"), str(exc)) from exc
-        return {"pid": proc.pid, "backend": manifest.backend, "device": info.get("device"), "dim": info.get("dim")}
+        return {"pid": proc.pid, "backend": manifest.backend, "device": info.get("device"), "dim": info.get("dim"),
+                "gpu": entry.gpu}
+
+    def _place_on_device(self, entry: Entry) -> tuple[dict[str, str], str]:
+        """The environment and device for ``entry``'s backend process: on a GPU node, the
+        GPU with the most memory not yet given to other models, exposed to the process
+        alone through ``CUDA_VISIBLE_DEVICES`` (device "cuda"); else device "cpu"."""
+        if not self.gpus:
+            return {}, "cpu"
+        with self._lock:
+            used: dict[str, int] = {}
+            for other in self._entries.values():
+                if other is not entry and other.gpu is not None and other.state != "failed":
+                    used[other.gpu] = used.get(other.gpu, 0) + other.size_mb
+            best = max(self.gpus, key=lambda g: int(g.get("memory_total_mb", 0)) - used.get(str(g["uuid"]), 0))
+            entry.gpu = str(best["uuid"])
+        return {"CUDA_VISIBLE_DEVICES": entry.gpu}, "cuda"
 
     def _make_room(self, entry: Entry) -> None:
         """Evict LRU idle unpinned models until ``entry`` fits in the budget, waiting for

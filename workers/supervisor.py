@@ -250,13 +250,15 @@ class BackendProcess:
             return BackendCallError(f"backend unavailable ({what}: {details})", name)
         return BackendCallError(f"{what} failed ({name}): {details}", name)
 
-    def _invoke(self, method: str, request: Any, timeout_s: float) -> Any:
-        """Call ``method``: its response, or for a stream the call object; errors translated."""
+    def _invoke(self, method: str, request: Any, timeout_s: float, future: bool = False) -> Any:
+        """Call ``method``: its response, for a stream the call object, with ``future`` a
+        gRPC future; errors translated."""
         gone = self._gone_error()
         if gone is not None or self._stub is None:
             raise gone or BackendCallError("backend process not started")
         try:
-            return getattr(self._stub, method)(request, timeout=timeout_s)
+            rpc = getattr(self._stub, method)
+            return (rpc.future if future else rpc)(request, timeout=timeout_s)
         except grpc.RpcError as err:
             raise self._translate(err, method, timeout_s) from None
         except ValueError as exc:  # "Cannot invoke RPC on closed channel!"
@@ -274,10 +276,21 @@ class BackendProcess:
         return {"ok": resp.ok, "message": resp.message, "load_s": resp.load_s,
                 "memory_mb": resp.memory_mb, "device": resp.device, "dim": resp.dim}
 
-    def embed(self, texts: list[str], params: dict[str, Any], timeout_s: float) -> tuple[list[list[float]], int]:
-        """Embed ``texts`` (deadline ``timeout_s`` seconds); returns (vectors, prompt_tokens)."""
+    def embed(self, texts: list[str], params: dict[str, Any], timeout_s: float,
+              on_call: Callable[[Callable[[], None]], None] | None = None) -> tuple[list[list[float]], int]:
+        """Embed ``texts`` (deadline ``timeout_s`` seconds); returns (vectors, prompt_tokens).
+        ``on_call`` receives the call's cancel function (thread-safe) before it is awaited;
+        a cancelled call raises :class:`BackendCancelled`."""
         req = pb.EmbedRequest(model=self._ref(), texts=texts, params_json=json.dumps(params))
-        resp = self._invoke("Embed", req, timeout_s)
+        future = self._invoke("Embed", req, timeout_s, future=True)
+        if on_call is not None:
+            on_call(future.cancel)
+        try:
+            resp = future.result()
+        except grpc.FutureCancelledError:
+            raise BackendCancelled("Embed cancelled by the caller") from None
+        except grpc.RpcError as err:
+            raise self._translate(err, "Embed", timeout_s) from None
         return [list(v.values) for v in resp.embeddings], resp.prompt_tokens
 
     def generate(self, prompt: str, messages: list[dict[str, str]], params: dict[str, Any],

@@ -11,6 +11,7 @@ from typing import Any
 from tasks.names import TASK_INFER, TASK_LOAD, TASK_NOOP, TASK_UNLOAD
 from tasks.schemas import JobRecord
 from workers.app import app, runtime
+from workers.inference import RUNNERS, Delivery
 from workers.progress import job_progress_sink
 from workers.runtime import Entry, LoadFailed, NotHere
 from workers.backend_calls import BackendCallError, BackendCancelled, BackendError
@@ -140,31 +141,11 @@ def _reroute(job: JobRecord, reroutes: int) -> None:
         rt.store.fail(job.id, getattr(exc, "code", "model_unavailable"), str(exc))
 
 
-class Delivery:
-    """How much of a job's output had been produced when a call failed."""
-
-    def __init__(self) -> None:
-        self.pieces = 0
-
-
 def _run(job: JobRecord, entry: Entry, reroutes: int) -> None:
     rt = runtime()
-    timeout_s = rt.settings.inference_timeout_s
-    proc = entry.proc
     delivery = Delivery()
     try:
-        if job.task == "embed":
-            texts = [job.input] if isinstance(job.input, str) else list(job.input)
-            vectors, prompt_tokens = proc.embed(texts, job.params, timeout_s)
-            result: dict[str, Any] = {"embeddings": vectors, "dim": len(vectors[0]) if vectors else 0,
-                                      "usage": {"prompt_tokens": prompt_tokens,
-                                                "total_tokens": prompt_tokens}}
-        elif job.task in ("generate", "chat"):
-            result = _generate(job, proc, timeout_s, delivery)
-        else:
-            rt.store.fail(job.id, "unsupported_task",
-                          f"backend {entry.manifest.backend!r} does not support task {job.task!r}")
-            return
+        result = RUNNERS[job.task or ""](rt, job, entry.proc, delivery)
     except BackendCancelled:
         return  # the job is already ``cancelled`` in the store
     except BackendCallError as exc:
@@ -172,6 +153,13 @@ def _run(job: JobRecord, entry: Entry, reroutes: int) -> None:
             return
         if entry.crashed:
             _after_crash(job, delivery, reroutes)
+            return
+        if exc.grpc_code == "UNIMPLEMENTED":
+            rt.store.fail(job.id, "unsupported_task",
+                          f"backend {entry.manifest.backend!r} of {job.model!r} does not support task {job.task!r}")
+            return
+        if exc.grpc_code == "INVALID_ARGUMENT":
+            rt.store.fail(job.id, "invalid_params", str(exc))
             return
         rt.store.fail(job.id, exc.code, str(exc))
         return
@@ -196,41 +184,3 @@ def _after_crash(job: JobRecord, delivery: Delivery, reroutes: int) -> None:
     rt.store.fail(job.id, "backend_crashed",
                   f"the backend process of {job.model!r} exited during the job "
                   f"after {delivery.pieces} token(s); the next request loads the model again")
-
-
-def _generate(job: JobRecord, proc: Any, timeout_s: float, delivery: Delivery) -> dict[str, Any]:
-    rt = runtime()
-    prompt = job.input if job.task == "generate" else ""
-    messages = job.input if job.task == "chat" else []
-    call = proc.generate(prompt, messages, job.params, timeout_s)
-    rt.cancels.watch(job.id, call.cancel)
-    # Token progress on jobs.<id>.progress, debounced like every operation.
-    op = rt.live.operation(job.id, "inference", job.model, job.id)
-    op.update("start", {"message": "generating"})
-    max_tokens = job.params.get("max_tokens") if isinstance(job.params.get("max_tokens"), int) else None
-    pieces: list[str] = []
-    final: Any = None
-    try:
-        for piece in call:
-            if piece.done:
-                final = piece
-            else:
-                pieces.append(piece.text)
-                delivery.pieces += 1
-                op.update("progress", {"message": f"generated {len(pieces)} token(s)",
-                                       "progress": round(100.0 * len(pieces) / max_tokens, 1) if max_tokens else None})
-    except BackendCancelled:
-        op.done()  # a cancel ends the operation; it is not an error to show
-        raise
-    except BaseException as exc:
-        op.fail(f"generation failed: {exc}")
-        raise
-    finally:
-        if rt.cancels.unwatch(job.id):
-            raise BackendCancelled(f"job {job.id} cancelled")
-    op.done()
-    finish = getattr(final, "finish_reason", "") or "stop"
-    usage = {"prompt_tokens": getattr(final, "prompt_tokens", 0),
-             "completion_tokens": getattr(final, "completion_tokens", len(pieces))}
-    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    return {"text": "".join(pieces), "finish_reason": finish, "usage": usage}

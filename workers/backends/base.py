@@ -86,8 +86,9 @@ class BackendModel(abc.ABC):
     def load(self, files: list[str], model_dir: str, options: dict[str, Any], device: str) -> LoadInfo:
         """Load the model from local ``files``; ``device`` is "cuda", "cpu" or "" (pick)."""
 
-    def embed(self, texts: list[str], params: dict[str, Any]) -> list[list[float]]:
-        """Return one vector per text."""
+    def embed(self, texts: list[str], params: dict[str, Any],
+              cancelled: Callable[[], bool] = lambda: False) -> list[list[float]]:
+        """Return one vector per text; ``cancelled()`` turns true when the caller went away."""
         raise Unsupported("this backend does not embed")
 
     def generate(
@@ -279,8 +280,10 @@ class BackendServicer(pb_grpc.BackendServicer):
         texts = list(request.texts)
         self._begin(generation=False)
         try:
-            vectors = self.model.embed(texts, params)
+            vectors = self.model.embed(texts, params, lambda: not context.is_active())
         except Exception as exc:  # any model failure becomes an error status
+            if not context.is_active():
+                context.abort(grpc.StatusCode.CANCELLED, "embed cancelled by the caller")
             self._abort_for(context, exc, "embed")
         finally:
             self._count_end("embed")

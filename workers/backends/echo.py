@@ -84,7 +84,8 @@ class EchoModel(BackendModel):
         self.dim, self.token_delay_s = dim, token_delay_s
         return LoadInfo(memory_mb=memory_mb, device=device or "cpu", dim=dim)
 
-    def embed(self, texts: list[str], params: dict[str, Any]) -> list[list[float]]:
+    def embed(self, texts: list[str], params: dict[str, Any],
+              cancelled: Callable[[], bool] = lambda: False) -> list[list[float]]:
         return [embed_text(text, self.dim) for text in texts]
 
     def generate(

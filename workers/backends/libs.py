@@ -6,6 +6,7 @@ Imported by backend processes only; nothing here imports torch at module level.
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 from typing import Any
 
@@ -24,6 +25,18 @@ def require(module: str, backend: str, extra: str) -> ModuleType:
     except ImportError as exc:
         raise MissingExtra(f"the {backend} backend needs the Python package {module!r}, which is not installed "
                            f"({exc}): install the extra with pip install 'modelbay[{extra}]'") from exc
+
+
+def quiet_hf() -> None:
+    """Hugging Face libraries offline (no hub access, ever) and without progress bars."""
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_HUB_DISABLE_TELEMETRY", "1"),
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(key, value)
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
 
 
 def torch_device(requested: str, option: Any = None) -> str:

