@@ -13,17 +13,11 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import requests
-
-from tasks.names import node_queue
-from tasks.services import (free_port, spawn, start_nats, start_valkey, stop_process, wait_until,
-                            web_command, worker_command)
+from bench.stack import running_stack
+from tasks.services import spawn
 
 
 def summarize(samples_s: list[float]) -> dict[str, float]:
@@ -51,41 +45,16 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="mb-bench-"))
-    valkey = start_valkey(tmp / "valkey", appendonly=False)
-    nats = start_nats()
-    procs = []
-    try:
-        env = {"MODELBAY_REDIS_URL": valkey.url, "MODELBAY_NATS_URL": nats.url, "MODELBAY_NODE_ID": "bench",
-               "MODELBAY_RUN_DIR": str(tmp / "run")}
-        procs.append(spawn(worker_command(node_queue("bench"), "bench", 8), env, tmp / "worker.log"))
-        port = free_port()
-        procs.append(spawn(web_command("127.0.0.1", port, 2), env, tmp / "web.log"))
-        raw_env = {"BENCH_REDIS_URL": valkey.url.rsplit("/", 1)[0] + "/2", "PYTHONPATH": os.getcwd()}
-        procs.append(spawn([sys.executable, "-m", "celery", "-A", "bench.raw_celery", "worker", "-P", "threads",
-                            "-c", "8", "--without-gossip", "--without-mingle", "-l", "WARNING"],
-                           raw_env, tmp / "raw.log"))
-        base = f"http://127.0.0.1:{port}"
-        local = threading.local()
-
-        def session() -> requests.Session:  # requests sessions are not shared across threads
-            if not hasattr(local, "s"):
-                local.s = requests.Session()
-            return local.s
-
-        s = session()
-        wait_until(lambda: s.get(f"{base}/readyz", timeout=1).status_code == 200, 60, "modelbay")
-        s.put(f"{base}/v1/models/echo", json={"backend": "echo", "options": {"dim": 8}}).raise_for_status()
-        load = s.post(f"{base}/v1/models/echo/load").json()
-        s.get(f"{base}/v1/jobs/{load['id']}?wait=30")
+    with running_stack(concurrency=8) as stack:
+        raw_env = {"BENCH_REDIS_URL": stack.valkey.url.rsplit("/", 1)[0] + "/2", "PYTHONPATH": os.getcwd()}
+        stack.procs.append(spawn([sys.executable, "-m", "celery", "-A", "bench.raw_celery", "worker", "-P",
+                                  "threads", "-c", "8", "--without-gossip", "--without-mingle", "-l", "WARNING"],
+                                 raw_env, stack.tmp / "raw.log"))
+        stack.register("echo", {"backend": "echo", "options": {"dim": 8}})
+        stack.load("echo")
 
         def modelbay_job() -> None:
-            s = session()
-            job = s.post(f"{base}/v1/jobs", json={"model": "echo", "task": "generate", "input": "a b c d"}).json()
-            while job["status"] not in ("succeeded", "failed", "cancelled"):
-                job = s.get(f"{base}/v1/jobs/{job['id']}?wait=30").json()
-            if job["status"] != "succeeded":
-                raise RuntimeError(job)
+            stack.job({"model": "echo", "task": "generate", "input": "a b c d"})
 
         sys.path.insert(0, os.getcwd())
         os.environ["BENCH_REDIS_URL"] = raw_env["BENCH_REDIS_URL"]
@@ -112,11 +81,6 @@ def main() -> int:
                   f"{r['median_ms']:>10.2f} ms {r['p99_ms']:>5.1f} ms {raw_rate:>7.0f} | "
                   f"{m['median_ms'] / r['median_ms']:>13.2f}x")
         return 0
-    finally:
-        for proc in reversed(procs):
-            stop_process(proc, 15)
-        nats.stop()
-        valkey.stop()
 
 
 if __name__ == "__main__":

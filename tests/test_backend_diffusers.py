@@ -20,11 +20,11 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 
-from helpers import poll  # noqa: E402
-from tinydiffusion import build_tiny_pipeline  # noqa: E402
+from helpers import poll
+from tinydiffusion import build_tiny_pipeline
 
-from workers.backend_calls import BackendCallError, BackendCancelled, ImageCall, ImageEvent  # noqa: E402
-from workers.supervisor import BackendProcess  # noqa: E402
+from workers.backend_calls import BackendCallError, BackendCancelled, ImageCall, ImageEvent
+from workers.supervisor import BackendProcess
 
 LOAD_TIMEOUT_S = 180.0  # importing torch and diffusers in a fresh process is slow on a busy CPU
 CALL_TIMEOUT_S = 120.0
@@ -76,7 +76,7 @@ class Consumer:
         try:
             for event in self.call:
                 self.events.append(event)
-        except BaseException as exc:  # handed to the test
+        except Exception as exc:  # noqa: BLE001 - handed to the test
             self.error = exc
 
     def join(self, timeout_s: float) -> None:

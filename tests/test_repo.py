@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import filecmp
 import shutil
 import subprocess
@@ -78,3 +79,19 @@ def imports(package: str) -> set[str]:
 def test_layering_rules():
     assert not imports("tasks") & {"flask", "grpc", "torch", "web", "workers"}
     assert "workers" not in imports("web") and "grpc" not in imports("web")
+
+
+HEAVY = ("torch", "transformers", "sentence_transformers", "diffusers", "llama_cpp", "numpy")
+
+
+def test_heavy_libraries_stay_in_backend_processes():
+    """The worker and web processes never import an ML library: only backend processes do
+    (DESIGN 7). Importing every worker, web and backend module must load none of them."""
+    code = ("import sys, importlib, pkgutil\n"
+            "import web, web.wsgi, workers.tasks, workers.inference\n"
+            "import workers.backends.echo, workers.backends.sentence_transformers, workers.backends.diffusers\n"
+            "import workers.backends.llama_cpp, workers.backends.libs, workers.backends.batching\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, "MODELBAY_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.backends.base import BackendModel, ImageResult, InvalidParams, LoadInfo
-from workers.backends.libs import cuda_memory_mb, option, require, torch_device
+from workers.backends.libs import cuda_memory_mb, option, quiet_hf, require, torch_device
 from workers.backends.server import main as base_main
 
 BACKEND = "diffusers"
@@ -100,6 +100,7 @@ class DiffusersModel(BackendModel):
         dtype_name = option(options, "dtype", str, None)
         if dtype_name is not None and dtype_name not in DTYPES:
             raise InvalidParams(f"dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
+        quiet_hf()
         diffusers = require("diffusers", BACKEND, EXTRA)
         torch = require("torch", BACKEND, EXTRA)
         require("PIL.Image", BACKEND, EXTRA)

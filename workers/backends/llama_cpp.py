@@ -21,7 +21,10 @@ Generate params (``params_json``):
 
 - ``max_tokens`` (int >= 1, tokens, default 256): capped by what the context has left.
 - ``temperature`` (float >= 0, default 0.8; 0 = greedy), ``top_p`` (float in [0, 1],
-  default 0.95), ``top_k`` (int >= 0, default 40; 0 = off), ``seed`` (int in [0, 2**32)).
+  default 0.95), ``top_k`` (int >= 0, default 40; 0 = off).
+- ``seed`` (int in [0, 2**32)): with a seed (or the load option) the prompt is evaluated
+  afresh, without reusing the previous generation's KV cache, so the same seed gives the
+  same text; without one a prompt prefix shared with the previous generation is reused.
 - ``stop`` (str or list of str): the text ends before the first of them; never streamed.
 
 Chat (non-empty ``messages``) renders the chat template itself, as llama-cpp-python's
@@ -128,8 +131,7 @@ class LlamaModel(BackendModel):
         n_gpu_layers = option(options, "n_gpu_layers", int, -1 if gpu_ok and device != "cpu" else 0, minimum=-1)
         formatter = _builtin_formatter(lib, chat_format) if chat_format else None
         llm = lib.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                        n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers,
-                        seed=seed if seed is not None else lib.LLAMA_DEFAULT_SEED, verbose=False)
+                        n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, verbose=False)
         if formatter is None:
             formatter = self._gguf_formatter(lib, llm)
         self._llm, self._formatter, self._seed = llm, formatter, seed
@@ -140,8 +142,9 @@ class LlamaModel(BackendModel):
     def _gguf_path(files: list[str], model_dir: str, options: dict[str, Any]) -> str:
         name = option(options, "file", str, None)
         if name is not None:
-            path = os.path.join(model_dir, name)
-            if not os.path.isfile(path):
+            root = os.path.realpath(model_dir)
+            path = os.path.realpath(os.path.join(root, name))
+            if os.path.commonpath([root, path]) != root or not os.path.isfile(path):
                 raise InvalidParams(f"file: {name!r} is not a file in the model directory {model_dir!r}")
             return path
         for candidate in files:
@@ -155,7 +158,7 @@ class LlamaModel(BackendModel):
         template = llm.metadata.get("tokenizer.chat_template")
         if not template:
             return None
-        eos, bos = llm.token_eos(), llm.token_bos()
+        eos, bos = llm.token_eos(), llm.token_bos()  # token texts as Llama.__init__ gives its template
         return lib.llama_chat_format.Jinja2ChatFormatter(
             template=template, eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
             bos_token=llm._model.token_get_text(bos) if bos != -1 else "", stop_token_ids=[eos])
@@ -231,6 +234,8 @@ class LlamaModel(BackendModel):
             if self._llm is not llm:
                 raise RuntimeError("the model was freed")
             seed = sampling.seed if sampling.seed is not None else self._seed
+            if seed is not None:  # a reused prompt prefix changes the numerics: same seed, same text
+                llm.reset()
             stream = llm.create_completion(
                 rendered.tokens, max_tokens=min(sampling.max_tokens, room), temperature=sampling.temperature,
                 top_p=sampling.top_p, top_k=sampling.top_k, stop=sampling.stop + rendered.stop,

