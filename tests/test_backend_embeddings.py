@@ -163,6 +163,14 @@ def test_backend_batches_32_concurrent_calls(backends: Callable[..., BackendProc
     for i, vector in enumerate(results[:4]):
         assert cosine(vector, singles[i]) > 0.999  # batched == alone, each caller its own
     assert min(cosine(results[i], results[j]) for i in range(32) for j in range(i)) < 0.99
+    # Multi-text requests of mixed lengths, concurrently: every one answered in full, with
+    # its token count (a shared fast tokenizer used from several threads corrupted batches).
+    def stream(i: int) -> list[tuple[list[list[float]], int]]:  # a steady flow: encodes overlap counts
+        return [bp.embed([("word " * (1 + 7 * j + i + k)).strip() for j in range(8)], {}, 60) for k in range(4)]
+
+    many = [r for rs in run_concurrently(24, stream) for r in rs]
+    for vectors, tokens in many:
+        assert len(vectors) == 8 and all(len(v) == 384 for v in vectors) and tokens >= 8 * 3
     with pytest.raises(BackendCallError) as info_bad:
         bp.embed(["x"], {"normalize": "yes"}, 10)
     assert info_bad.value.grpc_code == "INVALID_ARGUMENT" and "normalize" in str(info_bad.value)

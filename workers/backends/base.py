@@ -119,6 +119,12 @@ class BackendModel(abc.ABC):
         unless the model knows better (a chat template adds tokens)."""
         return sum(self.count_tokens(m["content"]) for m in messages) if messages else self.count_tokens(prompt)
 
+    def embed_with_usage(self, texts: list[str], params: dict[str, Any],
+                         cancelled: Callable[[], bool]) -> tuple[list[list[float]], int]:
+        """:meth:`embed` plus the prompt token count (:meth:`count_tokens` of each text)."""
+        vectors = self.embed(texts, params, cancelled)
+        return vectors, sum(self.count_tokens(t) for t in texts)
+
     def count_tokens(self, text: str) -> int:
         """Token count used for usage figures; whitespace words unless overridden."""
         return len(text.split())
@@ -280,7 +286,7 @@ class BackendServicer(pb_grpc.BackendServicer):
         texts = list(request.texts)
         self._begin(generation=False)
         try:
-            vectors = self.model.embed(texts, params, lambda: not context.is_active())
+            vectors, prompt_tokens = self.model.embed_with_usage(texts, params, lambda: not context.is_active())
         except Exception as exc:  # any model failure becomes an error status
             if not context.is_active():
                 context.abort(grpc.StatusCode.CANCELLED, "embed cancelled by the caller")
@@ -291,7 +297,7 @@ class BackendServicer(pb_grpc.BackendServicer):
             context.abort(grpc.StatusCode.INTERNAL, f"embed returned {len(vectors)} vectors for {len(texts)} texts")
         return pb.EmbedResponse(embeddings=[pb.Vector(values=v) for v in vectors],
                                 dim=len(vectors[0]) if vectors else self._info.dim,
-                                prompt_tokens=sum(self.model.count_tokens(t) for t in texts))
+                                prompt_tokens=prompt_tokens)
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         self._check(request.model, context, ready=True)

@@ -98,34 +98,36 @@ class SentenceTransformerModel(BackendModel):
         self._batcher = Batcher(self._encode, max_batch, delay_ms / 1000.0)
         params_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / (1024 * 1024)
         memory_mb = cuda_memory_mb(dev) or max(1, math.ceil(params_mb))
-        dim = model.get_embedding_dimension() or len(self._encode(["dimension probe"])[0])
+        dim = model.get_embedding_dimension() or len(self._encode(["dimension probe"])[0][0])
         return LoadInfo(memory_mb=memory_mb, device=dev, dim=int(dim))
 
-    def _encode(self, texts: list[str]) -> Sequence[Sequence[float]]:
-        """One forward pass over ``texts`` (the batcher's thread)."""
+    def _encode(self, texts: list[str]) -> list[tuple[list[float], int]]:
+        """One forward pass over ``texts`` (the batcher's thread): (vector, token count) per
+        text. The tokenizer is only ever used from this thread: a fast tokenizer keeps its
+        padding/truncation settings in shared state, so concurrent calls would corrupt a batch."""
         import torch
 
         model = self._model
         if model is None:
             raise RuntimeError("the model is not loaded")
+        counts = [len(ids) for ids in model.tokenizer(texts, add_special_tokens=True, truncation=False,
+                                                       verbose=False)["input_ids"]]
         with torch.inference_mode():
             out = model.encode(texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False)
-        return out.astype("float32").tolist()
+        return list(zip(out.astype("float32").tolist(), counts, strict=True))
 
-    def embed(self, texts: list[str], params: dict[str, Any],
-              cancelled: Callable[[], bool] = lambda: False) -> list[list[float]]:
+    def embed_with_usage(self, texts: list[str], params: dict[str, Any],
+                         cancelled: Callable[[], bool]) -> tuple[list[list[float]], int]:
         normalize = option(params, "normalize", bool, self._normalize)
         batcher = self._batcher
         if batcher is None:
             raise RuntimeError("the model is not loaded")
         rows = batcher.submit(texts, cancelled)
-        return [_normalized(r) if normalize else list(r) for r in rows]
+        return [_normalized(v) if normalize else list(v) for v, _ in rows], sum(n for _, n in rows)
 
-    def count_tokens(self, text: str) -> int:
-        tokenizer = getattr(self._model, "tokenizer", None)
-        if tokenizer is None:
-            return super().count_tokens(text)
-        return len(tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
+    def embed(self, texts: list[str], params: dict[str, Any],
+              cancelled: Callable[[], bool] = lambda: False) -> list[list[float]]:
+        return self.embed_with_usage(texts, params, cancelled)[0]
 
     def stats(self) -> dict[str, Any]:
         return self._batcher.stats() if self._batcher is not None else {}
