@@ -78,6 +78,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"  {name}: {how}", flush=True)
 
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)  # also when started with SIGINT ignored (a background job)
     try:
         if env_name("redis_url") not in os.environ:
             valkey = services.start_valkey(data / "valkey", args.redis_port, log_path=data / "logs/valkey.log")

@@ -31,6 +31,11 @@ def test_compose_services_run_real_cli_commands():
         assert command[0] == "modelbay" and command[1] == name
         build_parser().parse_args(command[1:])  # exits (fails the test) on an unknown flag
     assert "--appendonly" in services["valkey"]["command"]
+    # The worker image carries the ML extras, the web image none (one Dockerfile, two targets).
+    targets = {line.split()[-1] for line in (ROOT / "Dockerfile").read_text().splitlines()
+               if line.startswith("FROM ")}
+    assert services["web"]["build"]["target"] == "web" and services["worker"]["build"]["target"] == "worker"
+    assert {"web", "worker"} <= targets and '".[ml,demo]"' in (ROOT / "Dockerfile").read_text()
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
 
