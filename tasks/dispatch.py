@@ -82,11 +82,12 @@ class Dispatcher:
             self.celery.send_task(TASK_LOAD, args=[record.id], queue=node_queue(target.id))
         return record, created
 
-    def submit(self, request: JobRequest, manifest: Manifest) -> JobRecord:
-        """Create an inference job and route it."""
+    def submit(self, request: JobRequest, manifest: Manifest, *, stream: bool = False) -> JobRecord:
+        """Create an inference job and route it; with ``stream`` its pieces go to the job's
+        token stream as they are generated."""
         record = JobRecord(id=new_job_id(), kind="inference", model=request.model,
                            task=request.task, input=request.input_json(), params=request.params,
-                           node=request.node)
+                           node=request.node, stream=stream)
         return self.route(record, manifest, create=True)
 
     def route(self, record: JobRecord, manifest: Manifest, *, create: bool = False, reroutes: int = 0) -> JobRecord:

@@ -14,20 +14,22 @@ class ModelbayError(Exception):
     code: str = "internal_error"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> None:
+                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+                 beside: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
         self.headers = headers or {}
-        self.extra = extra or {}
+        self.extra = extra or {}    # more fields inside "error"
+        self.beside = beside or {}  # more top-level keys next to "error" (e.g. "loading")
 
     def envelope(self) -> dict[str, Any]:
         body: dict[str, Any] = {"type": self.type, "code": self.code, "message": self.message,
                                 "param": self.param}
         body.update(self.extra)
-        return {"error": body}
+        return {"error": body, **self.beside}
 
 
 class InvalidRequest(ModelbayError):

@@ -113,7 +113,8 @@ class JobErrorInfo(BaseModel):
 class JobRecord(BaseModel):
     """The job as stored in Redis (``job:<id>``) and returned by ``GET /v1/jobs/{id}``.
 
-    ``load_job`` (an addition to DESIGN 6) is the id of the load an inference job waits for.
+    ``load_job`` (an addition to DESIGN 6) is the id of the load an inference job waits for;
+    ``stream`` is set for jobs whose pieces are streamed (:mod:`tasks.tokens`).
     """
 
     id: str
@@ -129,6 +130,7 @@ class JobRecord(BaseModel):
     error: JobErrorInfo | None = None
     attempts: int = 0
     load_job: str | None = None
+    stream: bool = False  # the worker writes generated pieces to the job's token stream
     created_at: str = Field(default_factory=utcnow)
     started_at: str | None = None
     finished_at: str | None = None

@@ -6,6 +6,7 @@ Keys (all under ``mb:``):
 - ``mb:jobev:<id>``           pub/sub channel, one message per transition (the new status)
 - ``mb:jobs``                 sorted set of job ids by creation time (seconds)
 - ``mb:catalog``              hash model name → manifest JSON
+- ``mb:catalog:created``      hash model name → first registration time (epoch seconds)
 - ``mb:node:<id>``            node record JSON, expires ``node_ttl_s`` after the last heartbeat
 - ``mb:nodes``                set of node ids ever seen (filtered by the records' liveness)
 - ``mb:nodemodels:<id>``      hash model name → :class:`ModelNode` JSON for that node
@@ -14,6 +15,7 @@ Keys (all under ``mb:``):
 - ``mb:ops``                  set of load and unload job ids not yet terminal (the operations
                               baseline of ``GET /api/operations``)
 - ``mb:ops:ver``              counter bumped whenever ``mb:ops`` gains or loses a member
+- ``mb:tok:<id>``             the token stream of a streaming job (:mod:`tasks.tokens`)
 
 Transitions use WATCH/MULTI: a terminal record is never overwritten, so a ``cancelled``
 job never turns ``succeeded``.
@@ -32,6 +34,7 @@ from tasks.names import model_token
 from tasks.schemas import (ACTIVE, TERMINAL, JobErrorInfo, JobProgress, JobRecord, Manifest,
                            ModelNode, NodeRecord, utcnow)
 from tasks.settings import Settings
+from tasks.tokens import TokenStream
 
 P = "mb:"
 
@@ -65,6 +68,7 @@ class Store:
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.r = client
         self.settings = settings
+        self.tokens = TokenStream(client, settings.job_ttl_s)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
@@ -216,15 +220,29 @@ class Store:
     # ---- catalog ----------------------------------------------------------------------
 
     def put_manifest(self, name: str, manifest: Manifest) -> bool:
-        """Store a manifest. True when it is new, False when it replaced one."""
-        return bool(self.r.hset(f"{P}catalog", name, manifest.model_dump_json()))
+        """Store a manifest. True when it is new, False when it replaced one. The first
+        registration time (epoch seconds) is kept in ``mb:catalog:created``."""
+        with self.r.pipeline() as pipe:
+            pipe.hset(f"{P}catalog", name, manifest.model_dump_json())
+            pipe.hsetnx(f"{P}catalog:created", name, int(time.time()))
+            new, _ = pipe.execute()
+        return bool(new)
+
+    def created_at(self, names: list[str]) -> dict[str, int]:
+        """Registration times (epoch seconds) of ``names``; 0 when unknown."""
+        values = self.r.hmget(f"{P}catalog:created", names) if names else []
+        return {n: int(v or 0) for n, v in zip(names, values, strict=True)}
 
     def get_manifest(self, name: str) -> Manifest | None:
         raw = self.r.hget(f"{P}catalog", name)
         return Manifest.model_validate_json(raw) if raw else None
 
     def delete_manifest(self, name: str) -> bool:
-        return bool(self.r.hdel(f"{P}catalog", name))
+        with self.r.pipeline() as pipe:
+            pipe.hdel(f"{P}catalog", name)
+            pipe.hdel(f"{P}catalog:created", name)
+            deleted, _ = pipe.execute()
+        return bool(deleted)
 
     def manifests(self) -> dict[str, Manifest]:
         return {k: Manifest.model_validate_json(v)

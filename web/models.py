@@ -21,8 +21,11 @@ def model_status(states: list[ModelNode]) -> str:
     return next((s for s in _ORDER if s in present), "registered")
 
 
-def model_object(name: str, manifest: Manifest, states: list[ModelNode], full: bool = False) -> dict[str, Any]:
-    obj: dict[str, Any] = {"id": name, "object": "model", "owned_by": "modelbay",
+def model_object(name: str, manifest: Manifest, states: list[ModelNode], full: bool = False,
+                 created: int | None = None) -> dict[str, Any]:
+    if created is None:
+        created = mb().store.created_at([name])[name]
+    obj: dict[str, Any] = {"id": name, "object": "model", "created": created, "owned_by": "modelbay",
                            "backend": manifest.backend, "status": model_status(states),
                            "nodes": [s.model_dump() for s in states]}
     if full:
@@ -41,7 +44,9 @@ def _manifest(name: str) -> Manifest:
 def list_models():
     store = mb().store
     nodes = store.live_nodes()
-    data = [model_object(n, m, store.model_nodes(n, nodes)) for n, m in store.manifests().items()]
+    manifests = store.manifests()
+    created = store.created_at(list(manifests))
+    data = [model_object(n, m, store.model_nodes(n, nodes), created=created[n]) for n, m in manifests.items()]
     return jsonify({"object": "list", "data": data})
 
 

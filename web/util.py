@@ -1,6 +1,7 @@
 """Request parsing shared by the blueprints."""
 from __future__ import annotations
 
+import re
 from typing import TypeVar
 
 from flask import request
@@ -11,6 +12,7 @@ from tasks.names import invalid_model_name
 from tasks.schemas import LoadRequest
 
 M = TypeVar("M", bound=BaseModel)
+_UNION_TAG = re.compile(r"str|int|float|bool|none|list\[.*\]|dict\[.*\]|[a-z-]+\[.*\]")
 
 
 def parse_body(model: type[M], *, optional: bool = False) -> M:
@@ -29,7 +31,8 @@ def parse_body(model: type[M], *, optional: bool = False) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        # Union members show up in the location ("input", "str"): keep the fields only.
+        param = ".".join(str(p) for p in first["loc"] if not _UNION_TAG.fullmatch(str(p))) or None
         raise Unprocessable(f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
 
 

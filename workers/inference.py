@@ -67,6 +67,8 @@ def generate(rt: Any, job: JobRecord, proc: BackendProcess, delivery: Delivery) 
             else:
                 pieces.append(piece.text)
                 delivery.pieces += 1
+                if job.stream:
+                    rt.store.tokens.append(job.id, piece.text)
                 op.update("progress", {"message": f"generated {len(pieces)} token(s)",
                                        "progress": round(100.0 * len(pieces) / max_tokens, 1) if max_tokens else None})
     except BackendCancelled:
@@ -76,6 +78,8 @@ def generate(rt: Any, job: JobRecord, proc: BackendProcess, delivery: Delivery) 
         op.fail(f"generation failed: {exc}")
         raise
     finally:
+        if job.stream:
+            rt.store.tokens.end(job.id)
         _unwatch(rt, job)
     op.done()
     finish = getattr(final, "finish_reason", "") or "stop"

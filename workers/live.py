@@ -28,7 +28,8 @@ log = logging.getLogger("modelbay.worker")
 # start of loading are progress of the same operation; only the load's end completes it.
 _WIRE = {"start": "start", "progress": "progress", "file_complete": "file_complete",
          "complete": "progress", "loading": "progress", "done": "complete", "error": "error"}
-_FIELDS = ("file", "file_index", "files_total", "bytes_done", "bytes_total", "step", "steps", "message")
+_FIELDS = ("file", "file_index", "files_total", "bytes_done", "bytes_total", "rate_bps", "eta_s", "step", "steps",
+           "message")
 
 
 class Operation:

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible layer: HTTP shim (routes) → protocol models → serving logic."""

@@ -1,0 +1,133 @@
+"""OpenAI-compatible routes: each call runs one modelbay job and waits for it.
+
+``POST /v1/embeddings``, ``/v1/completions``, ``/v1/chat/completions`` (``stream: true`` as
+server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``) and
+``/v1/images/generations`` (``b64_json``). Responses carry ``X-Modelbay-Job`` and
+``X-Modelbay-Node``; errors use the one envelope, which is OpenAI's shape.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, stream_with_context
+
+from tasks.schemas import JobRecord
+from web.openai.protocol import (ChatCompletionRequest, CompletionRequest, EmbeddingsRequest, ImageRequest,
+                                 Sampling, parse)
+from web.openai.serving import Call, ClientGone, job_error
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+
+
+def _usage(result: dict[str, Any]) -> dict[str, int]:
+    usage = result.get("usage") or {}
+    prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+@bp.post("/embeddings")
+def embeddings():
+    req = parse(EmbeddingsRequest)
+    call = Call(req.model, "embed", req.input, {})
+    call.wait()
+    result = call.result()
+    data = [{"object": "embedding", "index": i,
+             "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if req.encoding_format == "base64"
+             else v} for i, v in enumerate(result.get("embeddings", []))]
+    prompt = int((result.get("usage") or {}).get("prompt_tokens", 0))
+    body = {"object": "list", "data": data, "model": req.model,
+            "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}
+    return jsonify(body), 200, call.headers
+
+
+@bp.post("/completions")
+def completions():
+    req = parse(CompletionRequest)
+    return _generate(req, Call(req.model, "generate", req.text(), req.params(), stream=req.stream), chat=False)
+
+
+@bp.post("/chat/completions")
+def chat_completions():
+    req = parse(ChatCompletionRequest)
+    messages = [m.as_job() for m in req.messages]
+    return _generate(req, Call(req.model, "chat", messages, req.params(), stream=req.stream), chat=True)
+
+
+@bp.post("/images/generations")
+def images():
+    req = parse(ImageRequest)
+    call = Call(req.model, "image", req.prompt, req.params())
+    call.wait()
+    image = call.result().get("image") or {}
+    return jsonify({"created": int(time.time()), "data": [{"b64_json": image.get("b64_png")}]}), 200, call.headers
+
+
+@bp.errorhandler(ClientGone)
+def _client_gone(_err: ClientGone):
+    return Response(status=499)  # nobody reads it; the job is already cancelled
+
+
+def _generate(req: Sampling, call: Call, *, chat: bool):
+    call.wait(until_running=req.stream)
+    if not req.stream:
+        result = call.result()
+        return jsonify(_completion(call.record, result, chat)), 200, call.headers
+    if call.record.terminal and call.record.status != "succeeded":
+        raise job_error(call.record)
+    include_usage = bool(getattr(req, "stream_options", None) and req.stream_options.include_usage)
+    headers = {**call.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return Response(stream_with_context(_events(call, chat, include_usage)), mimetype="text/event-stream",
+                    headers=headers)
+
+
+def _completion(record: JobRecord, result: dict[str, Any], chat: bool) -> dict[str, Any]:
+    finish = result.get("finish_reason") or "stop"
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": result.get("text", "")},
+                  "logprobs": None, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": result.get("text", ""), "logprobs": None, "finish_reason": finish}
+    return {"id": ("chatcmpl-" if chat else "cmpl-") + record.id,
+            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": record.model, "choices": [choice], "usage": _usage(result)}
+
+
+def _sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def _events(call: Call, chat: bool, include_usage: bool) -> Iterator[str]:
+    record = call.record
+    base = {"id": ("chatcmpl-" if chat else "cmpl-") + record.id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": record.model}
+
+    def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+        if chat:
+            delta = {} if text is None else {"content": text}
+            return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        return {**base, "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+
+    if chat:
+        yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}]})
+    try:
+        for piece in call.pieces():
+            yield _sse(chunk(piece, None))
+    except ClientGone:
+        return
+    final = call.record
+    if final.status != "succeeded":
+        yield _sse(job_error(final).envelope())
+        yield _sse("[DONE]")
+        return
+    result = final.result or {}
+    yield _sse(chunk(None, result.get("finish_reason") or "stop"))
+    if include_usage:
+        yield _sse({**base, "choices": [], "usage": _usage(result)})
+    yield _sse("[DONE]")

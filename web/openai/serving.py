@@ -1,0 +1,138 @@
+"""Run one inference job for a synchronous (OpenAI-style) call, with the right lifetimes.
+
+DESIGN 2: the call's lifetime is the inference job's, never the load's. While the call waits
+(for a load, a queue slot or the generation) it watches the client's socket; when the client
+goes, the inference job is cancelled (the backend stops within a token or two) and the load,
+a job of its own, goes on and stays cached. A load that is still running after
+``MODELBAY_LOAD_WAIT_S`` answers 503 with ``Retry-After`` and the load's progress; the
+inference job is cancelled, the load goes on. Once the job runs there is no time limit here.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flask import request
+
+from tasks.errors import Conflict, InvalidRequest, ModelbayError, NotFound, Unavailable
+from tasks.schemas import JobRecord, JobRequest
+from web.disconnect import client_gone
+from web.extensions import mb
+from web.util import check_model_name, not_found_model, pin
+
+SLICE_S = 0.2  # how often a waiting call looks at the client socket, seconds
+_BAD_REQUEST = frozenset({"invalid_params", "unsupported_task"})
+_UNAVAILABLE = frozenset({"insufficient_memory", "no_node", "model_unavailable", "load_cooldown", "node_lost",
+                          "load_failed", "backend_start_failed", "source_unreachable", "staging_failed"})
+
+
+class ClientGone(Exception):
+    """The client closed the connection; its job was cancelled."""
+
+
+class Call:
+    """One inference job started for this request; see the module docstring."""
+
+    def __init__(self, model: str, task: str, input_: Any, params: dict[str, Any], *, stream: bool = False) -> None:
+        manifest = mb().store.get_manifest(check_model_name(model))
+        if manifest is None:
+            raise not_found_model(model)
+        try:
+            req = JobRequest(model=model, task=task, input=input_, params=params, node=pin(None))
+        except ValueError as exc:
+            raise InvalidRequest(str(exc).splitlines()[-1] if str(exc) else "invalid request") from None
+        self.started = time.monotonic()
+        self.record = mb().dispatcher.submit(req, manifest, stream=stream)
+        self.environ = request.environ
+
+    @property
+    def headers(self) -> dict[str, str]:
+        out = {"X-Modelbay-Job": self.record.id}
+        if self.record.node:
+            out["X-Modelbay-Node"] = self.record.node
+        return out
+
+    def cancel(self) -> None:
+        mb().store.cancel(self.record.id, "the client disconnected")
+
+    def gone(self) -> bool:
+        return client_gone(self.environ)
+
+    def wait(self, *, until_running: bool = False) -> JobRecord:
+        """Wait until the job ends (or, with ``until_running``, leaves ``loading``/``queued``).
+        Raises :class:`ClientGone` or the 503 of a load past ``MODELBAY_LOAD_WAIT_S``."""
+        load_wait_s = mb().settings.load_wait_s
+        while True:
+            record = mb().waiter.wait(self.record.id, SLICE_S) or self.record
+            self.record = record
+            if record.terminal or (until_running and record.status == "running"):
+                return record
+            if self.gone():
+                self.cancel()
+                raise ClientGone(record.id)
+            if record.status == "loading" and time.monotonic() - self.started > load_wait_s:
+                self.cancel()
+                raise self._still_loading(record)
+
+    def _still_loading(self, record: JobRecord) -> Unavailable:
+        load = mb().store.get_job(record.load_job) if record.load_job else None
+        live = mb().live.table.get(load.id) if load is not None else None
+        progress = (mb().live.job_progress(load) if load is not None else None) or (load.progress if load else None)
+        eta = (live or {}).get("eta_s")
+        loading = {"model": record.model, "job": record.load_job, "phase": progress.phase if progress else "queued",
+                   "progress": progress.progress if progress else 0.0,
+                   "bytes_done": progress.bytes_done if progress else None,
+                   "bytes_total": progress.bytes_total if progress else None,
+                   "file_index": progress.file_index if progress else None,
+                   "files_total": progress.files_total if progress else None,
+                   "eta_s": round(eta, 1) if isinstance(eta, (int, float)) else None}
+        retry_s = min(60, max(1, math.ceil(eta))) if isinstance(eta, (int, float)) else 5
+        return Unavailable(f"model {record.model!r} is still loading after {mb().settings.load_wait_s:g}s; "
+                           "the load goes on: retry later", code="model_loading", retry_after_s=retry_s,
+                           beside={"loading": loading}, headers={"X-Modelbay-Job": record.id})
+
+    def result(self) -> dict[str, Any]:
+        """The succeeded job's result, or the error its end maps to."""
+        record = self.record
+        if record.status == "succeeded":
+            return record.result or {}
+        raise job_error(record)
+
+    def pieces(self) -> Iterator[str]:
+        """The generated pieces as the worker streams them, until the job ends. Cancels the
+        job when the client goes (a failed write closes this generator)."""
+        tokens, after, done = mb().store.tokens, "0", False
+        try:
+            while True:
+                read = tokens.read(self.record.id, after, block_s=SLICE_S)
+                after = read.last_id
+                yield from read.pieces
+                if self.gone():
+                    raise ClientGone(self.record.id)
+                if read.ended or not read.pieces:
+                    record = mb().waiter.wait(self.record.id, 5.0 if read.ended else 0) or self.record
+                    self.record = record
+                    if record.terminal:
+                        yield from tokens.read(self.record.id, after).pieces
+                        done = True
+                        return
+        finally:
+            if not done:
+                self.cancel()
+
+
+def job_error(record: JobRecord) -> ModelbayError:
+    """The HTTP error for a job that did not succeed."""
+    if record.status == "cancelled":
+        return Conflict(f"job {record.id} was cancelled", code="job_cancelled")
+    kind = record.error.type if record.error else "job_failed"
+    message = record.error.message if record.error else "the job failed"
+    if kind in _BAD_REQUEST:
+        return InvalidRequest(message, code=kind)
+    if kind == "model_not_found":
+        return NotFound(message, param="model", code=kind)
+    if kind in _UNAVAILABLE:
+        return Unavailable(message, code=kind)
+    return ModelbayError(message, code=kind)
