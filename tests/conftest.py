@@ -145,3 +145,41 @@ def backends(socket_dir: Path) -> Iterator[Callable[..., BackendProcess]]:
         if bp.pid is not None:
             assert not pid_alive(bp.pid), f"backend pid {bp.pid} left behind"
         assert not bp.socket_path.exists()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(stack_env: dict[str, str]) -> Path:
+    """A tiny random diffusers pipeline, built locally under the session's file root."""
+    import importlib.util
+
+    for package in ("diffusers", "transformers", "PIL"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed")
+    from helpers import unique
+    from tinydiffusion import build_tiny_pipeline
+
+    return build_tiny_pipeline(Path(stack_env["MODELBAY_FILE_ROOTS"]) / unique("tinysd"))
+
+
+@pytest.fixture(scope="session")
+def web_url(stack_env: dict[str, str], artifacts: Path) -> Iterator[str]:
+    """gunicorn (one gthread process) serving the session's stack over real HTTP."""
+    import requests
+
+    from tasks.services import free_port, spawn, stop_process, web_command
+
+    port = free_port()
+    proc = spawn(web_command("127.0.0.1", port, 1), stack_env, artifacts / "web-session.log")
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return requests.get(f"{url}/healthz", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        poll(up, 30, "gunicorn")
+        yield url
+    finally:
+        stop_process(proc, 10)

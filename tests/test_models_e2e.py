@@ -119,14 +119,6 @@ def test_smollm2_cancel_stops_generation(client) -> None:
 
 # -- images -------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_pipeline(stack_env: dict[str, str]) -> Path:
-    needs("diffusers", "transformers")
-    from tinydiffusion import build_tiny_pipeline
-
-    return build_tiny_pipeline(Path(stack_env["MODELBAY_FILE_ROOTS"]) / unique("tinysd"))
-
-
 def test_tiny_diffusion_image_and_step_progress(client, tiny_pipeline: Path) -> None:
     from PIL import Image
 
