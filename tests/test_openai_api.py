@@ -90,9 +90,10 @@ def test_embeddings_float_and_base64(client) -> None:
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, None),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 1_000_001}]}, "input.0.content"),
     ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
     ("/v1/completions", {"prompt": "a", "logprobs": 3}, None),
-    ("/v1/embeddings", {"input": [1, 2, 3]}, "input"),
+    ("/v1/embeddings", {"input": [1, 2, 3]}, "input.0"),
     ("/v1/embeddings", {"input": []}, "input"),
     ("/v1/embeddings", {"input": "a", "dimensions": 3}, None),
     ("/v1/images/generations", {"prompt": "x", "size": "big"}, "size"),
@@ -149,3 +150,16 @@ def test_models_list_is_openai_shaped(client) -> None:
     assert body["object"] == "list"
     entry = next(m for m in body["data"] if m["id"] == name)
     assert entry["object"] == "model" and entry["owned_by"] == "modelbay" and isinstance(entry["created"], int)
+
+
+def test_a_pin_header_places_the_load_the_call_triggers(client) -> None:
+    from conftest import NODE
+
+    name = echo_model(client)
+    body = {"model": name, "messages": [{"role": "user", "content": "pinned"}]}
+    resp = client.post("/v1/chat/completions", json=body, headers={"X-Modelbay-Node": NODE})
+    assert resp.status_code == 200 and resp.headers["X-Modelbay-Node"] == NODE
+    loads = [j for j in client.get(f"/v1/jobs?model={name}").get_json()["data"] if j["kind"] == "load"]
+    assert len(loads) == 1 and loads[0]["node"] == NODE and loads[0]["status"] == "succeeded"
+    other = client.post("/v1/chat/completions", json=body, headers={"X-Modelbay-Node": "no-such-node"})
+    assert other.status_code == 404 and other.get_json()["error"]["param"] == "node"

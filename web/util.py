@@ -30,10 +30,20 @@ def parse_body(model: type[M], *, optional: bool = False) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        # Union members show up in the location ("input", "str"): keep the fields only.
-        param = ".".join(str(p) for p in first["loc"] if not _UNION_TAG.fullmatch(str(p))) or None
-        raise Unprocessable(f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+        message, param = describe(exc)
+        raise Unprocessable(message, param=param) from None
+
+
+def describe(exc: ValidationError) -> tuple[str, str | None]:
+    """A message and the ``param`` (dotted field path) of the first validation error. With
+    a union the most specific branch's error is taken, and the members' type names that
+    pydantic puts in the location ("input", "str") are left out."""
+    errors = exc.errors()
+    first = errors[0]
+    if any(_UNION_TAG.fullmatch(str(p)) for p in first["loc"]):
+        first = max(errors, key=lambda e: len(e["loc"]))
+    param = ".".join(str(p) for p in first["loc"] if not _UNION_TAG.fullmatch(str(p))) or None
+    return (f"{param}: {first['msg']}" if param else first["msg"]), param
 
 
 def check_model_name(name: str) -> str:

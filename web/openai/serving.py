@@ -15,12 +15,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import request
+from pydantic import ValidationError
 
 from tasks.errors import Conflict, InvalidRequest, ModelbayError, NotFound, Unavailable
 from tasks.schemas import JobRecord, JobRequest
 from web.disconnect import client_gone
 from web.extensions import mb
-from web.util import check_model_name, not_found_model, pin
+from web.util import check_model_name, describe, not_found_model, pin
 
 SLICE_S = 0.2  # how often a waiting call looks at the client socket, seconds
 _BAD_REQUEST = frozenset({"invalid_params", "unsupported_task"})
@@ -41,8 +42,9 @@ class Call:
             raise not_found_model(model)
         try:
             req = JobRequest(model=model, task=task, input=input_, params=params, node=pin(None))
-        except ValueError as exc:
-            raise InvalidRequest(str(exc).splitlines()[-1] if str(exc) else "invalid request") from None
+        except ValidationError as exc:
+            message, param = describe(exc)
+            raise InvalidRequest(message, param=param) from None
         self.started = time.monotonic()
         self.record = mb().dispatcher.submit(req, manifest, stream=stream)
         self.environ = request.environ
