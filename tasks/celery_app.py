@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from celery import Celery
 
+from tasks.broker import TRANSPORT
 from tasks.settings import Settings
 
 
 def make_celery(settings: Settings, main: str = "modelbay") -> Celery:
     app = Celery(main, broker=settings.redis_url, set_as_current=False)
+    app.conf.broker_transport = TRANSPORT  # kombu's Redis transport, surviving a Valkey restart
     transport = {
         # Longer than the longest inference deadline, so an acked-late message that is
         # still running is not redelivered to a second worker.

@@ -87,7 +87,7 @@ class Dispatcher:
         token stream as they are generated."""
         record = JobRecord(id=new_job_id(), kind="inference", model=request.model,
                            task=request.task, input=request.input_json(), params=request.params,
-                           node=request.node, stream=stream)
+                           node=request.node, pin=request.node, stream=stream)
         return self.route(record, manifest, create=True)
 
     def route(self, record: JobRecord, manifest: Manifest, *, create: bool = False, reroutes: int = 0) -> JobRecord:

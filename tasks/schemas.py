@@ -131,6 +131,8 @@ class JobRecord(BaseModel):
     attempts: int = 0
     load_job: str | None = None
     stream: bool = False  # the worker writes generated pieces to the job's token stream
+    pin: str | None = None  # the node the client pinned the job to (``node`` is where it runs)
+    runner: str | None = None  # the worker process (its node ``instance``) running the job
     created_at: str = Field(default_factory=utcnow)
     started_at: str | None = None
     finished_at: str | None = None
@@ -180,6 +182,8 @@ class NodeRecord(BaseModel):
     started_at: str
     last_heartbeat: str
     loads_in_flight: int = 0
+    draining: bool = False  # stopping: takes no new jobs or loads, finishes the running ones
+    instance: str = ""  # unique per worker process: a node id that comes back is a new instance
 
 
 class ErrorBody(BaseModel):

@@ -51,8 +51,12 @@ def wait_until(check: Callable[[], bool], timeout_s: float, what: str,
     raise TimeoutError(f"{what}: not ready after {timeout_s:.0f}s")
 
 
-def _redis_ping(port: int) -> bool:
+def _redis_ping(port: int, password: str | None = None) -> bool:
     with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+        if password:
+            s.sendall(f"AUTH {password}\r\n".encode())
+            if not s.recv(16).startswith(b"+OK"):
+                return False
         s.sendall(b"PING\r\n")
         return s.recv(16).startswith(b"+PONG")
 
@@ -87,21 +91,33 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 10.0, sig: int = signa
 
 
 def start_valkey(data_dir: Path, port: int | None = None, appendonly: bool = True,
-                 log_path: Path | None = None) -> Service:
+                 log_path: Path | None = None, password: str | None = None) -> Service:
+    """valkey-server on 127.0.0.1; with ``password`` it requires AUTH (``requirepass``) and
+    the returned URL carries it."""
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     cmd = [valkey_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
            "--appendonly", "yes" if appendonly else "no", "--save", "", "--protected-mode", "yes"]
+    if password:
+        cmd += ["--requirepass", password]
     proc = _spawn(cmd, log_path)
-    wait_until(lambda: _redis_ping(port), 20, "valkey-server", proc)
-    return Service("valkey", proc, f"redis://127.0.0.1:{port}/0")
+    wait_until(lambda: _redis_ping(port, password), 20, "valkey-server", proc)
+    auth = f":{password}@" if password else ""
+    return Service("valkey", proc, f"redis://{auth}127.0.0.1:{port}/0")
 
 
-def start_nats(port: int | None = None, log_path: Path | None = None) -> Service:
+def start_nats(port: int | None = None, log_path: Path | None = None, user: str | None = None,
+               password: str | None = None) -> Service:
+    """nats-server on 127.0.0.1; with ``user``/``password`` it requires them and the
+    returned URL carries them."""
     port = port or free_port()
-    proc = _spawn([nats_binary(), "-a", "127.0.0.1", "-p", str(port)], log_path)
+    cmd = [nats_binary(), "-a", "127.0.0.1", "-p", str(port)]
+    if user and password:
+        cmd += ["--user", user, "--pass", password]
+    proc = _spawn(cmd, log_path)
     wait_until(lambda: _nats_info(port), 20, "nats-server", proc)
-    return Service("nats", proc, f"nats://127.0.0.1:{port}")
+    auth = f"{user}:{password}@" if user and password else ""
+    return Service("nats", proc, f"nats://{auth}127.0.0.1:{port}")
 
 
 def _spawn(cmd: Sequence[str], log_path: Path | None, env: dict[str, str] | None = None) -> subprocess.Popen:

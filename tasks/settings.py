@@ -34,17 +34,35 @@ class Settings:
     models_dir: str = "./.modelbay/models"
     run_dir: str = "./.modelbay/run"
     file_roots: str = ""
+    # Staging from http(s) refuses loopback, private, link-local and other non-public
+    # addresses (also after redirects) unless this is on.
+    allow_private_sources: bool = False
     api_keys: str = ""
     # Jobs and records
     job_ttl_s: int = 86400
     jobs_recent_max: int = 10000
     max_body_mb: float = 32.0
+    # Request limits (answered 400 naming the field)
+    max_inputs: int = 2048              # texts in one embed job, messages in one chat job
+    max_input_chars: int = 1_000_000    # characters of one job's input, all texts together
+    max_tokens_limit: int = 16384       # the largest max_tokens a job may ask for
+    max_image_side_px: int = 2048       # image width and height
+    max_image_steps: int = 200          # denoising steps of one image
     max_wait_s: float = 60.0
     load_wait_s: float = 120.0
     # Nodes and workers
     node_ttl_s: float = 15.0
     node_memory_mb: int = 16384
     worker_concurrency: int = 8
+    # A running job whose node's heartbeat expired is requeued, at most this many attempts
+    # in all, then failed with node_lost. Each worker looks every reaper_interval_s.
+    job_max_attempts: int = 3
+    reaper_interval_s: float = 2.0
+    # On SIGTERM a worker stops taking jobs and lets running ones finish this long; then it
+    # hands them back to the queue (they run again elsewhere) and unloads its backends.
+    worker_stop_grace_s: float = 30.0
+    # A worker's Redis commands retry this long through an outage (a Valkey restart).
+    redis_outage_s: float = 60.0
     # Comma-separated backend names, or "auto": echo plus each ML backend whose package is
     # installed (found without importing it).
     backends: str = "auto"
@@ -56,6 +74,11 @@ class Settings:
     # Backend processes
     backend_start_timeout_s: float = 60.0
     backend_stop_grace_s: float = 5.0
+    # A backend whose health check fails this many times in a row, one check per interval,
+    # each with this timeout, is killed and its model marked failed (a hang, not only a crash).
+    backend_health_interval_s: float = 5.0
+    backend_health_timeout_s: float = 2.0
+    backend_health_failures: int = 3
     load_base_timeout_s: float = 60.0
     inference_timeout_s: float = 600.0
     cancel_poll_s: float = 0.1
@@ -117,6 +140,15 @@ def env_name(field_name: str) -> str:
     return PREFIX + field_name.upper()
 
 
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(raw)
+
+
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
     """Build :class:`Settings` from ``environ`` (default ``os.environ``), then ``overrides``.
 
@@ -132,7 +164,8 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
             raw = env[name]
             kind = f.type if isinstance(f.type, str) else f.type.__name__
             try:
-                values[f.name] = int(raw) if kind == "int" else float(raw) if kind == "float" else raw
+                values[f.name] = int(raw) if kind == "int" else float(raw) if kind == "float" else \
+                    _bool(raw) if kind == "bool" else raw
             except ValueError as exc:
                 raise ValueError(f"{name}={raw!r} is not a valid {kind}") from exc
     settings = Settings(**values)  # type: ignore[arg-type]

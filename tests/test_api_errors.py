@@ -184,6 +184,22 @@ def test_hostile_sources_are_rejected_at_registration(client, files, param):
     assert err["param"] in (param, param.replace(".path", ".uri"))
 
 
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:1/f", "http://[::1]/f", "http://169.254.169.254/latest",
+                                 "http://localhost/f"])
+def test_private_sources_are_refused_at_registration_unless_allowed(stack_env, uri):
+    """The session's stack allows private sources (its model files come from 127.0.0.1);
+    with the setting off, loopback, link-local and localhost hosts are refused (no DNS)."""
+    from web import create_app
+
+    strict = create_app({"TESTING": True, "MODELBAY_ENV": {**stack_env, "MODELBAY_ALLOW_PRIVATE_SOURCES": "0"}})
+    body = {"backend": "echo", "files": [{"uri": uri}]}
+    err = assert_envelope(strict.test_client().put(f"/v1/models/{unique()}", json=body), 400, "invalid_source",
+                          "files.0.uri")
+    assert "MODELBAY_ALLOW_PRIVATE_SOURCES" in err["message"]
+    allowed = create_app({"TESTING": True, "MODELBAY_ENV": {**stack_env, "MODELBAY_ALLOW_PRIVATE_SOURCES": "1"}})
+    assert allowed.test_client().put(f"/v1/models/{unique()}", json=body).status_code == 201
+
+
 def test_local_files_must_be_under_an_allowed_root(stack_env, tmp_path):
     from web import create_app
 

@@ -323,3 +323,23 @@ def test_generate_image_streams_progress_and_cancels(image_stub: backend_pb2_grp
 
     done = poll(lambda: (s := status()).generations_cancelled == 1 and s.active_calls == 0 and s, 5)
     assert (done.generations_started, done.generations_completed) == (3, 1)
+
+
+def test_stop_racing_start_never_crashes(backends: Callable[..., BackendProcess]) -> None:
+    """stop() from another thread while start() waits for health: grpcio crashes the whole
+    process (SIGSEGV) when a stub is made on a channel closed meanwhile, so start() makes its
+    stubs under the lock. A crash here would take the test process down with it."""
+    for _ in range(15):
+        bp = backends()
+        starter = threading.Thread(target=_start_quietly, args=(bp,))
+        starter.start()
+        bp.stop()
+        starter.join(20)
+        assert not starter.is_alive()
+
+
+def _start_quietly(bp: BackendProcess) -> None:
+    try:
+        bp.start()
+    except BackendStartError:
+        pass  # stopped while starting: the expected outcome of the race

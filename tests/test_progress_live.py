@@ -37,7 +37,7 @@ def live(artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     env = {"MODELBAY_REDIS_URL": valkey.url, "MODELBAY_NATS_URL": box["nats"].url, "MODELBAY_RUN_DIR": str(run),
            "MODELBAY_MODELS_DIR": str(run / "models"), "MODELBAY_NODE_TTL_S": "3",
            "MODELBAY_OPS_TTL_S": str(OPS_TTL_S), "MODELBAY_PROGRESS_INTERVAL_S": str(INTERVAL_S),
-           "MODELBAY_BACKEND_STOP_GRACE_S": "3"}
+           "MODELBAY_BACKEND_STOP_GRACE_S": "3", "MODELBAY_ALLOW_PRIVATE_SOURCES": "1"}
     store = Store.from_settings(load_settings(env))
     files = FileServer()
     webs, worker = [], None
@@ -160,17 +160,25 @@ def test_a_frozen_worker_leaves_no_phantom_row(live):
 
 def test_a_nats_outage_keeps_the_rows_and_live_ticks_come_back(live):
     urls, box = live["urls"], live["box"]
-    name, _ = slow_model(live, 1, 10 * MiB, rate_bps=1 * MiB)
+    name, _ = slow_model(live, 1, 24 * MiB, rate_bps=1 * MiB)
+    echo = unique("echo")
+    requests.put(f"{urls[0]}/v1/models/{echo}", json={"backend": "echo"}, timeout=5).raise_for_status()
     job = requests.post(f"{urls[0]}/v1/models/{name}/load", timeout=5).json()
     poll(lambda: all((r := row_for(u, job["id"])) and r["live"] for u in urls), 20, "live rows everywhere")
     box["nats"].stop()
     polls = 0
-    for _ in every(0.1, OPS_TTL_S + 1.5):  # sample long enough for the mirrors to expire
+    # 10 s without NATS (longer than the mirrors' TTL) while the staging goes on.
+    inference = requests.post(f"{urls[1]}/v1/jobs", json={"model": echo, "task": "generate", "input": "no nats"},
+                              timeout=5).json()
+    for _ in every(0.1, max(10.0, OPS_TTL_S + 1.5)):
         for url in urls:
             row = row_for(url, job["id"])  # the API answers throughout
             assert row is not None, "the row left a replica during the NATS outage"
             polls += 1
     assert polls > 10
+    # Work that publishes progress ran without NATS and did not fail because of it.
+    assert job_status(urls[2], inference["id"]) == "succeeded"
+    assert job_status(urls[0], job["id"]) == "loading"
     assert all(not row_for(u, job["id"])["live"] for u in urls)  # coarse rows from Redis
     box["nats"] = start_nats(live["nats_port"])
     marks = {u: row_for(u, job["id"])["bytes_done"] or 0 for u in urls}

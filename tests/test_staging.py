@@ -2,15 +2,18 @@
 
 ``stage()`` is called directly: no Redis, no Celery. HTTP sources come from an in-process
 server on 127.0.0.1 that supports ``Range``, can be throttled, and can drop the connection
-part-way through a path's first response.
+part-way through a path's first response. So the ``settings`` fixture allows private
+sources; the SSRF guard's tests at the end use ``strict`` settings (the default: off).
 """
 from __future__ import annotations
 
 import errno
 import fcntl
 import os
+import socket
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from tasks.errors import InvalidRequest
 from tasks.schemas import FileSpec, Manifest
 from fileserver import FileServer, payload, sha
 from tasks.names import model_token
+from tasks.netguard import blocked_address, blocked_host
 from tasks.settings import Settings, load_settings
 from tasks.sources import check_manifest, dest_path
 from workers.staging import StageProgress, StagingError, stage, sweep
@@ -43,6 +47,13 @@ def root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path, root: Path) -> Settings:
+    """Staging from the local test server (127.0.0.1) needs private sources allowed."""
+    return load_settings({}, models_dir=str(tmp_path / "models"), file_roots=str(root), allow_private_sources=True)
+
+
+@pytest.fixture
+def strict(tmp_path: Path, root: Path) -> Settings:
+    """The default: http(s) sources on loopback, private or link-local addresses are refused."""
     return load_settings({}, models_dir=str(tmp_path / "models"), file_roots=str(root))
 
 
@@ -509,3 +520,152 @@ def test_nested_model_names_never_share_a_file(server: FileServer, settings: Set
     ab = stage("a/b", manifest({"uri": server.url("/two"), "path": "c"}), settings, Events())
     assert a.files[0] != ab.files[0]
     assert sha(a.files[0].read_bytes()) == sha(one) and sha(ab.files[0].read_bytes()) == sha(two)
+
+
+# The SSRF guard: tasks/netguard.py, tasks/sources.check_manifest, workers/fetch.py.
+
+@pytest.mark.parametrize("ip,why", [
+    ("127.0.0.1", "loopback"), ("127.9.9.9", "loopback"), ("::1", "loopback"),
+    ("10.1.2.3", "private"), ("172.16.0.1", "private"), ("192.168.1.1", "private"), ("fd12:3456::1", "private"),
+    ("169.254.169.254", "metadata"), ("169.254.1.1", "link-local"), ("fe80::1", "link-local"),
+    ("fe80::1%eth0", "link-local"), ("100.64.0.1", "shared"), ("0.0.0.0", "unspecified"), ("::", "unspecified"),
+    ("224.0.0.1", "multicast"), ("ff02::1", "multicast"), ("240.0.0.1", "reserved"), ("fec0::1", "site-local"),
+    ("::ffff:127.0.0.1", "loopback"), ("::ffff:169.254.169.254", "metadata"), ("::ffff:10.0.0.1", "private"),
+    ("64:ff9b::7f00:1", "loopback"), ("2002:a00:1::", "private"),  # NAT64 and 6to4 of private IPv4
+])
+def test_blocked_addresses(ip: str, why: str) -> None:
+    reason = blocked_address(ip)
+    assert reason is not None and why in reason, reason
+
+
+@pytest.mark.parametrize("ip", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8",
+                                "64:ff9b::808:808"])
+def test_public_addresses_are_allowed(ip: str) -> None:
+    assert blocked_address(ip) is None
+
+
+@pytest.mark.parametrize("host,blocked", [
+    ("localhost", True), ("LocalHost.", True), ("api.localhost", True), ("127.0.0.1", True), ("::1", True),
+    ("127.1", True), ("2130706433", True), ("0x7f000001", True), ("169.254.169.254", True),
+    ("example.com", False), ("localhost.example.com", False), ("8.8.8.8", False), ("10.example", False),
+])
+def test_blocked_hosts_without_dns(host: str, blocked: bool) -> None:
+    """Registration judges literal addresses (legacy IPv4 forms too) and localhost; names are
+    left to the worker, which resolves them."""
+    assert (blocked_host(host) is not None) == blocked
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:1/f", "http://[::1]/f", "http://169.254.169.254/latest",
+                                 "http://localhost/f", "https://127.1/f", "http://[::ffff:10.0.0.1]:8080/f",
+                                 "http://100.64.0.1/f"])
+def test_check_manifest_refuses_private_hosts_unless_allowed(uri: str, strict: Settings,
+                                                             settings: Settings) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        check_manifest("m", manifest({"uri": uri, "path": "f"}), strict)
+    assert err.value.code == "invalid_source" and err.value.param == "files.0.uri"
+    assert "MODELBAY_ALLOW_PRIVATE_SOURCES" in err.value.message
+    check_manifest("m", manifest({"uri": uri, "path": "f"}), settings)
+
+
+def fake_dns(monkeypatch: pytest.MonkeyPatch, answers: dict[str, Callable[[], str]]) -> list[str]:
+    """``socket.getaddrinfo`` answers ``answers[name]()`` (an IPv4 address) for those names
+    and resolves every other name as usual; returns the list of faked lookups, in order."""
+    real = socket.getaddrinfo
+    looked: list[str] = []
+
+    def getaddrinfo(host: str, port: object, family: int = 0, type: int = 0, proto: int = 0,
+                    flags: int = 0) -> list:
+        if host in answers:
+            looked.append(host)
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (answers[host](), int(port)))]
+        return real(host, port, family, type, proto, flags)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return looked
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_the_local_server_is_refused_unless_allowed(server: FileServer, strict: Settings, settings: Settings,
+                                                    tmp_path: Path, host: str) -> None:
+    """Refused when the manifest is checked and, should that be skipped, by the fetch itself
+    (``localhost`` resolved with the real resolver); nothing reaches the server."""
+    server.files["/w.bin"] = b"weights"
+    url = server.url("/w.bin").replace("127.0.0.1", host)
+    events = Events()
+    with pytest.raises(StagingError) as err:
+        stage("m", manifest({"uri": url}), strict, events)
+    assert err.value.code == "source_rejected" and "MODELBAY_ALLOW_PRIVATE_SOURCES" in str(err.value)
+    assert events.kinds() == ["error"]
+    with pytest.raises(StagingError) as err:
+        fetch.download(url, tmp_path / "direct.bin", lambda n: None, lambda n, done: None, lambda: False)
+    assert err.value.code == "source_rejected" and "loopback" in str(err.value)
+    assert server.gets("/w.bin") == [] and leftovers(Path(strict.models_dir)) == []
+    assert stage("m", manifest({"uri": url}), settings, Events()).files[0].read_bytes() == b"weights"
+
+
+def test_a_name_that_resolves_to_loopback_is_refused_when_staging(server: FileServer, strict: Settings,
+                                                                   settings: Settings,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name passes registration (no DNS there); the worker's lookup finds 127.0.0.1."""
+    fake_dns(monkeypatch, {"models.example.test": lambda: "127.0.0.1"})
+    server.files["/w.bin"] = b"weights"
+    url = server.url("/w.bin").replace("127.0.0.1", "models.example.test")
+    check_manifest("m", manifest({"uri": url}), strict)
+    with pytest.raises(StagingError) as err:
+        stage("m", manifest({"uri": url}), strict, Events())
+    assert err.value.code == "source_rejected"
+    assert "models.example.test (127.0.0.1) is a loopback address" in str(err.value)
+    assert server.gets("/w.bin") == [] and leftovers(Path(strict.models_dir)) == []
+    assert stage("m", manifest({"uri": url}), settings, Events()).files[0].read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1", "localhost", "[::1]"])
+def test_a_redirect_to_a_private_address_is_refused(server: FileServer, strict: Settings, settings: Settings,
+                                                    monkeypatch: pytest.MonkeyPatch, target: str) -> None:
+    """The first hop, ``public.example.test``, stands for a public server: its vetting is
+    replaced by an answer "public address, connect here" that points at the test server
+    (the connection goes to the vetted address, so no DNS is involved); every other hop goes
+    through the real guard. The server redirects to itself by a private address."""
+    real = fetch.vetted_addresses
+
+    def vetted(url: str, host: str, port: int) -> list[fetch.Address]:
+        if host == "public.example.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, ("127.0.0.1", port))]
+        return real(url, host, port)
+
+    monkeypatch.setattr(fetch, "vetted_addresses", vetted)
+    fake_dns(monkeypatch, {"public.example.test": lambda: "127.0.0.1"})  # for the run with the setting on
+    server.files["/real.bin"] = b"real"
+    server.redirects["/hop"] = server.url("/real.bin").replace("127.0.0.1", target)
+    url = server.url("/hop").replace("127.0.0.1", "public.example.test")
+    with pytest.raises(StagingError) as err:
+        stage("m", manifest({"uri": url, "path": "r.bin"}), strict, Events())
+    assert err.value.code == "source_rejected" and "loopback" in str(err.value)
+    assert server.gets("/hop") == [None] and server.gets("/real.bin") == []
+    assert leftovers(Path(strict.models_dir)) == []
+    if target != "[::1]":  # the test server listens on 127.0.0.1 only
+        staged = stage("m", manifest({"uri": url, "path": "r.bin"}), settings, Events())
+        assert staged.files[0].read_bytes() == b"real" and server.gets("/real.bin") == [None]
+
+
+def test_the_connection_goes_to_the_vetted_address(server: FileServer, strict: Settings,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: a name is looked up once per connection, and the socket connects to the
+    address that was checked; a second lookup (which here would fail) is never made. The test
+    server's 127.0.0.1 counts as public for this test."""
+    real = fetch.blocked_address
+    monkeypatch.setattr(fetch, "blocked_address", lambda ip: None if ip == "127.0.0.1" else real(ip))
+    answers = iter(["127.0.0.1"])
+
+    def answer() -> str:
+        ip = next(answers, None)
+        if ip is None:
+            raise socket.gaierror(socket.EAI_NONAME, "a second lookup of the same connection")
+        return ip
+
+    looked = fake_dns(monkeypatch, {"rebind.example.test": answer})
+    server.files["/w.bin"] = b"weights"
+    url = server.url("/w.bin").replace("127.0.0.1", "rebind.example.test")
+    staged = stage("m", manifest({"uri": url}), strict, Events())
+    assert staged.files[0].read_bytes() == b"weights"
+    assert looked == ["rebind.example.test"] and server.gets("/w.bin") == [None]

@@ -6,6 +6,7 @@ import re
 from flask import Blueprint, jsonify, request
 
 from tasks.errors import Conflict, InvalidRequest, NotFound
+from tasks.limits import check_limits
 from tasks.schemas import ACTIVE, TERMINAL, JobRecord, JobRequest
 from web.extensions import mb
 from web.util import check_model_name, not_found_model, parse_body, pin
@@ -38,6 +39,7 @@ def _float_arg(name: str, low: float, high: float) -> float | None:
 @bp.post("")
 def submit():
     req = parse_body(JobRequest)
+    check_limits(req.task, req.input_json(), req.params, mb().settings)
     req.node = pin(req.node)
     manifest = mb().store.get_manifest(check_model_name(req.model))
     if manifest is None:

@@ -85,7 +85,7 @@ class Live:
         """Ids of the live nodes, re-read at most every ``NODES_REFRESH_S``."""
         now = time.monotonic()
         if self._nodes is None or now - self._nodes[0] >= NODES_REFRESH_S:
-            self._nodes = (now, {n.id for n in self.store.live_nodes()})
+            self._nodes = (now, {n.id for n in self.store.live_nodes(include_draining=True)})
         return self._nodes[1]
 
     def _active(self) -> list[dict[str, Any]]:

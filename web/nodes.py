@@ -13,7 +13,7 @@ bp = Blueprint("nodes", __name__)
 def list_nodes():
     store = mb().store
     data = []
-    for node in store.live_nodes():
+    for node in store.live_nodes(include_draining=True):
         entry = node.model_dump()
         entry["models"] = [s.model_dump() for s in store.node_models(node.id).values()]
         data.append(entry)

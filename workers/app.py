@@ -7,8 +7,10 @@ and deregisters the node.
 from __future__ import annotations
 
 import logging
+import threading
+import uuid
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from tasks.bus import Bus
 from tasks.celery_app import make_celery
@@ -16,6 +18,7 @@ from tasks.dispatch import Dispatcher
 from tasks.settings import Settings, load_settings
 from tasks.store import Store
 from workers.cancel import CancelWatcher
+from workers.drain import Background
 from workers.live import LivePublisher
 from workers.node import NodeAgent, devices, memory_budget_mb
 from workers.runtime import ModelManager
@@ -33,7 +36,7 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = Store.from_settings(settings)
+        self.store = Store.from_settings(settings, outage_s=settings.redis_outage_s)
         self.dispatcher = Dispatcher(self.store, app)
         self.devices = devices()  # NVML is asked once; the heartbeat reports the same list
         self.manager = ModelManager(settings, self.store, app, memory_budget_mb(settings, self.devices),
@@ -45,6 +48,8 @@ class Runtime:
         self.bus = Bus(settings.nats_url, name=f"worker-{settings.node_id}").start()
         self.live = LivePublisher(settings, self.bus)
         self.agent: NodeAgent | None = None
+        self.instance = uuid.uuid4().hex  # this worker process; jobs it runs carry it as ``runner``
+        self.background: Background | None = None
 
 
 _runtime: Runtime | None = None
@@ -62,15 +67,26 @@ def _on_ready(sender: object = None, **_: object) -> None:
     rt = runtime()
     hostname = getattr(sender, "hostname", None) or f"modelbay@{settings.node_id}"
     rt.manager.hostname = hostname
-    rt.agent = NodeAgent(settings, rt.store, rt.manager, hostname, rt.devices)
+    rt.agent = NodeAgent(settings, rt.store, rt.manager, hostname, rt.devices, rt.instance)
     rt.agent.start()
+    rt.background = Background(rt)
+    rt.background.start()
     log.info("node %s ready as %s, consuming %s", settings.node_id, hostname, settings.node_queue)
+
+
+@worker_shutting_down.connect
+def _on_shutting_down(**_: object) -> None:
+    """SIGTERM: drain (see :mod:`workers.drain`) while Celery waits for the running tasks."""
+    if _runtime is not None and _runtime.background is not None:
+        threading.Thread(target=_runtime.background.drain, name="modelbay-drain", daemon=True).start()
 
 
 @worker_shutdown.connect
 def _on_shutdown(**_: object) -> None:
     if _runtime is None:
         return
+    if _runtime.background is not None:
+        _runtime.background.stop()
     _runtime.cancels.stop()
     _runtime.manager.stop_all()
     _runtime.bus.close()

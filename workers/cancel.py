@@ -39,6 +39,17 @@ class CancelWatcher:
                 return True
         return False
 
+    def watched(self) -> list[str]:
+        """The jobs whose backend call is in flight on this node."""
+        with self._lock:
+            return list(self._watched)
+
+    def take_all(self) -> dict[str, Callable[[], None]]:
+        """Stop watching every job; their cancel functions (for a hand-back on stop)."""
+        with self._lock:
+            taken, self._watched = self._watched, {}
+        return taken
+
     def is_cancelled(self, job_id: str) -> bool:
         record = self.store.get_job(job_id)
         return record is None or record.status == "cancelled"

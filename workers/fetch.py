@@ -6,6 +6,17 @@ chunked bodies go through a reused buffer. The output hashes as the file grows.
 HTTP uses the standard library's ``http.client``: redirects and ``Range`` resumes need full
 control, and its socket is reachable for ``splice``. Proxies come from the usual
 ``http_proxy``/``https_proxy``/``no_proxy`` environment variables.
+
+The SSRF guard (unless ``allow_private``, the ``MODELBAY_ALLOW_PRIVATE_SOURCES`` setting):
+before every connection, each redirect hop and each retry included, the URL's host is
+resolved with ``getaddrinfo`` and refused (``source_rejected``) when any of its addresses is
+loopback, private, link-local or otherwise not public (:func:`tasks.netguard.blocked_address`).
+The connection then goes to those vetted addresses, not to a second lookup, so a DNS answer
+that changes in between (rebinding) cannot redirect it; the ``Host`` header, TLS SNI and
+certificate verification still use the host name. Through a proxy the host is vetted all the
+same (a name that does not resolve here is let through to the proxy), but the proxy
+resolves it again and connects: only a proxy that refuses private destinations itself closes
+that gap.
 """
 from __future__ import annotations
 
@@ -17,6 +28,7 @@ import http.client
 import os
 import re
 import select
+import socket
 import ssl
 import time
 import urllib.request
@@ -24,6 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
+from tasks.netguard import blocked_address
+from tasks.settings import env_name
 from workers import output
 from workers.output import (UNSUPPORTED_ERRNOS, Cancelled, OnBytes, Output, StagingError,
                             check_cancelled, write_failed)
@@ -37,20 +51,77 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
+# getaddrinfo's (family, type, proto, sockaddr) of one address, canonname dropped
+Address = tuple[int, int, int, tuple]
 
 
 class _Retry(Exception):
     """A failed attempt that may be retried."""
 
 
-def _connect(url: str, start: int, auth: str | None,
-             if_range: str | None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+def vetted_addresses(url: str, host: str, port: int) -> list[Address]:
+    """``host``'s addresses for TCP ``port``, each checked with
+    :func:`~tasks.netguard.blocked_address`. Raises :class:`StagingError`
+    (``source_rejected``) when any of them is refused, so a name with one public and one
+    private address is refused too; a failed lookup raises ``socket.gaierror`` (an OSError,
+    retried as for an unreachable host)."""
+    vetted: list[Address] = []
+    for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        ip = str(sockaddr[0]).split("%", 1)[0]
+        reason = blocked_address(ip)
+        if reason:
+            where = host if host == ip else f"{host} ({ip})"
+            raise StagingError(f"{url}: {where} is {reason}; staging from loopback, private and link-local "
+                               f"addresses is refused unless {env_name('allow_private_sources')} is set",
+                               "source_rejected")
+        vetted.append((family, kind, proto, sockaddr))
+    return vetted
+
+
+def _connect_to(addresses: list[Address], _address: tuple[str, int], timeout: float | None,
+                source_address: tuple[str, int] | None = None) -> socket.socket:
+    """Like ``socket.create_connection`` but to the first of ``addresses`` that answers,
+    without resolving ``_address`` (host, port) again; ``timeout`` in seconds."""
+    error: OSError | None = None
+    for family, kind, proto, sockaddr in addresses:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error or OSError(f"no address to connect to for {_address[0]}")
+
+
+def _pin(conn: http.client.HTTPConnection, addresses: list[Address]) -> None:
+    """Make ``conn`` connect to ``addresses`` instead of looking its host up again.
+    ``HTTPConnection.connect`` opens its socket through the instance attribute
+    ``_create_connection`` (kept replaceable by http.client on purpose); everything else,
+    the ``Host`` header and HTTPS's ``server_hostname`` (SNI, certificate check), still
+    uses ``conn.host``."""
+    conn._create_connection = functools.partial(_connect_to, addresses)  # type: ignore[attr-defined]
+
+
+def _connect(url: str, start: int, auth: str | None, if_range: str | None,
+             allow_private: bool = False) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     parts = urlsplit(url)
     https = parts.scheme == "https"
     host, port = parts.hostname or "", parts.port or (443 if https else 80)
     proxy = urllib.request.getproxies().get(parts.scheme)
     if proxy and urllib.request.proxy_bypass(host):
         proxy = None
+    addresses = None
+    if not allow_private:
+        try:
+            addresses = vetted_addresses(url, host, port)
+        except socket.gaierror:
+            if not proxy:
+                raise
+            # a name only the proxy can resolve: it is the proxy's to refuse (module docstring)
     target = parts.path or "/"
     target += f"?{parts.query}" if parts.query else ""
     conn: http.client.HTTPConnection
@@ -67,6 +138,8 @@ def _connect(url: str, start: int, auth: str | None,
         conn = http.client.HTTPSConnection(host, port, timeout=CONNECT_TIMEOUT_S, context=_ssl_context())
     else:
         conn = http.client.HTTPConnection(host, port, timeout=CONNECT_TIMEOUT_S)
+    if addresses is not None and not proxy:  # through a proxy, the proxy connects (module docstring)
+        _pin(conn, addresses)
     headers = {"Accept-Encoding": "identity", "User-Agent": "modelbay-stager"}
     if start:
         headers["Range"] = f"bytes={start}-"
@@ -96,16 +169,17 @@ def _ssl_context() -> ssl.SSLContext:
     return context
 
 
-def _open(url: str, start: int,
-          if_range: str | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    """GET ``url`` from byte ``start``, following at most MAX_REDIRECTS http(s) redirects."""
+def _open(url: str, start: int, if_range: str | None = None,
+          allow_private: bool = False) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """GET ``url`` from byte ``start``, following at most MAX_REDIRECTS http(s) redirects;
+    every hop's host is vetted (module docstring) unless ``allow_private``."""
     parts = urlsplit(url)
     auth = None
     if parts.username is not None:  # credentials in the URL go to that URL only, not a redirect
         creds = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
         auth = "Basic " + base64.b64encode(creds.encode()).decode()
     for _ in range(MAX_REDIRECTS + 1):
-        conn, resp = _connect(url, start, auth, if_range)
+        conn, resp = _connect(url, start, auth, if_range, allow_private)
         if resp.status not in _REDIRECTS:
             return conn, resp
         location = resp.getheader("Location")
@@ -124,7 +198,7 @@ def _open(url: str, start: int,
 
 
 def download(url: str, out_path: Path, on_size: Callable[[int], None], on_bytes: OnBytes,
-             cancelled: Cancelled, max_bytes: int | None = None) -> tuple[int, str]:
+             cancelled: Cancelled, max_bytes: int | None = None, allow_private: bool = False) -> tuple[int, str]:
     """Stream ``url`` to the new file ``out_path``, fsync'd; ``(size_bytes, sha256_hex)``.
 
     Resumes with ``Range`` (and ``If-Range``) after a broken connection, from the bytes
@@ -132,7 +206,9 @@ def download(url: str, out_path: Path, on_size: Callable[[int], None], on_bytes:
     ``on_size(total_bytes)`` is called once the server tells the size; ``on_bytes`` after each
     read. More than ``max_bytes`` (the manifest's size) fails with ``hash_mismatch``. A 4xx
     (but 408/425/429) fails at once; other failures are retried RETRIES times with exponential
-    backoff, the count starting over whenever an attempt made progress."""
+    backoff, the count starting over whenever an attempt made progress. Unless
+    ``allow_private``, a host (first or after a redirect) with a loopback, private,
+    link-local or other non-public address fails with ``source_rejected`` (module docstring)."""
     out = Output(out_path)
     try:
         failures = 0
@@ -141,7 +217,7 @@ def download(url: str, out_path: Path, on_size: Callable[[int], None], on_bytes:
             check_cancelled(cancelled)
             start = out.size
             try:
-                if _attempt(url, out, on_size, on_bytes, cancelled, max_bytes, validator):
+                if _attempt(url, out, on_size, on_bytes, cancelled, max_bytes, validator, allow_private):
                     return out.finish()
                 failure: Exception = _Retry("the connection closed early")
             except ssl.SSLCertVerificationError as exc:  # retrying cannot help
@@ -161,10 +237,11 @@ def download(url: str, out_path: Path, on_size: Callable[[int], None], on_bytes:
 
 
 def _attempt(url: str, out: Output, on_size: Callable[[int], None], on_bytes: OnBytes,
-             cancelled: Cancelled, max_bytes: int | None, validator: dict[str, str]) -> bool:
+             cancelled: Cancelled, max_bytes: int | None, validator: dict[str, str],
+             allow_private: bool = False) -> bool:
     """One GET from byte ``out.size``; True when the whole body arrived."""
     start = out.size
-    conn, resp = _open(url, start, validator.get("value"))
+    conn, resp = _open(url, start, validator.get("value"), allow_private)
     try:
         if resp.status in _RETRY_STATUS:
             raise _Retry(f"HTTP {resp.status} {resp.reason}")

@@ -63,7 +63,7 @@ class NodeAgent:
     after the last beat, so a dead worker drops out of placement on its own."""
 
     def __init__(self, settings: Settings, store: Store, manager: ModelManager, celery_hostname: str,
-                 found_devices: list[dict[str, object]]) -> None:
+                 found_devices: list[dict[str, object]], instance: str = "") -> None:
         self.settings = settings
         self.store = store
         self.manager = manager
@@ -71,6 +71,8 @@ class NodeAgent:
         self.started_at = utcnow()
         self.devices = found_devices
         self._stop = threading.Event()
+        self.draining = False
+        self.instance = instance
         self._thread = threading.Thread(target=self._run, name="modelbay-heartbeat", daemon=True)
 
     def record(self) -> NodeRecord:
@@ -81,7 +83,7 @@ class NodeAgent:
             memory_used_mb=self.manager.memory_used_mb(),
             memory_evictable_mb=self.manager.memory_evictable_mb(), devices=self.devices,
             started_at=self.started_at, last_heartbeat=utcnow(),
-            loads_in_flight=self.manager.loads_in_flight())
+            loads_in_flight=self.manager.loads_in_flight(), draining=self.draining, instance=self.instance)
 
     def beat(self) -> None:
         self.store.heartbeat(self.record())
@@ -92,6 +94,14 @@ class NodeAgent:
         self.beat()
         self._thread.start()
 
+    def drain(self) -> None:
+        """Stopping: placement skips this node from the next beat on, and its models are no
+        longer offered (new jobs load them elsewhere); the running jobs go on."""
+        self.draining = True
+        self.beat()
+        self.store.clear_node_models(self.settings.node_id)
+        log.info("node %s draining", self.settings.node_id)
+
     def stop(self) -> None:
         self._stop.set()
         self.store.remove_node(self.settings.node_id)
@@ -100,8 +110,9 @@ class NodeAgent:
         interval_s = self.settings.node_ttl_s / 3
         while not self._stop.wait(interval_s):
             try:
-                self.manager.expire_idle()
                 self.beat()
-                self.manager.republish()
+                if not self.draining:
+                    self.manager.expire_idle()
+                    self.manager.republish()
             except Exception as exc:  # a Redis blip must not end the heartbeat for good
                 log.warning("heartbeat failed: %s", exc)

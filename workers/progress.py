@@ -39,21 +39,28 @@ class Debouncer:
         self.schedule = schedule or self._timer
         self._lock = threading.Lock()
         self._last_emit = float("-inf")
-        self._pending: tuple[str, dict[str, Any]] | None = None
+        self._pending: tuple[int, str, dict[str, Any]] | None = None
         self._flush_scheduled = False
+        # Emits happen outside the lock (the caller's thread, or the flush timer's): each
+        # carries the order it was submitted in, and one older than the last emitted is
+        # dropped, so a late trailing flush never overwrites a newer transition.
+        self._seq = 0
+        self._emitted_seq = 0
+        self._emit_lock = threading.Lock()
 
     def submit(self, event: str, state: dict[str, Any]) -> None:
         with self._lock:
             now = self.clock()
+            self._seq += 1
             if event in TRANSITIONS:
                 self._pending = None  # a stale tick must never follow a transition
                 self._last_emit = now
-                out: tuple[str, dict[str, Any]] | None = (event, state)
+                out: tuple[int, str, dict[str, Any]] | None = (self._seq, event, state)
             elif now - self._last_emit >= self.interval_s:
                 self._last_emit = now
-                out = (event, state)
+                out = (self._seq, event, state)
             else:
-                self._pending = (event, state)
+                self._pending = (self._seq, event, state)
                 out = None
                 if not self._flush_scheduled:
                     self._flush_scheduled = True
@@ -70,11 +77,15 @@ class Debouncer:
             self._last_emit = self.clock()
         self._safe_emit(*pending)
 
-    def _safe_emit(self, event: str, state: dict[str, Any]) -> None:
-        try:
-            self.emit(event, state)
-        except Exception as exc:  # progress never fails a task
-            log.warning("progress emit failed: %s", exc)
+    def _safe_emit(self, seq: int, event: str, state: dict[str, Any]) -> None:
+        with self._emit_lock:
+            if seq < self._emitted_seq:
+                return  # a newer state went out meanwhile
+            self._emitted_seq = seq
+            try:
+                self.emit(event, state)
+            except Exception as exc:  # progress never fails a task
+                log.warning("progress emit failed: %s", exc)
 
     @staticmethod
     def _timer(delay_s: float, fn: Callable[[], None]) -> threading.Timer:

@@ -153,7 +153,10 @@ class ModelManager:
             start_timeout_s=self.settings.backend_start_timeout_s,
             stop_grace_s=self.settings.backend_stop_grace_s,
             log_path=self.log_dir / f"{model_token(entry.model)[:80]}.log",
-            on_exit=lambda code, e=entry: self._on_exit(e, code))
+            on_exit=lambda code, e=entry: self._on_exit(e, code),
+            health_interval_s=self.settings.backend_health_interval_s,
+            health_timeout_s=self.settings.backend_health_timeout_s,
+            health_failures=self.settings.backend_health_failures)
         with self._lock:
             if entry.unloading:
                 raise LoadFailed("unloaded", "the model was unloaded while loading")
@@ -231,7 +234,8 @@ class ModelManager:
         was_ready = entry.state == "ready"
         entry.crashed = True
         entry.state = "failed"
-        entry.error = LoadFailed("backend_crashed", f"backend process exited with code {returncode}")
+        why = entry.proc.exit_reason if entry.proc is not None else None
+        entry.error = LoadFailed("backend_crashed", f"backend process {why or f'exited with code {returncode}'}")
         if was_ready:
             self._consume(model_queue(entry.model), False)
         self._publish(entry)

@@ -225,7 +225,8 @@ def _stage_file(models_dir: Path, item: _Item, settings: Settings, tracker: _Tra
                 stale.unlink(missing_ok=True)  # a dead stager's
             if src_stat is not None and item.size is None:
                 item.size = src_stat.st_size
-            size = _fill_blob(blob, meta, blobs, item, local, src_stat, tracker, cancelled)
+            size = _fill_blob(blob, meta, blobs, item, local, src_stat, tracker, cancelled,
+                              settings.allow_private_sources)
             moved = size
         else:
             item.size, moved = size, 0
@@ -234,8 +235,10 @@ def _stage_file(models_dir: Path, item: _Item, settings: Settings, tracker: _Tra
 
 
 def _fill_blob(blob: Path, meta: Path, blobs: Path, item: _Item, local: Path | None,
-               src_stat: os.stat_result | None, tracker: _Tracker, cancelled: Callable[[], bool]) -> int:
-    """Transfer the source into a temp file, verify, and rename it to ``blob``; its size."""
+               src_stat: os.stat_result | None, tracker: _Tracker, cancelled: Callable[[], bool],
+               allow_private: bool = False) -> int:
+    """Transfer the source into a temp file, verify, and rename it to ``blob``; its size.
+    ``allow_private``: fetch from loopback/private/link-local hosts too (workers/fetch.py)."""
     spec = item.spec
     need = spec.size if spec.size is not None else item.size
     if need is not None and shutil.disk_usage(blobs).free < need:
@@ -248,7 +251,8 @@ def _fill_blob(blob: Path, meta: Path, blobs: Path, item: _Item, local: Path | N
             def on_size(total: int) -> None:
                 item.size = total
 
-            size, digest = download(item.source.url, tmp, on_size, tracker.transferred, cancelled, spec.size)
+            size, digest = download(item.source.url, tmp, on_size, tracker.transferred, cancelled, spec.size,
+                                    allow_private)
         if spec.size is not None and size != spec.size:
             raise StagingError(f"size mismatch for {item.rel}: the manifest says {spec.size} bytes, "
                                f"the source has {size}", "hash_mismatch")

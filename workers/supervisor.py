@@ -9,6 +9,11 @@ with a deadline from :func:`load_deadline_s`; a watcher thread reaps the process
 it exits without :meth:`~BackendProcess.stop`, calls ``on_exit(returncode)`` and makes
 in-flight and later calls fail with :class:`BackendCallError`. :meth:`~BackendProcess.stop`
 sends SIGTERM to the process group, waits ``stop_grace_s`` seconds, then SIGKILLs.
+
+Hangs: once started, a :class:`~workers.health.HealthMonitor` checks the process's gRPC
+health every ``health_interval_s`` seconds; after ``health_failures`` consecutive failed
+checks it SIGKILLs the process group, and the exit is reported like a crash, with
+:attr:`~BackendProcess.exit_reason` saying that the backend hung.
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from workers.backend_calls import (BackendCallError, BackendCancelled, BackendError, BackendStartError,
                                    GenerateCall, ImageCall)
+from workers.backends.base import health_socket
 from workers.backends.proto.modelbay.backend.v1 import backend_pb2 as pb
 from workers.backends.proto.modelbay.backend.v1 import backend_pb2_grpc as pb_grpc
+from workers.health import DEFAULT_FAILURES, DEFAULT_INTERVAL_S, DEFAULT_TIMEOUT_S, HealthMonitor, validate
 
 log = logging.getLogger("modelbay.supervisor")
 
@@ -58,12 +65,16 @@ class BackendProcess:
 
     ``model`` and ``instance`` are the identity sent with every request (treat them as
     read-only). ``on_exit`` is called from the watcher thread with the return code when
-    the process exits without :meth:`stop` having been called."""
+    the process exits without :meth:`stop` having been called (also after the health
+    monitor killed it as hung). ``health_interval_s`` (seconds between checks, 0: no
+    monitoring), ``health_timeout_s`` (seconds per check) and ``health_failures`` (checks
+    failed in a row) configure hang detection; see :mod:`workers.health`."""
 
     def __init__(
         self, backend: str, model: str, socket_dir: Path, *, env: dict[str, str] | None = None,
         start_timeout_s: float = 30.0, stop_grace_s: float = 5.0, log_path: Path | None = None,
-        on_exit: Callable[[int], None] | None = None,
+        on_exit: Callable[[int], None] | None = None, health_interval_s: float = DEFAULT_INTERVAL_S,
+        health_timeout_s: float = DEFAULT_TIMEOUT_S, health_failures: int = DEFAULT_FAILURES,
     ) -> None:
         if not _BACKEND_NAME.fullmatch(backend):
             raise BackendStartError(f"invalid backend name {backend!r}: must match [a-z0-9_-]+")
@@ -71,7 +82,7 @@ class BackendProcess:
         self.model = model
         self.instance = uuid.uuid4().hex
         self.socket_path = Path(os.path.abspath(socket_dir)) / f"{self.instance[:12]}.sock"
-        if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH_BYTES:
+        if len(os.fsencode(health_socket(self.socket_path))) > MAX_SOCKET_PATH_BYTES:
             raise BackendStartError(
                 f"socket path {str(self.socket_path)!r} is longer than {MAX_SOCKET_PATH_BYTES} bytes "
                 "(the unix socket limit); use a shorter socket_dir"
@@ -81,11 +92,18 @@ class BackendProcess:
         self.stop_grace_s = stop_grace_s
         self.log_path = log_path
         self.on_exit = on_exit
+        validate(health_interval_s, health_timeout_s, health_failures)
+        self.health_interval_s = health_interval_s
+        self.health_timeout_s = health_timeout_s
+        self.health_failures = health_failures
+        self._health: HealthMonitor | None = None
+        self._hung_reason: str | None = None
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.BackendStub | None = None
         self._exited = threading.Event()
+        self._exit_handled = threading.Event()  # set once the watcher is done (on_exit returned)
         self._stop_requested = threading.Event()
         self._state_lock = threading.Lock()  # orders _started against the watcher's exit check
         self._started = False
@@ -104,6 +122,29 @@ class BackendProcess:
     def returncode(self) -> int | None:
         """The exit status once the process was reaped (negative: killed by that signal)."""
         return self._proc.returncode if self._exited.is_set() and self._proc is not None else None
+
+    @property
+    def health(self) -> HealthMonitor | None:
+        """The hang detector, from a successful :meth:`start` on (None when disabled)."""
+        return self._health
+
+    @property
+    def hung_reason(self) -> str | None:
+        """Why the health monitor killed the process as hung; None if it did not."""
+        return self._hung_reason
+
+    @property
+    def exit_reason(self) -> str | None:
+        """How the process ended, for messages ("backend process <exit_reason>"): killed
+        as hung, stopped, or exited with its code; None while it has not been reaped."""
+        rc = self.returncode
+        if rc is None:
+            return None
+        if self._hung_reason is not None:
+            return f"was killed by the supervisor because it hung: {self._hung_reason}"
+        if self._stop_requested.is_set():
+            return f"was stopped by the supervisor (code {rc})"
+        return f"exited with code {rc}"
 
     def alive(self) -> bool:
         """True from a successful :meth:`start` until the process exits."""
@@ -137,10 +178,13 @@ class BackendProcess:
             threading.Thread(target=self._watch, name=f"backend-watch-{self._proc.pid}", daemon=True).start()
             channel = self._channel = grpc.insecure_channel(f"unix:{self.socket_path}", options=_CHANNEL_OPTIONS)
             self._stub = pb_grpc.BackendStub(channel)
+            # Stubs are made under the lock: grpcio crashes the process (SIGSEGV) when a stub
+            # is created on a channel that stop() closed meanwhile from another thread.
+            health_stub = health_pb2_grpc.HealthStub(channel)
         log.info("started %s pid %d for model %r instance %s", module, self._proc.pid, self.model, self.instance)
         t0 = time.monotonic()
         try:
-            self._wait_healthy(channel)
+            self._wait_healthy(health_stub)
         except BackendStartError:
             if not self._stop_requested.is_set():  # else stop() is ending it
                 self._kill_now()
@@ -148,14 +192,20 @@ class BackendProcess:
         with self._state_lock:
             died = self._exit_seen
             self._started = not died
+            if self._started and self.health_interval_s > 0 and not self._stop_requested.is_set():
+                self._health = HealthMonitor(
+                    f"unix:{health_socket(self.socket_path)}", service=SERVICE_NAME, pid=self._proc.pid, model=self.model,
+                    on_unhealthy=self._kill_hung, interval_s=self.health_interval_s,
+                    timeout_s=self.health_timeout_s, failures=self.health_failures,
+                    channel_options=_CHANNEL_OPTIONS)
+                self._health.start()
         if died:
             self._kill_now()
             raise BackendStartError(f"backend {self.backend!r} exited with code {self.returncode} right after "
                                     f"becoming healthy; log tail:\n{self.log_tail()}")
         log.info("backend pid %d healthy after %.2fs", self._proc.pid, time.monotonic() - t0)
 
-    def _wait_healthy(self, channel: grpc.Channel) -> None:
-        health_stub = health_pb2_grpc.HealthStub(channel)
+    def _wait_healthy(self, health_stub: health_pb2_grpc.HealthStub) -> None:
         request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
         deadline = time.monotonic() + self.start_timeout_s
         while True:
@@ -209,15 +259,23 @@ class BackendProcess:
         with self._state_lock:
             self._exit_seen = True
             report = self._started and not self._stop_requested.is_set()
+            if self._health is not None:
+                self._health.stop()
         if not report:
+            self._exit_handled.set()
             return
-        log.warning("backend pid %d (model %r) exited unexpectedly with code %d", proc.pid, self.model, rc)
+        if self._hung_reason is None:
+            log.warning("backend pid %d (model %r) exited unexpectedly with code %d", proc.pid, self.model, rc)
+        else:
+            log.warning("backend pid %d (model %r) %s", proc.pid, self.model, self.exit_reason)
         self._close_channel()
-        if self.on_exit is not None:
-            try:
+        try:
+            if self.on_exit is not None:
                 self.on_exit(rc)
-            except Exception:  # a broken callback must not kill the watcher silently
-                log.exception("on_exit callback failed")
+        except Exception:  # a broken callback must not kill the watcher silently
+            log.exception("on_exit callback failed")
+        finally:
+            self._exit_handled.set()
 
     # -- calls -----------------------------------------------------------------------
     def _ref(self) -> pb.ModelRef:
@@ -227,7 +285,9 @@ class BackendProcess:
         if self._stop_requested.is_set():
             return BackendCallError(f"backend for model {self.model!r} was stopped")
         if self._exited.is_set():
-            return BackendCallError(f"backend process exited with code {self.returncode}")
+            # Fail the call only once on_exit ran, so the caller sees the crash recorded.
+            self._exit_handled.wait(5.0)
+            return BackendCallError(f"backend process {self.exit_reason}")
         if not self._started:
             return BackendCallError("backend process not started")
         return None
@@ -342,6 +402,21 @@ class BackendProcess:
             os.unlink(self.socket_path)
         except FileNotFoundError:
             pass
+        try:
+            os.unlink(health_socket(self.socket_path))
+        except FileNotFoundError:
+            pass
+
+    def _kill_hung(self, reason: str) -> bool:
+        """The health monitor's verdict: record ``reason`` and SIGKILL the process group,
+        unless the process is being stopped or already exited (then False). The watcher
+        thread reports the exit through ``on_exit``."""
+        with self._state_lock:
+            if self._stop_requested.is_set() or self._exit_seen or not self._started:
+                return False
+            self._hung_reason = reason
+            self._signal(signal.SIGKILL)
+        return True
 
     def _kill_now(self) -> None:
         """After a failed start: SIGKILL, reap, clean up."""
@@ -360,6 +435,9 @@ class BackendProcess:
             if self._stop_result is not None:
                 return self._stop_result
             self._stop_requested.set()
+            with self._state_lock:  # after this, no hang verdict can kill the process
+                if self._health is not None:
+                    self._health.stop()
             if self._proc is None:
                 result = "not_started"
             elif self._exited.is_set():

@@ -30,7 +30,7 @@ def noop() -> None:
 def load(job_id: str) -> None:
     """Load a model on this node. Not cancellable by any client action (DESIGN 2)."""
     rt = runtime()
-    change = rt.store.transition(job_id, "loading", allowed_from=("queued",))
+    change = rt.store.transition(job_id, "loading", allowed_from=("queued",), runner=rt.instance)
     if not change.applied or change.record is None:
         return
     job = change.record
@@ -117,7 +117,7 @@ def infer(job_id: str, reroutes: int = 0) -> None:
         return
     try:
         change = rt.store.transition(job_id, "running", allowed_from=("queued", "loading"),
-                                     node=rt.settings.node_id, attempts=job.attempts + 1)
+                                     node=rt.settings.node_id, attempts=job.attempts + 1, runner=rt.instance)
         if change.applied and change.record is not None:
             _run(change.record, entry, reroutes)
     finally:
@@ -152,7 +152,7 @@ def _run(job: JobRecord, entry: Entry, reroutes: int) -> None:
         if rt.cancels.is_cancelled(job.id):
             return
         if entry.crashed:
-            _after_crash(job, delivery, reroutes)
+            _after_crash(job, delivery, reroutes, entry.proc.exit_reason if entry.proc is not None else None)
             return
         if exc.grpc_code == "UNIMPLEMENTED":
             rt.store.fail(job.id, "unsupported_task",
@@ -173,7 +173,7 @@ def _run(job: JobRecord, entry: Entry, reroutes: int) -> None:
     rt.store.finish(job.id, "succeeded", result=result)
 
 
-def _after_crash(job: JobRecord, delivery: Delivery, reroutes: int) -> None:
+def _after_crash(job: JobRecord, delivery: Delivery, reroutes: int, exit_reason: str | None = None) -> None:
     """The backend died under the job: retry it once if it produced nothing yet (its model
     loads again), else fail it with ``backend_crashed``."""
     rt = runtime()
@@ -182,5 +182,5 @@ def _after_crash(job: JobRecord, delivery: Delivery, reroutes: int) -> None:
         _reroute(job, reroutes)
         return
     rt.store.fail(job.id, "backend_crashed",
-                  f"the backend process of {job.model!r} exited during the job "
-                  f"after {delivery.pieces} token(s); the next request loads the model again")
+                  f"the backend process of {job.model!r} {exit_reason or 'exited'} "
+                  f"(during the job, after {delivery.pieces} token(s)); the next request loads the model again")

@@ -48,20 +48,23 @@ def embeddings():
 @bp.post("/completions")
 def completions():
     req = parse(CompletionRequest)
-    return _generate(req, Call(req.model, "generate", req.text(), req.params(), stream=req.stream), chat=False)
+    call = Call(req.model, "generate", req.text(), req.params(), stream=req.stream, input_name="prompt")
+    return _generate(req, call, chat=False)
 
 
 @bp.post("/chat/completions")
 def chat_completions():
     req = parse(ChatCompletionRequest)
     messages = [m.as_job() for m in req.messages]
-    return _generate(req, Call(req.model, "chat", messages, req.params(), stream=req.stream), chat=True)
+    call = Call(req.model, "chat", messages, req.params(), stream=req.stream, input_name="messages")
+    return _generate(req, call, chat=True)
 
 
 @bp.post("/images/generations")
 def images():
     req = parse(ImageRequest)
-    call = Call(req.model, "image", req.prompt, req.params())
+    call = Call(req.model, "image", req.prompt, req.params(), input_name="prompt",
+                param_names={"width": "size", "height": "size"})
     call.wait()
     image = call.result().get("image") or {}
     return jsonify({"created": int(time.time()), "data": [{"b64_json": image.get("b64_png")}]}), 200, call.headers

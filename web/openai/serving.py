@@ -18,6 +18,7 @@ from flask import request
 from pydantic import ValidationError
 
 from tasks.errors import Conflict, InvalidRequest, ModelbayError, NotFound, Unavailable
+from tasks.limits import check_limits
 from tasks.schemas import JobRecord, JobRequest
 from web.disconnect import client_gone
 from web.extensions import mb
@@ -36,7 +37,13 @@ class ClientGone(Exception):
 class Call:
     """One inference job started for this request; see the module docstring."""
 
-    def __init__(self, model: str, task: str, input_: Any, params: dict[str, Any], *, stream: bool = False) -> None:
+    def __init__(self, model: str, task: str, input_: Any, params: dict[str, Any], *, stream: bool = False,
+                 input_name: str = "input", param_names: dict[str, str] | None = None) -> None:
+        try:
+            check_limits(task, input_, params, mb().settings, input_name=input_name, params_prefix="")
+        except InvalidRequest as exc:  # name the field as this route spells it
+            exc.param = (param_names or {}).get(exc.param or "", exc.param)
+            raise
         manifest = mb().store.get_manifest(check_model_name(model))
         if manifest is None:
             raise not_found_model(model)

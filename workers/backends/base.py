@@ -62,6 +62,13 @@ class ImageResult:
     seed: int
 
 
+def health_socket(socket_path: str | os.PathLike[str]) -> str:
+    """The second socket a backend serves grpc.health.v1 on, with threads of its own, so a
+    backend busy with many calls still answers its health checks (the supervisor's hang
+    detection must not mistake load for a hang)."""
+    return f"{os.fspath(socket_path)}.health"
+
+
 def wait_or_cancel(seconds: float, cancelled: Callable[[], bool], slice_s: float = 0.01) -> bool:
     """Sleep ``seconds`` in slices of ``slice_s`` seconds; return True as soon as cancelled."""
     deadline = time.monotonic() + max(0.0, seconds)

@@ -19,7 +19,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from workers.backends.base import MAX_MESSAGE_BYTES, SERVICE_NAME, BackendModel, BackendServicer
+from workers.backends.base import MAX_MESSAGE_BYTES, SERVICE_NAME, BackendModel, BackendServicer, health_socket
 from workers.backends.proto.modelbay.backend.v1 import backend_pb2_grpc as pb_grpc
 
 log = logging.getLogger("modelbay.backend")
@@ -59,6 +59,12 @@ def main(
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(f"unix:{args.socket}")
+    # Health also on a socket of its own with its own threads: answered however busy the
+    # 16 call threads are, so the supervisor's hang detection sees load as alive.
+    health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+    health_server.add_insecure_port(f"unix:{health_socket(args.socket)}")
+    health_server.start()
     server.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -70,6 +76,7 @@ def main(
     health_servicer.enter_graceful_shutdown()
     model.stopping.set()
     server.stop(args.grace_s).wait()
+    health_server.stop(0).wait()
     executor.shutdown(wait=False, cancel_futures=True)
     log.info("stopped")  # gRPC unlinks the socket file on stop (and a stale one on bind)
     others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]

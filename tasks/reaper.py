@@ -1,0 +1,100 @@
+"""The reaper: no job is lost when a worker dies (DESIGN 4).
+
+Celery's Redis transport redelivers an unacknowledged message only after its visibility
+timeout (hours, since a job may run that long), so a dead node's work is found from the job
+records instead. Every worker runs :class:`Reaper` every ``reaper_interval_s`` seconds; one
+of them per round holds the ``mb:reaper`` lock and does the work:
+
+- an inference job ``running`` (``mb:inflight``) on a node whose heartbeat expired, or whose
+  worker came back as a new process (the job's ``runner`` is not the node's ``instance``), goes back
+  to the queue (:func:`requeue`) and runs elsewhere; after ``job_max_attempts`` attempts in
+  all it fails with ``node_lost``;
+- a load or unload on such a node fails with ``node_lost``; the inference jobs waiting for
+  that load are routed again, which places a new load on a live node.
+
+A node that is draining (a graceful stop) still heartbeats, so its running jobs are left to
+finish. A redelivered or duplicate message of a job that already ended does nothing, and a
+result is written once (terminal records are never overwritten).
+"""
+from __future__ import annotations
+
+import logging
+
+from tasks.dispatch import Dispatcher
+from tasks.errors import ModelbayError
+from tasks.schemas import JobRecord
+from tasks.settings import Settings
+from tasks.store import Store
+
+log = logging.getLogger("modelbay.reaper")
+
+LOCK_KEY = "mb:reaper"
+
+
+def requeue(store: Store, dispatcher: Dispatcher, job: JobRecord, reason: str, max_attempts: int) -> str:
+    """Send a ``running`` (or waiting) inference job back to the queue; what happened:
+    "requeued", "failed" (attempts used up, or it cannot be routed) or "skipped" (it had
+    moved on meanwhile)."""
+    if job.attempts >= max_attempts:
+        store.fail(job.id, "node_lost", f"{reason}; gave up after {job.attempts} attempt(s)")
+        return "failed"
+    manifest = store.get_manifest(job.model)
+    if manifest is None:
+        store.fail(job.id, "model_not_found", f"{reason}, and model {job.model!r} is no longer in the catalog")
+        return "failed"
+    change = store.transition(job.id, "queued", allowed_from=("running", "loading", "queued"), node=job.pin)
+    if not change.applied or change.record is None:
+        return "skipped"
+    try:
+        dispatcher.route(change.record, manifest)
+    except ModelbayError as exc:
+        store.fail(job.id, exc.code, f"{reason}; could not route it again: {exc.message}")
+        return "failed"
+    log.warning("job %s requeued (attempt %d done): %s", job.id, job.attempts, reason)
+    return "requeued"
+
+
+class Reaper:
+    """One round per :meth:`run_once`; see the module docstring."""
+
+    def __init__(self, store: Store, dispatcher: Dispatcher, settings: Settings) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.settings = settings
+
+    def run_once(self) -> dict[str, int]:
+        """Reap if this process wins the round's lock; counts of what was done."""
+        lock_s = max(1, round(self.settings.reaper_interval_s))
+        if not self.store.r.set(LOCK_KEY, self.settings.node_id, nx=True, ex=lock_s):
+            return {}
+        alive = {n.id: n.instance for n in self.store.live_nodes(include_draining=True)}
+
+        def lost(job: JobRecord) -> bool:  # its node is gone, or came back as a new process
+            return job.node not in alive or bool(job.runner and alive[job.node] and job.runner != alive[job.node])
+
+        counts = {"requeued": 0, "failed": 0, "skipped": 0, "loads_failed": 0}
+        ids = self.store.inflight_ids()
+        records = self.store.jobs(ids)
+        self.store.forget_inflight([i for i in ids if i not in records or records[i].status != "running"])
+        for job in records.values():
+            if job.status == "running" and lost(job):
+                how = requeue(self.store, self.dispatcher, job, f"node {job.node} was lost while running the job",
+                              self.settings.job_max_attempts)
+                counts[how] += 1
+        for op in self.store.active_ops():
+            if op.node is None or not lost(op):
+                continue
+            message = f"node {op.node} was lost during the {op.kind}"
+            if self.store.fail(op.id, "node_lost", message).applied:
+                counts["loads_failed"] += 1
+            if op.kind == "load":
+                self.store.release_load(op.node, op.model, op.id)
+                self.store.delete_model_state(op.node, op.model)
+                for waiter_id in self.store.pop_waiters(op.id):
+                    waiter = self.store.get_job(waiter_id)
+                    if waiter is not None and not waiter.terminal:
+                        counts[requeue(self.store, self.dispatcher, waiter, message,
+                                       self.settings.job_max_attempts + 1)] += 1
+        if any(counts.values()):
+            log.warning("reaper: %s", counts)
+        return counts

@@ -1,0 +1,59 @@
+"""Request limits (``tasks/limits.py``): each is a 400 ``limit_exceeded`` naming the field,
+on ``/v1/jobs`` and on the OpenAI-compatible routes, and nothing is queued."""
+from __future__ import annotations
+
+import pytest
+
+from helpers import unique
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+LIMITS = {"MODELBAY_MAX_INPUTS": "3", "MODELBAY_MAX_INPUT_CHARS": "50", "MODELBAY_MAX_TOKENS_LIMIT": "10",
+          "MODELBAY_MAX_IMAGE_SIDE_PX": "64", "MODELBAY_MAX_IMAGE_STEPS": "5", "MODELBAY_MAX_BODY_MB": "0.01"}
+
+
+@pytest.fixture(scope="module")
+def small(stack_env):
+    from web import create_app
+
+    client = create_app({"TESTING": True, "MODELBAY_ENV": {**stack_env, **LIMITS}}).test_client()
+    name = unique("lim")
+    assert client.put(f"/v1/models/{name}", json={"backend": "echo"}).status_code == 201
+    return client, name
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/jobs", {"task": "embed", "input": ["a", "b", "c", "d"]}, "input"),
+    ("/v1/jobs", {"task": "embed", "input": "x" * 51}, "input"),
+    ("/v1/jobs", {"task": "chat", "input": [user("a")] * 4}, "input"),
+    ("/v1/jobs", {"task": "generate", "input": "hi", "params": {"max_tokens": 11}}, "params.max_tokens"),
+    ("/v1/jobs", {"task": "image", "input": "a cat", "params": {"width": 128}}, "params.width"),
+    ("/v1/jobs", {"task": "image", "input": "a cat", "params": {"steps": 6}}, "params.steps"),
+    ("/v1/embeddings", {"input": ["a", "b", "c", "d"]}, "input"),
+    ("/v1/chat/completions", {"messages": [user("y" * 51)]}, "messages"),
+    ("/v1/chat/completions", {"messages": [user("a")], "max_completion_tokens": 11}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 11}, "max_tokens"),
+    ("/v1/images/generations", {"prompt": "a cat", "size": "128x64"}, "size"),
+    ("/v1/images/generations", {"prompt": "a cat", "steps": 6}, "steps"),
+])
+def test_over_a_limit_is_400_and_nothing_is_queued(small, path: str, body: dict, param: str) -> None:
+    client, name = small
+    before = len(client.get(f"/v1/jobs?model={name}").get_json()["data"])
+    resp = client.post(path, json={"model": name, **body})
+    assert resp.status_code == 400, resp.get_json()
+    error = resp.get_json()["error"]
+    assert error["code"] == "limit_exceeded" and error["param"] == param and "MODELBAY_MAX_" in error["message"]
+    assert len(client.get(f"/v1/jobs?model={name}").get_json()["data"]) == before
+
+
+def test_at_the_limit_is_fine_and_the_body_size_is_413(small) -> None:
+    client, name = small
+    ok = client.post("/v1/jobs", json={"model": name, "task": "embed", "input": ["a", "b", "c"]})
+    assert ok.status_code == 202
+    big = client.post("/v1/jobs", json={"model": name, "task": "embed", "input": "z" * 20_000})
+    assert big.status_code == 413 and big.get_json()["error"]["code"] == "payload_too_large"
+    assert client.get("/healthz").status_code == 200

@@ -1,0 +1,68 @@
+"""The worker's background duties beyond tasks: reaping dead nodes' jobs, and draining on a
+graceful stop.
+
+Drain (SIGTERM, a rolling update): Celery stops consuming and waits for the running tasks.
+Meanwhile this node marks itself ``draining`` (placement skips it; its model states are
+withdrawn, so new jobs load their model elsewhere) and gives its running jobs
+``worker_stop_grace_s`` seconds to finish. Jobs still running then are handed back: each
+goes back to the queue (it runs again on another node) and its backend call is cancelled,
+so the task returns at once. Celery then shuts down, the backends stop and the node record
+is removed.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from tasks.reaper import Reaper, requeue
+
+log = logging.getLogger("modelbay.worker")
+
+
+class Background:
+    """The reaper thread of this worker, and the drain on stop."""
+
+    def __init__(self, rt: Any) -> None:
+        self.rt = rt
+        self.reaper = Reaper(rt.store, rt.dispatcher, rt.settings)
+        self._stop = threading.Event()
+        self._reaper_thread = threading.Thread(target=self._reap, name="modelbay-reaper", daemon=True)
+        self.drained = threading.Event()
+
+    def start(self) -> None:
+        self._reaper_thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _reap(self) -> None:
+        while not self._stop.wait(self.rt.settings.reaper_interval_s):
+            try:
+                self.reaper.run_once()
+            except Exception as exc:  # a Redis blip must not end the reaper for good
+                log.warning("reaper round failed: %s", exc)
+
+    def drain(self) -> None:
+        """See the module docstring; runs in its own thread while Celery waits for tasks."""
+        rt, settings = self.rt, self.rt.settings
+        try:
+            if rt.agent is not None:
+                rt.agent.drain()
+            deadline = time.monotonic() + settings.worker_stop_grace_s
+            while rt.cancels.watched() and time.monotonic() < deadline:
+                self._stop.wait(0.1)
+            handed = rt.cancels.take_all()
+            for job_id, cancel in handed.items():
+                job = rt.store.get_job(job_id)
+                if job is not None and job.status == "running":
+                    reason = f"node {settings.node_id} stopped (still running after {settings.worker_stop_grace_s:g}s)"
+                    requeue(rt.store, rt.dispatcher, job, reason, settings.job_max_attempts + 1)
+                cancel()
+            if handed:
+                log.warning("handed %d running job(s) back to the queue", len(handed))
+        except Exception:  # the stop must go on whatever happens here
+            log.exception("drain failed")
+        finally:
+            self.drained.set()
