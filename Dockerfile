@@ -8,7 +8,7 @@ COPY pyproject.toml README.md ./
 COPY tasks ./tasks
 COPY web ./web
 COPY workers ./workers
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".[flower]"
 ENV MODELBAY_MODELS_DIR=/models MODELBAY_RUN_DIR=/run/modelbay
 EXPOSE 8080
 CMD ["modelbay", "web", "--port", "8080"]

@@ -1,6 +1,8 @@
-"""The ``modelbay`` command: ``up`` (the whole stack as processes), ``web``, ``worker``.
+"""The ``modelbay`` command: ``up`` (the whole stack as processes), ``web``, ``worker``, and
+the operator commands of :mod:`tasks.cli_client` (``models``, ``load``, ``run``, ``jobs``,
+``cancel``, ``nodes``) that talk to a running API.
 
-The CLI only starts processes; it imports neither Flask, Celery's worker nor grpc.
+The CLI imports neither Flask, Celery's worker nor grpc.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from pathlib import Path
 from collections.abc import Sequence
 
 from tasks import services
+from tasks.cli_client import add_commands
+from tasks.client import ApiError
 from tasks.names import node_queue
 from tasks.settings import env_name, load_settings
 
@@ -140,12 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run a Celery worker node")
     worker.add_argument("--concurrency", type=int, default=None)
     worker.set_defaults(func=cmd_worker)
+    add_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ApiError as exc:
+        print(f"modelbay: {exc}", file=sys.stderr)
+        return 2
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"modelbay: cannot reach {getattr(args, 'url', 'the API')}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -40,6 +40,23 @@ def test_compose_services_run_real_cli_commands():
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
 
 
+def test_compose_lb_flower_and_healthchecks():
+    services = compose()["services"]
+    web, lb, flower = services["web"], services["lb"], services["flower"]
+    assert "ports" not in web and web["deploy"]["replicas"] >= 2  # only the lb is published
+    assert "/readyz" in " ".join(web["healthcheck"]["test"])
+    assert lb["image"].startswith("nginx") and lb["ports"] == ["8080:8080"]
+    mount = lb["volumes"][0].split(":")
+    conf = (ROOT / mount[0]).read_text()
+    assert mount[1] == "/etc/nginx/conf.d/default.conf"
+    assert "server web:8080" in conf and "proxy_buffering off" in conf  # round-robin, SSE unbuffered
+    assert "proxy_ignore_client_abort off" in conf  # disconnects reach the web (DESIGN 9)
+    assert flower["profiles"] == ["flower"] and flower["command"][:3] == ["celery", "--broker", web["environment"]
+                                                                             ["MODELBAY_REDIS_URL"]]
+    assert "flower" in flower["command"] and "valkey" in services and "nats" in services
+    assert int(services["worker"]["stop_grace_period"].rstrip("s")) > Settings().worker_stop_grace_s
+
+
 def test_compose_env_vars_are_settings():
     known = {env_name(f.name) for f in fields(Settings)}
     for name, service in compose()["services"].items():

@@ -27,7 +27,8 @@ log = logging.getLogger("modelbay.web")
 BASELINE_REFRESH_S = 1.0   # the longest the coarse progress of baseline rows may be cached
 NODES_REFRESH_S = 0.5      # the longest the set of live nodes may be cached
 ROW_FIELDS = ("id", "kind", "model", "node", "job", "phase", "file", "file_index", "files_total",
-              "bytes_done", "bytes_total", "progress", "message", "error", "started_at", "updated_at")
+              "bytes_done", "bytes_total", "rate_bps", "eta_s", "progress", "message", "error", "started_at",
+              "updated_at")
 
 
 class Live:
@@ -125,7 +126,7 @@ def baseline_row(rec: JobRecord) -> dict[str, Any]:
             "phase": p.phase if p else rec.status, "file": p.file if p else None,
             "file_index": p.file_index if p else None, "files_total": p.files_total if p else None,
             "bytes_done": p.bytes_done if p else None, "bytes_total": p.bytes_total if p else None,
-            "progress": p.progress if p else 0.0, "message": p.message if p else None,
+            "rate_bps": None, "eta_s": None, "progress": p.progress if p else 0.0, "message": p.message if p else None,
             "error": rec.error.message if rec.error else None, "started_at": rec.started_at or rec.created_at,
             "updated_at": rec.started_at or rec.created_at, "live": False}
 

@@ -116,6 +116,8 @@ class OperationRow(BaseModel):
     files_total: int | None = None
     bytes_done: int | None = None
     bytes_total: int | None = None
+    rate_bps: float | None = Field(default=None, description="bytes/s over the last few seconds (live only)")
+    eta_s: float | None = Field(default=None, description="seconds left at that rate (live only)")
     progress: float | None = None
     message: str | None = None
     error: str | None = None
