@@ -95,8 +95,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         settings = load_settings({**os.environ, **env})
         for i in range(1, args.workers + 1):
             node = f"{settings.node_id}-{i}" if args.workers > 1 else settings.node_id
+            port = settings.worker_metrics_port + i - 1 if settings.worker_metrics_port else 0
             proc = services.spawn(services.worker_command(node_queue(node), node, settings.worker_concurrency),
-                                  {**env, env_name("node_id"): node}, data / f"logs/worker-{node}.log")
+                                  {**env, env_name("node_id"): node, env_name("worker_metrics_port"): str(port)},
+                                  data / f"logs/worker-{node}.log")
             started.append((f"worker {node}", proc))
         web = services.spawn(services.web_command(args.host, args.port, args.web), env, data / "logs/web.log")
         started.append(("web", web))

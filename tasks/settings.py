@@ -38,6 +38,10 @@ class Settings:
     # addresses (also after redirects) unless this is on.
     allow_private_sources: bool = False
     api_keys: str = ""
+    # /metrics without a key even when MODELBAY_API_KEYS is set (a scraper inside the cluster)
+    metrics_open: bool = False
+    # Each worker serves its Prometheus metrics on this port (0: none)
+    worker_metrics_port: int = 9400
     # Jobs and records
     job_ttl_s: int = 86400
     jobs_recent_max: int = 10000

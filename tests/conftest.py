@@ -74,10 +74,18 @@ def store(stack_env: dict[str, str]) -> Store:
 
 
 @pytest.fixture(scope="session")
-def worker(stack_env: dict[str, str], store: Store, artifacts: Path) -> Iterator[Worker]:
+def worker_metrics_port() -> int:
+    """The port the session's worker serves its Prometheus metrics on."""
+    from tasks.services import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def worker(stack_env: dict[str, str], store: Store, artifacts: Path, worker_metrics_port: int) -> Iterator[Worker]:
     """One worker node for the session. On teardown it must leave no backend process and no
     socket behind."""
-    w = start_worker(stack_env, NODE, artifacts, store)
+    w = start_worker({**stack_env, "MODELBAY_WORKER_METRICS_PORT": str(worker_metrics_port)}, NODE, artifacts, store)
     try:
         yield w
     finally:

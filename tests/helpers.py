@@ -85,6 +85,7 @@ class Worker:
 def start_worker(env: dict[str, str], node_id: str, log_dir: Path, store: Store,
                  concurrency: int = 8, timeout_s: float = 60) -> Worker:
     log_path = log_dir / f"worker-{node_id}.log"
+    env = {"MODELBAY_WORKER_METRICS_PORT": "0", **env}  # many workers on one host: metrics only when asked
     proc = spawn(worker_command(node_queue(node_id), node_id, concurrency),
                  {**env, "MODELBAY_NODE_ID": node_id}, log_path)
     worker = Worker(node_id, proc, log_path)

@@ -55,6 +55,12 @@ def test_compose_lb_flower_and_healthchecks():
                                                                              ["MODELBAY_REDIS_URL"]]
     assert "flower" in flower["command"] and "valkey" in services and "nats" in services
     assert int(services["worker"]["stop_grace_period"].rstrip("s")) > Settings().worker_stop_grace_s
+    # Ports and volumes agree with the settings and the image.
+    assert str(Settings().worker_metrics_port) in services["worker"]["expose"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    models_dir = dockerfile.split("MODELBAY_MODELS_DIR=", 1)[1].split()[0]
+    assert any(v.split(":")[1] == models_dir for v in services["worker"]["volumes"])
+    assert web["command"][web["command"].index("--port") + 1] == "8080" and "8080" in web["expose"]
 
 
 def test_compose_env_vars_are_settings():

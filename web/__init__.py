@@ -19,7 +19,7 @@ class ModelbayFlask(Flask):
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app. ``test_config`` may hold ``MODELBAY_ENV`` (``MODELBAY_*`` variables laid
     over the environment), ``MODELBAY`` (typed settings overrides) and any Flask config key."""
-    from web import auth, errors, jobs, models, nodes, openapi, operations
+    from web import auth, errors, jobs, metrics, models, nodes, openapi, operations, ui
     from web.extensions import Modelbay
     from web.openai import routes as openai_routes
 
@@ -34,8 +34,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     Modelbay(app, settings)
     errors.init_app(app)
-    auth.init_app(app, settings.api_key_list)
-    for blueprint in (models.bp, jobs.bp, nodes.bp, operations.bp, openai_routes.bp, openapi.bp):
+    auth.init_app(app, settings.api_key_list, open_metrics=settings.metrics_open)
+    for blueprint in (models.bp, jobs.bp, nodes.bp, operations.bp, openai_routes.bp, openapi.bp, metrics.bp, ui.bp):
         app.register_blueprint(blueprint)
     # The progress subscriber starts here, in the serving process: gunicorn imports the app
     # after fork (never run it with --preload); Live also restarts it if the pid changes.

@@ -7,17 +7,26 @@ from flask import Flask, request
 
 from tasks.errors import Unauthorized
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
+OPEN_PREFIXES = ("/ui/",)  # the operations page's files; the data they fetch needs the key
 
 
-def init_app(app: Flask, keys: list[str]) -> None:
+def is_open(path: str) -> bool:
+    """True for the routes that need no key: the probes and the operations page's files."""
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
+def init_app(app: Flask, keys: list[str], open_metrics: bool = False) -> None:
+    """With ``keys``, every route but the probes (and ``/metrics`` when ``open_metrics``,
+    the ``MODELBAY_METRICS_OPEN`` setting) needs ``Authorization: Bearer <key>``."""
     if not keys:
         return
     encoded = [k.encode() for k in keys]
+    metrics_open = {"/metrics"} if open_metrics else set()
 
     @app.before_request
     def _require_key() -> None:
-        if request.path in OPEN_PATHS:
+        if is_open(request.path) or request.path in metrics_open:
             return
         header = request.headers.get("Authorization", "")
         token = header[7:].strip().encode() if header.lower().startswith("bearer ") else b""

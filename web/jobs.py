@@ -7,6 +7,7 @@ from flask import Blueprint, jsonify, request
 
 from tasks.errors import Conflict, InvalidRequest, NotFound
 from tasks.limits import check_limits
+from web.metrics import count_submitted
 from tasks.schemas import ACTIVE, TERMINAL, JobRecord, JobRequest
 from web.extensions import mb
 from web.util import check_model_name, not_found_model, parse_body, pin
@@ -45,6 +46,7 @@ def submit():
     if manifest is None:
         raise not_found_model(req.model)
     record = mb().dispatcher.submit(req, manifest)
+    count_submitted("inference", req.task)
     headers = {"Location": f"/v1/jobs/{record.id}"}
     if record.node:
         headers["X-Modelbay-Node"] = record.node

@@ -8,6 +8,7 @@ from flask import Blueprint, jsonify
 from tasks.schemas import LoadRequest, Manifest, ModelNode
 from tasks.sources import check_manifest
 from web.extensions import mb
+from web.metrics import count_submitted
 from web.util import check_model_name, not_found_model, parse_body, pin
 
 bp = Blueprint("models", __name__, url_prefix="/v1/models")
@@ -79,7 +80,9 @@ def delete_model(name: str):
 def load_model(name: str):
     manifest = _manifest(name)
     node = pin(parse_body(LoadRequest, optional=True).node)
-    job, _ = mb().dispatcher.ensure_load(name, manifest, node)
+    job, created = mb().dispatcher.ensure_load(name, manifest, node)
+    if created:
+        count_submitted("load", None)
     if job is None:
         return jsonify(model_object(name, manifest, mb().store.model_nodes(name), full=True)), 200
     return jsonify(job.public()), 202, {"Location": f"/v1/jobs/{job.id}", "X-Modelbay-Node": job.node}

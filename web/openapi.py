@@ -61,6 +61,7 @@ class Ok:
     stream: bool = False
     headers: tuple[str, ...] = ()
     links: tuple[str, ...] = ()  # names in LINKS
+    media: str | None = None     # a body that is not JSON (its media type; the schema is a string)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,12 @@ OPERATIONS: dict[str, Op] = {
     "nodes.healthz": Op("health", "Liveness: the web process answers", (Ok(200, Health, "alive"),), open=True),
     "nodes.readyz": Op("health", "Readiness: the store answers and a worker node is live",
                        (Ok(200, Ready, "ready"),), (503,), open=True),
+    "ui.index": Op("ui", "The operations page (HTML; its data calls need the key)",
+                   (Ok(200, None, "the page", media="text/html"),), open=True),
+    "ui.asset": Op("ui", "A file of the operations page (JS, CSS)",
+                   (Ok(200, None, "the file", media="*/*"),), (404,), open=True),
+    "metrics.metrics": Op("operations", "Prometheus metrics of the web side (MODELBAY_METRICS_OPEN opens it)",
+                          (Ok(200, None, "the text exposition format", media="text/plain"),), STORE),
     "operations.list_operations": Op("operations", "Live operations: loads, unloads, staging",
                                      (Ok(200, Operations, "the operations, oldest first"),), STORE),
     "operations.stream": Op(
@@ -241,6 +248,8 @@ def _operation(endpoint: str, op: Op, params: list[str], refs: dict[Any, Any],
         content: dict[str, Any] = _json(refs[(ok.model, "serialization")]) if ok.model is not None else {}
         if ok.stream:
             content["text/event-stream"] = {}
+        if ok.media is not None:
+            content[ok.media] = {"schema": {"type": "string"}}
         entry: dict[str, Any] = {"description": ok.description, "content": content}
         if ok.headers:
             entry["headers"] = {h: RESPONSE_HEADERS[h] for h in ok.headers}

@@ -17,6 +17,7 @@ from tasks.celery_app import make_celery
 from tasks.dispatch import Dispatcher
 from tasks.settings import Settings, load_settings
 from tasks.store import Store
+from workers import metrics
 from workers.cancel import CancelWatcher
 from workers.drain import Background
 from workers.live import LivePublisher
@@ -71,6 +72,7 @@ def _on_ready(sender: object = None, **_: object) -> None:
     rt.agent.start()
     rt.background = Background(rt)
     rt.background.start()
+    metrics.serve(settings.worker_metrics_port, rt.bus.connected.is_set)
     log.info("node %s ready as %s, consuming %s", settings.node_id, hostname, settings.node_queue)
 
 

@@ -24,6 +24,7 @@ from tasks.names import model_queue, model_token
 from tasks.schemas import JobRecord, Manifest, ModelNode, model_size_mb, utcnow
 from tasks.settings import Settings
 from tasks.store import Store
+from workers import metrics
 from workers.backend_calls import BackendError, load_deadline_s
 from workers.staging import StagedModel, StageProgress, StagingError, stage
 from workers.supervisor import BackendProcess
@@ -140,6 +141,7 @@ class ModelManager:
         except StagingError as exc:
             code = "unloaded" if entry.unloading else exc.code
             raise LoadFailed(code, str(exc)) from exc
+        metrics.STAGING_BYTES.inc(staged.bytes_copied)
         if manifest.memory_mb is None:  # the real size is known now: account for it
             entry.size_mb = -(-staged.bytes_total // (1024 * 1024))
             self._make_room(entry)
@@ -212,6 +214,7 @@ class ModelManager:
                 draining[0].settled.wait(self.settings.backend_stop_grace_s + 5)
                 continue
             log.info("evicting %s (%d MB, idle) to make room for %s", victim.model, victim.size_mb, entry.model)
+            metrics.EVICTIONS.inc()
             self.unload(victim.model)
 
     def _settle_failed(self, entry: Entry, exc: LoadFailed) -> None:
@@ -253,6 +256,7 @@ class ModelManager:
                     raise NotHere(model)
                 if entry.state == "ready":
                     entry.in_flight += 1
+                    metrics.INFLIGHT.labels(model=entry.model).set(entry.in_flight)
                     return entry
                 if entry.state == "failed":
                     if entry.crashed:
@@ -266,6 +270,7 @@ class ModelManager:
     def release(self, entry: Entry) -> None:
         with self._lock:
             entry.in_flight = max(0, entry.in_flight - 1)
+            metrics.INFLIGHT.labels(model=entry.model).set(entry.in_flight)
             self._touch(entry)
         self._publish(entry)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from tasks.names import TASK_INFER, TASK_LOAD, TASK_NOOP, TASK_UNLOAD
 from tasks.schemas import JobRecord
+from workers import metrics
 from workers.app import app, runtime
 from workers.inference import RUNNERS, Delivery
 from workers.progress import job_progress_sink
@@ -72,6 +73,7 @@ def load(job_id: str) -> None:
         log.info("load %s of %s succeeded on %s", job_id, job.model, job.node)
     finally:
         rt.store.release_load(job.node or rt.settings.node_id, job.model, job_id)
+        metrics.job_ended(rt.store.get_job(job_id))
 
 
 def _fail_waiters(load_job: JobRecord, exc: LoadFailed) -> None:
@@ -97,6 +99,7 @@ def unload(job_id: str) -> None:
         return
     rt.store.finish(job_id, "succeeded", result={"node": rt.settings.node_id, "stopped": how})
     op.done()
+    metrics.job_ended(rt.store.get_job(job_id))
 
 
 @app.task(name=TASK_INFER)
@@ -119,7 +122,10 @@ def infer(job_id: str, reroutes: int = 0) -> None:
         change = rt.store.transition(job_id, "running", allowed_from=("queued", "loading"),
                                      node=rt.settings.node_id, attempts=job.attempts + 1, runner=rt.instance)
         if change.applied and change.record is not None:
-            _run(change.record, entry, reroutes)
+            try:
+                _run(change.record, entry, reroutes)
+            finally:
+                metrics.job_ended(rt.store.get_job(job_id))
     finally:
         rt.manager.release(entry)
 

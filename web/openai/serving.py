@@ -22,6 +22,7 @@ from tasks.limits import check_limits
 from tasks.schemas import JobRecord, JobRequest
 from web.disconnect import client_gone
 from web.extensions import mb
+from web.metrics import count_submitted
 from web.util import check_model_name, describe, not_found_model, pin
 
 SLICE_S = 0.2  # how often a waiting call looks at the client socket, seconds
@@ -54,6 +55,7 @@ class Call:
             raise InvalidRequest(message, param=param) from None
         self.started = time.monotonic()
         self.record = mb().dispatcher.submit(req, manifest, stream=stream)
+        count_submitted("inference", task)
         self.environ = request.environ
 
     @property

@@ -1,0 +1,44 @@
+// Opens the operations page in headless Debian chromium (playwright-core), saves the API
+// key through the page's own form, then watches the progress bar of one operation:
+//   node watch_ops.mjs URL KEY OP_ID SCREENSHOT_PATH
+// Prints one JSON line: the bar's values as they were sampled (every 100 ms while the row
+// exists), whether the row appeared and left, and the rows' texts. Exit 1 on a timeout.
+import { chromium } from "playwright-core";
+
+const [url, key, opId, screenshot] = process.argv.slice(2);
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"],
+});
+const result = { values: [], appeared: false, left: false, saved: false, texts: [] };
+try {
+  const page = await browser.newPage();
+  await page.goto(url);
+  await page.fill("#key", key);
+  await page.click("#save-key");
+  result.saved = (await page.evaluate(() => localStorage.getItem("modelbay-api-key"))) === key;
+  const row = page.locator(`#ops tr[data-op="${opId}"]`);
+  await row.waitFor({ state: "attached", timeout: 30000 });
+  result.appeared = true;
+  let shot = false;
+  const deadline = Date.now() + 60000;
+  while (Date.now() < deadline) {
+    if ((await row.count()) === 0) { result.left = true; break; }
+    const value = await row.locator("progress").evaluate((el) => el.value).catch(() => null);
+    if (value !== null) result.values.push(value);
+    const text = await row.innerText().catch(() => "");
+    if (text && !result.texts.includes(text)) result.texts.push(text);
+    if (!shot && result.values.length > 5 && value > 0) {
+      await page.screenshot({ path: screenshot, fullPage: true });
+      shot = true;
+    }
+    await page.waitForTimeout(100);
+  }
+  result.jobs = await page.locator("#jobs tbody tr").count();
+  result.nodes = await page.locator("#nodes tbody tr").count();
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(result));
+process.exit(result.left ? 0 : 1);

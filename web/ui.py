@@ -1,0 +1,23 @@
+"""``/``: the operations page (plain HTML/JS/CSS in ``web/static``, no build step).
+
+The page's files need no key, so a browser can load them behind ``MODELBAY_API_KEYS``; the
+data they fetch does (the key is typed into the page and kept in the browser).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from flask import Blueprint, send_from_directory
+
+STATIC = Path(__file__).with_name("static")
+bp = Blueprint("ui", __name__)
+
+
+@bp.get("/")
+def index():
+    return send_from_directory(STATIC, "index.html", max_age=0)
+
+
+@bp.get("/ui/<name>")
+def asset(name: str):
+    return send_from_directory(STATIC, name, max_age=0)
