@@ -173,22 +173,7 @@ def tiny_pipeline(stack_env: dict[str, str]) -> Path:
 @pytest.fixture(scope="session")
 def web_url(stack_env: dict[str, str], artifacts: Path) -> Iterator[str]:
     """gunicorn (one gthread process) serving the session's stack over real HTTP."""
-    import requests
+    from helpers import gunicorn
 
-    from tasks.services import free_port, spawn, stop_process, web_command
-
-    port = free_port()
-    proc = spawn(web_command("127.0.0.1", port, 1), stack_env, artifacts / "web-session.log")
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return requests.get(f"{url}/healthz", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
-    try:
-        poll(up, 30, "gunicorn")
+    with gunicorn(stack_env, artifacts / "web-session.log") as url:
         yield url
-    finally:
-        stop_process(proc, 10)

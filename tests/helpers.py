@@ -1,17 +1,20 @@
 """Test helpers: real processes, polling with deadlines (never fixed sleeps)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterator
+
+import requests
 
 from tasks.names import node_queue
-from tasks.services import spawn, stop_process, worker_command
+from tasks.services import free_port, spawn, stop_process, web_command, worker_command
 from tasks.store import Store
 
 
@@ -121,3 +124,27 @@ def backend_status(state: dict, name: str) -> Any:
     with grpc.insecure_channel(f"unix:{state['socket']}") as channel:
         stub = pb_grpc.BackendStub(channel)
         return stub.Status(pb.StatusRequest(model=pb.ModelRef(name=name, instance=state["instance"])), timeout=5)
+
+
+def http_ok(url: str) -> bool:
+    """True when ``url`` answers 200 (False while nothing listens yet)."""
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+@contextlib.contextmanager
+def gunicorn(env: dict[str, str], log_path: Path, workers: int = 1, threads: int = 16) -> Iterator[str]:
+    """gunicorn serving the app with ``env`` on a free port; yields its base URL and stops it
+    (gunicorn's graceful timeout is 10 s: it gets 20)."""
+    port = free_port()
+    proc = spawn(web_command("127.0.0.1", port, workers, threads), env, log_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        poll(lambda: proc.poll() is not None or http_ok(f"{url}/healthz"), 30, "gunicorn")
+        if proc.poll() is not None:
+            raise AssertionError(f"gunicorn exited {proc.returncode}: see {log_path}")
+        yield url
+    finally:
+        stop_process(proc, 20)

@@ -35,7 +35,8 @@ def test_models_nodes_run_jobs_and_cancel(web_url: str) -> None:
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["text"] == "one two three"
     models = modelbay(web_url, "models")
-    assert models.returncode == 0 and f"{name}  echo" in models.stdout.replace("    ", "  ")
+    assert models.returncode == 0
+    assert [name, "echo", "ready", f"{NODE}:ready"] in [line.split() for line in models.stdout.splitlines()]
     assert NODE in modelbay(web_url, "nodes").stdout
     listed = modelbay(web_url, "jobs", "--model", name).stdout
     assert "succeeded" in listed and "inference" in listed and "load" in listed

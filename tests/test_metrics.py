@@ -10,9 +10,8 @@ import pytest
 import requests
 
 from conftest import NODE
-from helpers import poll, unique
+from helpers import gunicorn, poll, unique
 from tasks.names import model_queue, node_queue
-from tasks.services import free_port, spawn, stop_process, web_command
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -31,21 +30,8 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def two_process_web(stack_env: dict[str, str], artifacts: Path) -> Iterator[str]:
-    port = free_port()
-    proc = spawn(web_command("127.0.0.1", port, 2, threads=4), stack_env, artifacts / "web-metrics.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        poll(lambda: _up(f"{url}/healthz"), 30, "gunicorn")
+    with gunicorn(stack_env, artifacts / "web-metrics.log", workers=2, threads=4) as url:
         yield url
-    finally:
-        stop_process(proc, 15)
-
-
-def _up(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def test_web_metrics_sum_over_gunicorn_processes(two_process_web: str) -> None:

@@ -24,7 +24,7 @@ import pytest
 import requests
 import schemathesis
 
-from helpers import Worker, poll, start_worker
+from helpers import Worker, http_ok, poll, start_worker
 from tasks.services import Service, free_port, spawn, start_nats, start_valkey, stop_process, web_command
 from tasks.settings import load_settings
 from tasks.store import Store
@@ -216,7 +216,7 @@ def fuzzed(artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         port = free_port()
         procs.append(spawn(web_command("127.0.0.1", port, 1), env, artifacts / "fuzz-web.log"))
         url = f"http://127.0.0.1:{port}"
-        poll(lambda: _ok(f"{url}/readyz"), 30, "gunicorn")
+        poll(lambda: http_ok(f"{url}/readyz"), 30, "gunicorn")
         manifest = json.loads((Path(__file__).parents[1] / "tasks" / "demo_catalog.json").read_text())["echo"]
         assert requests.put(f"{url}/v1/models/echo", json=manifest, headers=AUTH, timeout=10).status_code == 201
         assert requests.post(f"{url}/v1/models/echo/load", headers=AUTH, timeout=10).status_code == 202
@@ -230,13 +230,6 @@ def fuzzed(artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             worker.stop()
         for service in reversed(services):
             service.stop()
-
-
-def _ok(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def test_the_document_needs_the_key(fuzzed: Fuzzed) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import every, poll, start_worker, unique
+from helpers import every, http_ok, poll, start_worker, unique
 from tasks.bus import Bus
 from tasks.services import free_port, spawn, start_nats, start_valkey, stop_process, web_command
 from tasks.settings import load_settings
@@ -49,7 +49,7 @@ def live(artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             webs.append(spawn(web_command("127.0.0.1", port, 1), env, artifacts / f"web-live-{i}.log"))
             urls.append(f"http://127.0.0.1:{port}")
         for url in urls:
-            poll(lambda u=url: _ok(f"{u}/healthz"), 30, f"web at {url}")
+            poll(lambda u=url: http_ok(f"{u}/healthz"), 30, f"web at {url}")
         yield {"urls": urls, "worker": worker, "box": box, "nats_port": nats_port, "files": files,
                "store": store, "env": env}
     finally:
@@ -61,13 +61,6 @@ def live(artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         files.close()
         box["nats"].stop()
         valkey.stop()
-
-
-def _ok(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def slow_model(live: dict, n_files: int, size: int, rate_bps: float) -> tuple[str, dict]:

@@ -19,8 +19,7 @@ import requests
 
 from conftest import NODE
 from fileserver import FileServer, payload, sha
-from helpers import poll, unique
-from tasks.services import free_port, spawn, stop_process, web_command
+from helpers import gunicorn, unique
 
 BROWSER_DIR = Path(__file__).with_name("browser")
 KEY = "ui-test-key"
@@ -42,21 +41,8 @@ def keyed_web(stack_env: dict[str, str], artifacts: Path) -> Iterator[str]:
         if os.environ.get("MODELBAY_REQUIRE_BROWSER") == "1":
             pytest.fail(why)
         pytest.skip(why)
-    port = free_port()
-    proc = spawn(web_command("127.0.0.1", port, 1), {**stack_env, "MODELBAY_API_KEYS": KEY}, artifacts / "web-ui.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        poll(lambda: _up(f"{url}/healthz"), 30, "gunicorn")
+    with gunicorn({**stack_env, "MODELBAY_API_KEYS": KEY}, artifacts / "web-ui.log") as url:
         yield url
-    finally:
-        stop_process(proc, 20)
-
-
-def _up(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def test_the_page_loads_without_a_key_and_its_data_needs_one(keyed_web: str) -> None:

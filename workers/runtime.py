@@ -359,18 +359,33 @@ class ModelManager:
             log.warning("could not publish state of %s: %s", entry.model, exc)
 
     def _consume(self, queue: str, start: bool) -> None:
-        """Start or stop consuming ``queue`` on this worker (handled by its own event loop)."""
+        """Start or stop consuming ``queue`` on this worker (handled by its own event loop).
+        The broadcast goes through the broker: during a broker outage it is lost or fails, so
+        it is sent again (backoff from 0.5 s to 5 s) until this worker answers, for up to
+        ``redis_outage_s`` seconds; a model that is ready but not consumed would strand its jobs."""
         verb = "consume" if start else "cancel"
         if self.hostname is None:
             log.warning("worker name unknown; cannot %s %s", verb, queue)
             return
         control = self.celery.control
-        try:
-            if start:
-                reply = control.add_consumer(queue, exchange=queue, routing_key=queue,
-                                             destination=[self.hostname], reply=True, timeout=10)
-            else:
-                reply = control.cancel_consumer(queue, destination=[self.hostname], reply=True, timeout=10)
-            log.info("%s %s: %s", verb, queue, reply)
-        except Exception as exc:
-            log.error("could not %s %s: %s", verb, queue, exc)
+        deadline = time.monotonic() + self.settings.redis_outage_s
+        wait_s = 0.5
+        while True:
+            try:
+                if start:
+                    reply = control.add_consumer(queue, exchange=queue, routing_key=queue,
+                                                 destination=[self.hostname], reply=True, timeout=5)
+                else:
+                    reply = control.cancel_consumer(queue, destination=[self.hostname], reply=True, timeout=5)
+                if any(self.hostname in r for r in reply or []):
+                    log.info("%s %s: %s", verb, queue, reply)
+                    return
+                problem = f"no answer from {self.hostname}"
+            except Exception as exc:  # the broker is away: try again
+                problem = str(exc)
+            if time.monotonic() + wait_s > deadline:
+                log.error("could not %s %s: %s", verb, queue, problem)
+                return
+            log.warning("%s %s: %s; retrying in %.1fs", verb, queue, problem, wait_s)
+            time.sleep(wait_s)
+            wait_s = min(wait_s * 2, 5.0)
