@@ -57,10 +57,11 @@ def requeue(store: Store, dispatcher: Dispatcher, job: JobRecord, reason: str, m
 class Reaper:
     """One round per :meth:`run_once`; see the module docstring."""
 
-    def __init__(self, store: Store, dispatcher: Dispatcher, settings: Settings) -> None:
+    def __init__(self, store: Store, dispatcher: Dispatcher, settings: Settings, instance: str = "") -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.settings = settings
+        self.instance = instance  # this worker process: never lost in its own eyes
 
     def run_once(self) -> dict[str, int]:
         """Reap if this process wins the round's lock; counts of what was done."""
@@ -68,6 +69,9 @@ class Reaper:
         if not self.store.r.set(LOCK_KEY, self.settings.node_id, nx=True, ex=lock_s):
             return {}
         alive = {n.id: n.instance for n in self.store.live_nodes(include_draining=True)}
+        # A worker that was frozen (SIGSTOP, a long pause) may reap before its own heartbeat
+        # is back: it is alive, whatever its expired record says.
+        alive[self.settings.node_id] = self.instance
 
         def lost(job: JobRecord) -> bool:  # its node is gone, or came back as a new process
             return job.node not in alive or bool(job.runner and alive[job.node] and job.runner != alive[job.node])

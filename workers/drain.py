@@ -26,7 +26,7 @@ class Background:
 
     def __init__(self, rt: Any) -> None:
         self.rt = rt
-        self.reaper = Reaper(rt.store, rt.dispatcher, rt.settings)
+        self.reaper = Reaper(rt.store, rt.dispatcher, rt.settings, rt.instance)
         self._stop = threading.Event()
         self._reaper_thread = threading.Thread(target=self._reap, name="modelbay-reaper", daemon=True)
         self.drained = threading.Event()

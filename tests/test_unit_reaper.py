@@ -1,0 +1,53 @@
+"""The reaper's rules on a fakeredis store (the fault tests show it on real processes)."""
+from __future__ import annotations
+
+import fakeredis
+import pytest
+
+from tasks.dispatch import Dispatcher
+from tasks.reaper import Reaper
+from tasks.schemas import JobRecord, Manifest
+from tasks.settings import load_settings
+from tasks.store import Store
+from test_unit_tasks import FakeCelery, node
+
+
+@pytest.fixture
+def world() -> tuple[Store, FakeCelery, Reaper]:
+    settings = load_settings({}, node_id="me", job_max_attempts=2)
+    store = Store(fakeredis.FakeRedis(decode_responses=True), settings)
+    celery = FakeCelery()
+    store.put_manifest("m", Manifest(backend="echo"))
+    for n, instance in (("alive", "i-alive"), ("draining", "i-drain")):
+        store.heartbeat(node(n).model_copy(update={"instance": instance, "draining": n == "draining"}))
+    return store, celery, Reaper(store, Dispatcher(store, celery), settings, instance="i-me")
+
+
+def running(store: Store, job_id: str, on: str, runner: str, attempts: int = 1) -> None:
+    store.create_job(JobRecord(id=job_id, kind="inference", model="m", task="generate", input="x"))
+    store.transition(job_id, "running", node=on, runner=runner, attempts=attempts)
+
+
+def test_jobs_of_lost_nodes_are_requeued_others_left_alone(world) -> None:
+    store, celery, reaper = world
+    running(store, "a" * 32, "gone", "i-gone")            # its node's heartbeat expired
+    running(store, "b" * 32, "alive", "i-old")            # the node came back as a new process
+    running(store, "c" * 32, "alive", "i-alive")          # healthy
+    running(store, "d" * 32, "draining", "i-drain")       # stopping: finishes its jobs
+    running(store, "e" * 32, "me", "i-me")                # this worker: alive whatever its record says
+    running(store, "f" * 32, "gone", "i-gone", attempts=2)  # attempts used up
+    counts = reaper.run_once()
+    assert counts == {"requeued": 2, "failed": 1, "skipped": 0, "loads_failed": 0}
+    status = {i: store.get_job(i * 32).status for i in "abcdef"}
+    assert status == {"a": "loading", "b": "loading", "c": "running", "d": "running", "e": "running",
+                      "f": "failed"}  # requeued jobs wait for a new load (nobody holds m)
+    assert store.get_job("f" * 32).error.type == "node_lost"
+    assert {store.get_job(i * 32).node for i in "ab"} == {None}  # not pinned to the lost node
+    assert len([t for t in celery.sent if t[0] == "modelbay.infer"]) == 2
+
+
+def test_one_reaper_per_round(world) -> None:
+    store, _, reaper = world
+    running(store, "a" * 32, "gone", "i-gone")
+    assert reaper.run_once()["requeued"] == 1
+    assert reaper.run_once() == {}  # the round's lock is taken
