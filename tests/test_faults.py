@@ -92,12 +92,9 @@ def test_100_jobs_survive_three_worker_kills(faults) -> None:
             load_on(client, name, a)
         try:
             finals = {i: wait_job(client, i, 120) for i in ids}
-        except AssertionError:
-            for i in ids:
-                r = store.get_job(i)
-                if not r.terminal:
-                    print("STUCK", r.model_dump_json())
-            raise
+        except AssertionError:  # say which jobs were left behind, and how
+            stuck = [r.model_dump_json() for i in ids if not (r := store.get_job(i)).terminal]
+            raise AssertionError(f"{len(stuck)} job(s) never ended:\n" + "\n".join(stuck[:10])) from None
         done_at = time.monotonic()
     finally:
         listener.stop()
