@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from tasks import services
 from tasks.cli_client import add_commands
-from tasks.client import ApiError
+from tasks.client import ApiError, Client, quote_name
 from tasks.names import node_queue
 from tasks.settings import env_name, load_settings
 
@@ -41,14 +41,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def register_catalog(base_url: str, catalog: dict[str, dict], api_key: str | None) -> None:
+    client = Client(base_url, api_key, timeout_s=10)
     for name, manifest in catalog.items():
-        req = urllib.request.Request(f"{base_url}/v1/models/{name}", method="PUT",
-                                     data=json.dumps(manifest).encode(),
-                                     headers={"Content-Type": "application/json"})
-        if api_key:
-            req.add_header("Authorization", f"Bearer {api_key}")
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            resp.read()
+        client.call("PUT", f"/v1/models/{quote_name(name)}", manifest)
 
 
 def _ready(url: str) -> bool:

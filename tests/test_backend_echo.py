@@ -24,7 +24,8 @@ import pytest
 from helpers import pid_alive, poll
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from workers.backends.base import BackendModel, BackendServicer, ImageResult, LoadInfo, wait_or_cancel
+from workers.backends.base import BackendServicer
+from workers.backends.model import BackendModel, ImageResult, LoadInfo, wait_or_cancel
 from workers.backends.echo import IGNORE_SIGTERM_ENV, embed_text
 from workers.backends.proto.modelbay.backend.v1 import backend_pb2, backend_pb2_grpc
 from workers.backend_calls import (

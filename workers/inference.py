@@ -28,10 +28,6 @@ class Delivery:
         self.pieces = 0
 
 
-def _watched(rt: Any, job: JobRecord, cancel: Callable[[], None]) -> None:
-    rt.cancels.watch(job.id, cancel)
-
-
 def _unwatch(rt: Any, job: JobRecord) -> None:
     """Stop watching; a cancel that raced with the end of the call still wins."""
     if rt.cancels.unwatch(job.id):
@@ -42,7 +38,7 @@ def embed(rt: Any, job: JobRecord, proc: BackendProcess, delivery: Delivery) -> 
     texts = [job.input] if isinstance(job.input, str) else list(job.input)
     try:
         vectors, prompt_tokens = proc.embed(texts, job.params, rt.settings.inference_timeout_s,
-                                            on_call=lambda cancel: _watched(rt, job, cancel))
+                                            on_call=lambda cancel: rt.cancels.watch(job.id, cancel))
     finally:
         _unwatch(rt, job)
     return {"embeddings": vectors, "dim": len(vectors[0]) if vectors else 0,
@@ -53,7 +49,7 @@ def generate(rt: Any, job: JobRecord, proc: BackendProcess, delivery: Delivery) 
     prompt = job.input if job.task == "generate" else ""
     messages = job.input if job.task == "chat" else []
     call = proc.generate(prompt, messages, job.params, rt.settings.inference_timeout_s)
-    _watched(rt, job, call.cancel)
+    rt.cancels.watch(job.id, call.cancel)
     # Token progress on jobs.<id>.progress, debounced like every operation.
     op = rt.live.operation(job.id, "inference", job.model, job.id)
     op.update("start", {"message": "generating"})
@@ -93,7 +89,7 @@ def image(rt: Any, job: JobRecord, proc: BackendProcess, delivery: Delivery) -> 
     """Step progress goes to the job record (debounced, the last step always written) and
     to the live operation; the result holds the PNG as base64."""
     call = proc.generate_image(job.input, job.params, rt.settings.inference_timeout_s)
-    _watched(rt, job, call.cancel)
+    rt.cancels.watch(job.id, call.cancel)
     op = rt.live.operation(job.id, "inference", job.model, job.id)
     op.update("start", {"message": "generating image"})
     record = Debouncer(lambda _e, p: rt.store.set_progress(job.id, JobProgress(**p)), rt.settings.progress_interval_s)

@@ -19,7 +19,6 @@ checks it SIGKILLs the process group, and the exit is reported like a crash, wit
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import re
@@ -31,24 +30,22 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from workers.backend_calls import (BackendCallError, BackendCancelled, BackendError, BackendStartError,
-                                   GenerateCall, ImageCall)
-from workers.backends.base import health_socket
+from workers.backend_calls import BackendCallError, BackendStartError
+from workers.backend_client import BackendClient
+from workers.backends.base import MAX_MESSAGE_BYTES, SERVICE_NAME, health_socket
 from workers.backends.proto.modelbay.backend.v1 import backend_pb2 as pb
 from workers.backends.proto.modelbay.backend.v1 import backend_pb2_grpc as pb_grpc
 from workers.health import DEFAULT_FAILURES, DEFAULT_INTERVAL_S, DEFAULT_TIMEOUT_S, HealthMonitor, validate
 
 log = logging.getLogger("modelbay.supervisor")
 
-SERVICE_NAME = "modelbay.backend.v1.Backend"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_SOCKET_PATH_BYTES = 107  # sun_path is 108 bytes on Linux, NUL included
-MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 _BACKEND_NAME = re.compile(r"[a-z0-9_-]+")
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -60,7 +57,7 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-class BackendProcess:
+class BackendProcess(BackendClient):
     """One backend process serving one model instance; see the module docstring.
 
     ``model`` and ``instance`` are the identity sent with every request (treat them as
@@ -278,9 +275,6 @@ class BackendProcess:
             self._exit_handled.set()
 
     # -- calls -----------------------------------------------------------------------
-    def _ref(self) -> pb.ModelRef:
-        return pb.ModelRef(name=self.model, instance=self.instance)
-
     def _gone_error(self) -> BackendCallError | None:
         if self._stop_requested.is_set():
             return BackendCallError(f"backend for model {self.model!r} was stopped")
@@ -291,95 +285,6 @@ class BackendProcess:
         if not self._started:
             return BackendCallError("backend process not started")
         return None
-
-    def _translate(self, err: grpc.RpcError, what: str, timeout_s: float | None) -> BackendError:
-        code: grpc.StatusCode | None = getattr(err, "code", lambda: None)()
-        details: str = getattr(err, "details", lambda: None)() or str(err)
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-            self._exited.wait(1.0 if code == grpc.StatusCode.UNAVAILABLE else 0.0)
-        gone = self._gone_error()
-        name = code.name if code is not None else None
-        if gone is not None:
-            gone.grpc_code = name
-            return gone
-        if code == grpc.StatusCode.CANCELLED:
-            return BackendCancelled(f"{what} cancelled")
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return BackendCallError(f"{what}: deadline exceeded after {timeout_s:g}s", name)
-        if code == grpc.StatusCode.UNAVAILABLE:
-            return BackendCallError(f"backend unavailable ({what}: {details})", name)
-        return BackendCallError(f"{what} failed ({name}): {details}", name)
-
-    def _invoke(self, method: str, request: Any, timeout_s: float, future: bool = False) -> Any:
-        """Call ``method``: its response, for a stream the call object, with ``future`` a
-        gRPC future; errors translated."""
-        gone = self._gone_error()
-        if gone is not None or self._stub is None:
-            raise gone or BackendCallError("backend process not started")
-        try:
-            rpc = getattr(self._stub, method)
-            return (rpc.future if future else rpc)(request, timeout=timeout_s)
-        except grpc.RpcError as err:
-            raise self._translate(err, method, timeout_s) from None
-        except ValueError as exc:  # "Cannot invoke RPC on closed channel!"
-            raise self._gone_error() or BackendCallError(str(exc)) from None
-
-    def load(self, files: list[str], model_dir: str, options: dict[str, Any], device: str,
-             timeout_s: float) -> dict[str, Any]:
-        """LoadModel with a deadline of ``timeout_s`` seconds (see :func:`load_deadline_s`).
-        Returns ok, message, load_s (seconds), memory_mb (MiB), device, dim."""
-        req = pb.LoadModelRequest(model=self._ref(), files=files, model_dir=model_dir,
-                                  options_json=json.dumps(options), device=device)
-        resp = self._invoke("LoadModel", req, timeout_s)
-        if not resp.ok:
-            raise BackendCallError(f"load failed: {resp.message}")
-        return {"ok": resp.ok, "message": resp.message, "load_s": resp.load_s,
-                "memory_mb": resp.memory_mb, "device": resp.device, "dim": resp.dim}
-
-    def embed(self, texts: list[str], params: dict[str, Any], timeout_s: float,
-              on_call: Callable[[Callable[[], None]], None] | None = None) -> tuple[list[list[float]], int]:
-        """Embed ``texts`` (deadline ``timeout_s`` seconds); returns (vectors, prompt_tokens).
-        ``on_call`` receives the call's cancel function (thread-safe) before it is awaited;
-        a cancelled call raises :class:`BackendCancelled`."""
-        req = pb.EmbedRequest(model=self._ref(), texts=texts, params_json=json.dumps(params))
-        future = self._invoke("Embed", req, timeout_s, future=True)
-        if on_call is not None:
-            on_call(future.cancel)
-        try:
-            resp = future.result()
-        except grpc.FutureCancelledError:
-            raise BackendCancelled("Embed cancelled by the caller") from None
-        except grpc.RpcError as err:
-            raise self._translate(err, "Embed", timeout_s) from None
-        return [list(v.values) for v in resp.embeddings], resp.prompt_tokens
-
-    def generate(self, prompt: str, messages: list[dict[str, str]], params: dict[str, Any],
-                 timeout_s: float) -> GenerateCall:
-        """Start a Generate stream whose whole duration is limited to ``timeout_s`` seconds."""
-        req = pb.GenerateRequest(
-            model=self._ref(), prompt=prompt, params_json=json.dumps(params),
-            messages=[pb.ChatMessage(role=m.get("role", ""), content=m.get("content", "")) for m in messages],
-        )
-        call = self._invoke("Generate", req, timeout_s)
-        return GenerateCall(call, lambda err: self._translate(err, "Generate", timeout_s))
-
-    def generate_image(self, prompt: str, params: dict[str, Any], timeout_s: float) -> ImageCall:
-        """Start a GenerateImage stream (step progress, then the PNG) limited to ``timeout_s``."""
-        req = pb.GenerateImageRequest(model=self._ref(), prompt=prompt, params_json=json.dumps(params))
-        call = self._invoke("GenerateImage", req, timeout_s)
-        return ImageCall(call, lambda err: self._translate(err, "GenerateImage", timeout_s))
-
-    def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
-        """Every StatusResponse field; ``model`` is {"name", "instance"}."""
-        r = self._invoke("Status", pb.StatusRequest(model=self._ref()), timeout_s)
-        out: dict[str, Any] = {f.name: getattr(r, f.name) for f in r.DESCRIPTOR.fields}
-        out["model"] = {"name": r.model.name, "instance": r.model.instance}
-        out["stats"] = json.loads(r.stats_json) if r.stats_json else {}
-        return out
-
-    def free(self, timeout_s: float = 10.0) -> bool:
-        """Ask the backend to release the model (the process keeps running)."""
-        return bool(self._invoke("Free", pb.FreeRequest(model=self._ref()), timeout_s).ok)
 
     # -- stop ------------------------------------------------------------------------
     def _signal(self, sig: signal.Signals) -> None:

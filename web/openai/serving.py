@@ -23,6 +23,7 @@ from tasks.schemas import JobRecord, JobRequest
 from web.disconnect import client_gone
 from web.extensions import mb
 from web.metrics import count_submitted
+from web.schemas_http import LoadingInfo
 from web.util import check_model_name, describe, not_found_model, pin
 
 SLICE_S = 0.2  # how often a waiting call looks at the client socket, seconds
@@ -92,13 +93,10 @@ class Call:
         live = mb().live.table.get(load.id) if load is not None else None
         progress = (mb().live.job_progress(load) if load is not None else None) or (load.progress if load else None)
         eta = (live or {}).get("eta_s")
-        loading = {"model": record.model, "job": record.load_job, "phase": progress.phase if progress else "queued",
-                   "progress": progress.progress if progress else 0.0,
-                   "bytes_done": progress.bytes_done if progress else None,
-                   "bytes_total": progress.bytes_total if progress else None,
-                   "file_index": progress.file_index if progress else None,
-                   "files_total": progress.files_total if progress else None,
-                   "eta_s": round(eta, 1) if isinstance(eta, (int, float)) else None}
+        fields = progress.model_dump(include=set(LoadingInfo.model_fields)) if progress else {"phase": "queued",
+                                                                                              "progress": 0.0}
+        loading = LoadingInfo(model=record.model, job=record.load_job, **fields,
+                              eta_s=round(eta, 1) if isinstance(eta, (int, float)) else None).model_dump()
         retry_s = min(60, max(1, math.ceil(eta))) if isinstance(eta, (int, float)) else 5
         return Unavailable(f"model {record.model!r} is still loading after {mb().settings.load_wait_s:g}s; "
                            "the load goes on: retry later", code="model_loading", retry_after_s=retry_s,

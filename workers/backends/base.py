@@ -1,20 +1,14 @@
-"""Shared scaffolding for every modelbay backend process.
+"""The gRPC side of every modelbay backend process: :class:`BackendServicer` serves the
+``modelbay.backend.v1.Backend`` service over one :class:`~workers.backends.model.BackendModel`.
 
-A backend is a module ``workers.backends.<name>`` whose ``__main__`` calls :func:`main`
-with a factory for its :class:`BackendModel`. It imports its heavy libraries (torch,
-llama_cpp, ...) inside the model class, so only the backend process ever loads them.
-:func:`main` serves the ``modelbay.backend.v1.Backend`` service and the standard
-``grpc.health.v1`` health service on a unix socket, and exits 0 on SIGTERM/SIGINT.
-
-Error mapping (model exception -> gRPC status): :class:`Unsupported` -> UNIMPLEMENTED,
-:class:`InvalidParams` -> INVALID_ARGUMENT, anything else -> INTERNAL with the message.
-Models are called from up to 16 gRPC threads at once: a model that is not thread-safe
-must lock internally.
+A backend is a module ``workers.backends.<name>`` whose ``__main__`` calls
+:func:`workers.backends.server.main` with a factory for its model; that serves this
+servicer and the standard ``grpc.health.v1`` service on a unix socket (health also on
+:func:`health_socket`), and exits 0 on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
-import abc
 import json
 import logging
 import os
@@ -22,11 +16,11 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
 
+from workers.backends.model import BackendModel, InvalidParams, LoadInfo, Unsupported
 from workers.backends.proto.modelbay.backend.v1 import backend_pb2 as pb
 from workers.backends.proto.modelbay.backend.v1 import backend_pb2_grpc as pb_grpc
 
@@ -35,106 +29,11 @@ MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 log = logging.getLogger("modelbay.backend")
 
 
-class Unsupported(Exception):
-    """The model does not support this kind of call (answered UNIMPLEMENTED)."""
-
-
-class InvalidParams(ValueError):
-    """Bad options or request parameters (answered INVALID_ARGUMENT)."""
-
-
-@dataclass(frozen=True)
-class LoadInfo:
-    """What a load produced: memory in MiB, the device actually used, embedding dim or 0."""
-
-    memory_mb: int
-    device: str
-    dim: int = 0
-
-
-@dataclass(frozen=True)
-class ImageResult:
-    """One generated image: PNG bytes, size in pixels, the seed used."""
-
-    png: bytes
-    width: int
-    height: int
-    seed: int
-
-
 def health_socket(socket_path: str | os.PathLike[str]) -> str:
     """The second socket a backend serves grpc.health.v1 on, with threads of its own, so a
     backend busy with many calls still answers its health checks (the supervisor's hang
     detection must not mistake load for a hang)."""
     return f"{os.fspath(socket_path)}.health"
-
-
-def wait_or_cancel(seconds: float, cancelled: Callable[[], bool], slice_s: float = 0.01) -> bool:
-    """Sleep ``seconds`` in slices of ``slice_s`` seconds; return True as soon as cancelled."""
-    deadline = time.monotonic() + max(0.0, seconds)
-    while True:
-        if cancelled():
-            return True
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        time.sleep(min(slice_s, left))
-
-
-class BackendModel(abc.ABC):
-    """One model inside a backend process. Subclasses implement :meth:`load` and the calls
-    they support; the others answer UNIMPLEMENTED. ``stopping`` is set when the process
-    shuts down: long work (a load) should check it and give up."""
-
-    def __init__(self) -> None:
-        self.stopping = threading.Event()
-
-    @abc.abstractmethod
-    def load(self, files: list[str], model_dir: str, options: dict[str, Any], device: str) -> LoadInfo:
-        """Load the model from local ``files``; ``device`` is "cuda", "cpu" or "" (pick)."""
-
-    def embed(self, texts: list[str], params: dict[str, Any],
-              cancelled: Callable[[], bool] = lambda: False) -> list[list[float]]:
-        """Return one vector per text; ``cancelled()`` turns true when the caller went away."""
-        raise Unsupported("this backend does not embed")
-
-    def generate(
-        self, prompt: str, messages: list[dict[str, str]], params: dict[str, Any],
-        cancelled: Callable[[], bool],
-    ) -> Iterator[str]:
-        """Yield token text pieces; check ``cancelled()`` between tokens and stop when true.
-        The generator may ``return "length"`` or ``"stop"``; when it returns None the
-        reason is "length" if ``params["max_tokens"]`` pieces were produced, else "stop"."""
-        raise Unsupported("this backend does not generate text")
-
-    def generate_image(
-        self, prompt: str, params: dict[str, Any], cancelled: Callable[[], bool],
-        progress: Callable[[int, int], None],
-    ) -> ImageResult:
-        """Make one image; call ``progress(step, steps)`` per step and stop if cancelled."""
-        raise Unsupported("this backend does not generate images")
-
-    def free(self) -> None:
-        """Release the model's memory (the process keeps running)."""
-
-    def stats(self) -> dict[str, Any]:
-        """Backend-specific counters for Status (``stats_json``); JSON-serialisable."""
-        return {}
-
-    def prompt_tokens(self, prompt: str, messages: list[dict[str, str]]) -> int:
-        """Prompt token count for a generation's usage; :meth:`count_tokens` of each input
-        unless the model knows better (a chat template adds tokens)."""
-        return sum(self.count_tokens(m["content"]) for m in messages) if messages else self.count_tokens(prompt)
-
-    def embed_with_usage(self, texts: list[str], params: dict[str, Any],
-                         cancelled: Callable[[], bool]) -> tuple[list[list[float]], int]:
-        """:meth:`embed` plus the prompt token count (:meth:`count_tokens` of each text)."""
-        vectors = self.embed(texts, params, cancelled)
-        return vectors, sum(self.count_tokens(t) for t in texts)
-
-    def count_tokens(self, text: str) -> int:
-        """Token count used for usage figures; whitespace words unless overridden."""
-        return len(text.split())
 
 
 class _Run:

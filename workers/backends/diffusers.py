@@ -41,11 +41,10 @@ import secrets
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-from workers.backends.base import BackendModel, ImageResult, InvalidParams, LoadInfo
-from workers.backends.libs import cuda_memory_mb, option, quiet_hf, require, torch_device
+from workers.backends.model import BackendModel, ImageResult, InvalidParams, LoadInfo
+from workers.backends.libs import cuda_memory_mb, find_model_dir, option, quiet_hf, require, torch_device
 from workers.backends.server import main as base_main
 
 BACKEND = "diffusers"
@@ -57,29 +56,6 @@ LOCK_POLL_S = 0.05
 
 class GenerationCancelled(RuntimeError):
     """Raised inside the pipeline's step callback to stop a cancelled generation."""
-
-
-def find_pipeline_dir(files: list[str], model_dir: str, path: str | None) -> Path:
-    """The directory to load: ``path`` under ``model_dir``, else the shallowest directory
-    holding ``model_index.json`` among the files' parents and ``model_dir``."""
-    if path is not None:
-        if not model_dir:
-            raise InvalidParams("path needs a model directory, and this load has none")
-        base = Path(model_dir).resolve()
-        found = (base / path).resolve()
-        if not found.is_relative_to(base):
-            raise InvalidParams(f"path must stay inside the model directory, got {path!r}")
-        if not (found / "model_index.json").is_file():
-            raise InvalidParams(f"path {path!r} holds no model_index.json")
-        return found
-    candidates = {Path(f).parent for f in files}
-    if model_dir:
-        candidates.add(Path(model_dir))
-    found_dirs = [d for d in candidates if (d / "model_index.json").is_file()]
-    if not found_dirs:
-        raise InvalidParams(f"no diffusers pipeline: no model_index.json in the model directory {model_dir!r} "
-                            f"or beside any of its {len(files)} file(s) (set the option path)")
-    return min(found_dirs, key=lambda d: (len(d.resolve().parts), str(d)))
 
 
 class DiffusersModel(BackendModel):
@@ -105,7 +81,7 @@ class DiffusersModel(BackendModel):
         torch = require("torch", BACKEND, EXTRA)
         require("PIL.Image", BACKEND, EXTRA)
         target = torch_device(device, options.get("device"))
-        pipeline_dir = find_pipeline_dir(files, model_dir, path)
+        pipeline_dir = find_model_dir(files, model_dir, path, ("model_index.json",))
         dtype = getattr(torch, dtype_name or ("float16" if target.startswith("cuda") else "float32"))
         _quiet_progress_bars(diffusers)
         # diffusers renamed torch_dtype to dtype (the old name warns); use what this one knows.

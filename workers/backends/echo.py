@@ -33,7 +33,7 @@ import sys
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
-from workers.backends.base import BackendModel, InvalidParams, LoadInfo, wait_or_cancel
+from workers.backends.model import BackendModel, InvalidParams, LoadInfo, wait_or_cancel
 from workers.backends.server import main as base_main
 
 IGNORE_SIGTERM_ENV = "MODELBAY_ECHO_IGNORE_SIGTERM"

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from workers.backends.base import InvalidParams
+from workers.backends.model import InvalidParams
 
 
 class MissingExtra(RuntimeError):
@@ -25,6 +27,31 @@ def require(module: str, backend: str, extra: str) -> ModuleType:
     except ImportError as exc:
         raise MissingExtra(f"the {backend} backend needs the Python package {module!r}, which is not installed "
                            f"({exc}): install the extra with pip install 'modelbay[{extra}]'") from exc
+
+
+def find_model_dir(files: list[str], model_dir: str, rel: str | None, markers: Sequence[str]) -> Path:
+    """The directory a library loads from: ``model_dir/rel`` when the option ``path`` is
+    given (it must stay inside the model directory and hold one of ``markers``), else the
+    shallowest directory among ``model_dir`` and the staged files' parents that holds one of
+    ``markers`` (tried in order). Raises :class:`InvalidParams` naming what is missing."""
+    want = " or ".join(markers)
+    if rel is not None:
+        if not model_dir:
+            raise InvalidParams("path needs a model directory, and this load has none")
+        base = Path(model_dir).resolve()
+        found = (base / rel).resolve()
+        if not found.is_relative_to(base):
+            raise InvalidParams(f"path must stay inside the model directory, got {rel!r}")
+        if not any((found / m).is_file() for m in markers):
+            raise InvalidParams(f"path {rel!r} holds no {want}")
+        return found
+    candidates = {Path(f).parent for f in files} | ({Path(model_dir)} if model_dir else set())
+    for marker in markers:
+        hits = [d for d in candidates if (d / marker).is_file()]
+        if hits:
+            return min(hits, key=lambda d: (len(d.resolve().parts), str(d)))
+    raise InvalidParams(f"no {want} in the model directory {model_dir!r} or beside any of its {len(files)} "
+                        "file(s) (set the option path)")
 
 
 def quiet_hf() -> None:

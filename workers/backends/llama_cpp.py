@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from workers.backends.base import BackendModel, InvalidParams, LoadInfo
+from workers.backends.model import BackendModel, InvalidParams, LoadInfo
 from workers.backends.libs import option, require
 from workers.backends.server import main as base_main
 

@@ -28,35 +28,17 @@ import math
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-from workers.backends.base import BackendModel, InvalidParams, LoadInfo
+from workers.backends.model import BackendModel, InvalidParams, LoadInfo
 from workers.backends.batching import Batcher
-from workers.backends.libs import cuda_memory_mb, option, quiet_hf, require, torch_device
+from workers.backends.libs import cuda_memory_mb, find_model_dir, option, quiet_hf, require, torch_device
 from workers.backends.server import main as base_main
 
 BACKEND = "sentence-transformers"
 EXTRA = "embeddings"
 MARKERS = ("modules.json", "config.json")
 DTYPES = ("float32", "float16", "bfloat16")
-
-
-def find_model_dir(files: list[str], model_dir: str, rel: str | None, markers: Sequence[str]) -> Path:
-    """The directory to load: ``model_dir/rel`` when ``rel`` is given, else the shallowest
-    directory among ``model_dir`` and the staged files' parents that holds one of
-    ``markers`` (tried in order). Raises :class:`InvalidParams` when none does."""
-    base = Path(model_dir) if model_dir else None
-    if rel is not None:
-        if base is None or ".." in Path(rel).parts or Path(rel).is_absolute():
-            raise InvalidParams(f"path must be relative to the model directory, got {rel!r}")
-        return base / rel
-    candidates = {Path(f).parent for f in files} | ({base} if base else set())
-    for marker in markers:
-        found = sorted((d for d in candidates if (d / marker).is_file()), key=lambda d: (len(d.parts), str(d)))
-        if found:
-            return found[0]
-    raise InvalidParams(f"no {' or '.join(markers)} among the staged files: is this a {BACKEND} model?")
 
 
 def _normalized(row: Sequence[float]) -> list[float]:
