@@ -103,33 +103,39 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def follow(client: Client, job_id: str, name: str) -> dict[str, Any]:
-    """Show the load's progress from the operations stream until the job ends."""
-    done = threading.Event()
-    final: dict[str, Any] = {}
-
-    def watch_job() -> None:  # the job record says when it ended, whatever the stream does
-        job = client.job(job_id)
-        while job["status"] not in TERMINAL:
-            job = client.job(job_id, wait_s=10)
-        final.update(job)
-        done.set()
-
-    threading.Thread(target=watch_job, name="modelbay-cli-job", daemon=True).start()
+    """Show the load's progress from the operations stream until the job ends. The job
+    record says when it ended (a long poll here); the stream, read on a thread of its own,
+    only feeds the display, so its quiet spells (it sends only changes) never hold us up."""
     show = _RichBar(name) if sys.stdout.isatty() else _Lines()
-    try:
-        while not done.is_set():
+    lock, stop = threading.Lock(), threading.Event()
+
+    def update(row: dict[str, Any]) -> None:
+        with lock:
+            if not stop.is_set():
+                show.update(row)
+
+    def read_stream() -> None:
+        while not stop.is_set():
             try:
                 for rows in client.operations():
                     row = next((r for r in rows if r.get("id") == job_id), None)
                     if row is not None:
-                        show.update(row)
-                    if done.is_set():
-                        break
+                        update(row)
+                    if stop.is_set():
+                        return
             except (TimeoutError, OSError, ApiError):
-                done.wait(0.5)
+                stop.wait(0.5)
+
+    threading.Thread(target=read_stream, name="modelbay-cli-ops", daemon=True).start()
+    try:
+        job = client.job(job_id)
+        while job["status"] not in TERMINAL:
+            job = client.job(job_id, wait_s=10)
     finally:
-        show.close()
-    return final
+        with lock:
+            stop.set()
+            show.close()
+    return job
 
 
 class _Lines:
