@@ -1,10 +1,19 @@
 """Request limits (``tasks/limits.py``): each is a 400 ``limit_exceeded`` naming the field,
-on ``/v1/jobs`` and on the OpenAI-compatible routes, and nothing is queued."""
+on ``/v1/jobs`` and on the OpenAI-compatible routes, and nothing is queued. A body over
+``MODELBAY_MAX_BODY_MB`` is a 413 that reaches clients which send the whole body before
+reading (urllib, ``requests``), through real gunicorn."""
 from __future__ import annotations
 
-import pytest
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
-from helpers import unique
+import pytest
+import requests
+
+from helpers import gunicorn, unique
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -57,3 +66,45 @@ def test_at_the_limit_is_fine_and_the_body_size_is_413(small) -> None:
     big = client.post("/v1/jobs", json={"model": name, "task": "embed", "input": "z" * 20_000})
     assert big.status_code == 413 and big.get_json()["error"]["code"] == "payload_too_large"
     assert client.get("/healthz").status_code == 200
+
+
+BODY_LIMIT_MB = 1
+OVER = (BODY_LIMIT_MB << 20) + (8 << 20)  # far more than the socket buffers hold
+
+
+@pytest.fixture(scope="module")
+def small_body_web(stack_env: dict[str, str], artifacts: Path) -> Iterator[str]:
+    with gunicorn({**stack_env, "MODELBAY_MAX_BODY_MB": str(BODY_LIMIT_MB)}, artifacts / "web-limits.log") as url:
+        yield url
+
+
+def assert_413(status: int, body: bytes) -> None:
+    assert status == 413, body[:300]
+    error = json.loads(body)["error"]
+    assert error["code"] == "payload_too_large" and error["type"] == "invalid_request_error", error
+    assert f"{BODY_LIMIT_MB} MB" in error["message"] and "MODELBAY_MAX_BODY_MB" in error["message"], error
+
+
+@pytest.mark.parametrize("path, fields", [
+    ("/v1/jobs", {"task": "embed"}),
+    ("/v1/embeddings", {}),
+])
+def test_a_body_over_the_limit_is_413_for_clients_that_send_it_whole(small_body_web: str, path: str,
+                                                                     fields: dict) -> None:
+    url = small_body_web + path
+    body = json.dumps({"model": "echo", **fields, "input": "z" * OVER}).encode()
+    headers = {"Content-Type": "application/json"}
+    # urllib: Connection: close, no Expect: 100-continue, the whole body before reading.
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=60)
+    assert_413(info.value.code, info.value.read())
+    # requests: keep-alive; then chunked (a generator body has no Content-Length).
+    resp = requests.post(url, data=body, headers=headers, timeout=60)
+    assert_413(resp.status_code, resp.content)
+    chunked = requests.post(url, data=(body[i:i + (1 << 20)] for i in range(0, len(body), 1 << 20)),
+                            headers=headers, timeout=60)
+    assert_413(chunked.status_code, chunked.content)
+    # The server is still up and serves the next request.
+    assert requests.get(f"{small_body_web}/healthz", timeout=10).status_code == 200
+    small = requests.post(url, json={"model": unique("nobody"), **fields, "input": ["a"]}, timeout=10)
+    assert small.status_code == 404, small.text

@@ -6,6 +6,7 @@ from typing import TypeVar
 
 from flask import request
 from pydantic import BaseModel, ValidationError
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from tasks.errors import InvalidRequest, NotFound, Unprocessable, UnsupportedMediaType
 from tasks.names import invalid_model_name
@@ -18,6 +19,8 @@ _UNION_TAG = re.compile(r"str|int|float|bool|none|list\[.*\]|dict\[.*\]|[a-z-]+\
 def parse_body(model: type[M], *, optional: bool = False) -> M:
     """Validate the JSON body against ``model``: 415 not JSON, 400 malformed, 422 not fitting."""
     raw = request.get_data(cache=True)
+    if _cut_at_the_limit(raw):
+        raise RequestEntityTooLarge()  # answered 413 by web.errors, once the rest is read
     if optional and not raw.strip():
         return model()
     if not request.is_json:
@@ -32,6 +35,17 @@ def parse_body(model: type[M], *, optional: bool = False) -> M:
     except ValidationError as exc:
         message, param = describe(exc)
         raise Unprocessable(message, param=param) from None
+
+
+def _cut_at_the_limit(raw: bytes) -> bool:
+    """True when a body without ``Content-Length`` (chunked) went past ``MAX_CONTENT_LENGTH``:
+    werkzeug stops reading it at the limit without an error, so one more byte is asked of
+    the server's input (only where the server ends it: ``wsgi.input_terminated``)."""
+    limit = request.max_content_length
+    if request.content_length is not None or limit is None or len(raw) < limit:
+        return False
+    stream = request.environ.get("wsgi.input")
+    return bool(request.environ.get("wsgi.input_terminated") and stream is not None and stream.read(1))
 
 
 def describe(exc: ValidationError) -> tuple[str, str | None]:
