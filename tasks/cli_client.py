@@ -82,8 +82,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = client.call("POST", "/v1/jobs", body, headers)
     while job["status"] not in TERMINAL:
         job = client.job(job["id"], wait_s=30)
-    print(json.dumps(job["result"] if job["status"] == "succeeded" else job, indent=2))
-    return 0 if job["status"] == "succeeded" else 1
+    if job["status"] == "succeeded":
+        print(json.dumps(job["result"], indent=2))
+        return 0
+    print(f"modelbay: {job_error(job)}", file=sys.stderr)
+    return 1
+
+
+def job_error(job: dict[str, Any]) -> str:
+    """``<code>: <message> (job <id> <status>)`` for a job that ended without a result, like
+    the ``modelbay: <http status> <code>: <message>`` line of an API error."""
+    error = job.get("error") or {}
+    code = error.get("type") or job["status"]
+    message = error.get("message") or f"the job was {job['status']}"
+    return f"{code}: {message} (job {job['id']} {job['status']})"
 
 
 def cmd_load(args: argparse.Namespace) -> int:

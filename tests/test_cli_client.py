@@ -12,7 +12,7 @@ import requests
 
 from conftest import NODE
 from fileserver import FileServer, payload, sha
-from helpers import unique
+from helpers import poll, unique
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -69,3 +69,30 @@ def test_load_wait_shows_byte_progress_until_the_load_ends(web_url: str) -> None
     assert len(staged) >= 2, lines  # progress was shown as it went, with the file and bytes
     assert any("MB/s" in line and "ETA" in line for line in staged), staged
     assert modelbay(web_url, "load", name).stdout.strip() == f"{name} is ready"
+
+
+def test_run_of_a_failed_job_prints_one_error_line(web_url: str) -> None:
+    name = register(web_url, {"backend": "echo", "options": {"fail_load": True}})
+    out = modelbay(web_url, "run", name, "--task", "generate", "--input", "x")
+    assert out.returncode == 1 and out.stdout == "", out.stdout
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("modelbay: ") and "model load failed" in lines[0], out.stderr
+    assert "failed)" in lines[0] and "{" not in lines[0]
+
+
+def test_run_of_a_cancelled_job_prints_one_error_line(web_url: str) -> None:
+    name = register(web_url, {"backend": "echo", "options": {"token_delay_s": 0.2}})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELBAY_")}
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.cli", "run", name, "--task", "generate", "--input",
+                             " ".join(["w"] * 300), "--url", web_url], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        job = poll(lambda: next(iter(requests.get(f"{web_url}/v1/jobs?model={name}&status=running",
+                                                  timeout=10).json()["data"]), None), 30, "the running job")
+        assert requests.delete(f"{web_url}/v1/jobs/{job['id']}", timeout=10).status_code == 202
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and stdout == "", stdout
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("modelbay: ") and f"(job {job['id']} cancelled)" in lines[0], stderr
