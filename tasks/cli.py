@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -63,7 +62,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     (data / "logs").mkdir(parents=True, exist_ok=True)
     env: dict[str, str] = {env_name("models_dir"): str(data / "models"),
                            env_name("run_dir"): str(data / "run")}
-    started: list[tuple[str, subprocess.Popen]] = []
+    started: list[services.Started] = []
     stopping = False
 
     def stop_all(*_: object) -> None:
@@ -72,33 +71,35 @@ def cmd_up(args: argparse.Namespace) -> int:
             return
         stopping = True
         print("\nmodelbay: stopping...", flush=True)
-        for name, proc in reversed(started):
-            how = services.stop_process(proc, grace_s=15)
-            print(f"  {name}: {how}", flush=True)
+        for one in reversed(started):
+            how = services.stop_process(one.proc, grace_s=15)
+            print(f"  {one.name}: {how}", flush=True)
 
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)  # also when started with SIGINT ignored (a background job)
     try:
         if env_name("redis_url") not in os.environ:
             valkey = services.start_valkey(data / "valkey", args.redis_port, log_path=data / "logs/valkey.log")
-            started.append(("valkey", valkey.proc))
+            started.append(services.Started("valkey", valkey.proc, data / "logs/valkey.log"))
             env[env_name("redis_url")] = valkey.url
         if env_name("nats_url") not in os.environ:
             nats = services.start_nats(args.nats_port, log_path=data / "logs/nats.log")
-            started.append(("nats", nats.proc))
+            started.append(services.Started("nats", nats.proc, data / "logs/nats.log"))
             env[env_name("nats_url")] = nats.url
         settings = load_settings({**os.environ, **env})
         for i in range(1, args.workers + 1):
             node = f"{settings.node_id}-{i}" if args.workers > 1 else settings.node_id
             port = settings.worker_metrics_port + i - 1 if settings.worker_metrics_port else 0
+            log_path = data / f"logs/worker-{node}.log"
             proc = services.spawn(services.worker_command(node_queue(node), node, settings.worker_concurrency),
                                   {**env, env_name("node_id"): node, env_name("worker_metrics_port"): str(port)},
-                                  data / f"logs/worker-{node}.log")
-            started.append((f"worker {node}", proc))
+                                  log_path)
+            started.append(services.Started(f"worker {node}", proc, log_path))
         web = services.spawn(services.web_command(args.host, args.port, args.web), env, data / "logs/web.log")
-        started.append(("web", web))
+        started.append(services.Started("web", web, data / "logs/web.log"))
         base = f"http://{args.host}:{args.port}"
-        services.wait_until(lambda: _ready(f"{base}/readyz"), 120, "modelbay web + worker", web)
+        services.wait_until(lambda: services.raise_if_exited(started) or _ready(f"{base}/readyz"), 120,
+                            "modelbay web and workers (/readyz)")
         catalog = json.loads(Path(args.catalog).read_text()) if args.catalog else json.loads(DEMO_CATALOG.read_text())
         keys = settings.api_key_list
         register_catalog(base, catalog, keys[0] if keys else None)
@@ -106,14 +107,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not keys:
             print(f"no MODELBAY_API_KEYS set: listening on {args.host} only", flush=True)
         while True:
-            for name, proc in started:
-                if proc.poll() is not None:
-                    print(f"modelbay: {name} exited with code {proc.returncode}", flush=True)
-                    return 1
+            services.raise_if_exited(started)
             time.sleep(0.5)
     except KeyboardInterrupt:
         return 0
-    except (TimeoutError, RuntimeError) as exc:
+    except services.ProcessExited as exc:
+        print(f"modelbay: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except TimeoutError as exc:
         print(f"modelbay: {exc} (see {data / 'logs'})", file=sys.stderr, flush=True)
         return 1
     finally:

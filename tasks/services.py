@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Sequence
 
+from tasks.exits import describe_exit
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -34,14 +36,53 @@ def nats_binary() -> str:
     return found
 
 
+class ProcessExited(RuntimeError):
+    """A process that should be running has ended; the message names it and quotes its log."""
+
+
+@dataclass
+class Started:
+    """A process ``modelbay up`` started: its name, the process, where it logs."""
+
+    name: str
+    proc: subprocess.Popen
+    log_path: Path | None = None
+
+
+def log_tail(path: Path | None, max_lines: int = 15, max_bytes: int = 64 * 1024) -> str:
+    """The last ``max_lines`` lines of the log at ``path`` (reading at most ``max_bytes``)."""
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-max_lines:])
+
+
+def raise_if_exited(started: Sequence[Started]) -> bool:
+    """Raise :class:`ProcessExited` for the first of ``started`` that has ended, naming it,
+    how it ended and the end of its log; False when all still run."""
+    for one in started:
+        rc = one.proc.poll()
+        if rc is not None:
+            tail = log_tail(one.log_path)
+            where = f"; the last lines of {one.log_path}:\n{tail}" if tail else f" (log: {one.log_path})"
+            raise ProcessExited(f"{one.name} {describe_exit(rc)}{where}")
+    return False
+
+
 def wait_until(check: Callable[[], bool], timeout_s: float, what: str,
                proc: subprocess.Popen | None = None, interval_s: float = 0.05) -> None:
-    """Poll ``check`` until it is true; raise ``TimeoutError`` (or ``RuntimeError`` when
+    """Poll ``check`` until it is true; raise ``TimeoutError`` (or :class:`ProcessExited` when
     ``proc`` exits first)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with code {proc.returncode}")
+            raise ProcessExited(f"{what}: the process {describe_exit(proc.returncode)}")
         try:
             if check():
                 return

@@ -91,3 +91,23 @@ def test_modelbay_up_serves_jobs_and_stops_everything(tmp_path):
     output = (tmp_path / "up.log").read_text()
     assert "stopping" in output and "killed" not in output
     poll(lambda: not [p for p in started if pid_alive(p)], 10, "every process started by up to exit")
+
+
+def test_a_process_that_dies_at_start_is_named_with_its_log(tmp_path):
+    """The first run once ended in "modelbay web + worker: process exited with code 3": the
+    message must name the process that died and quote the end of its log."""
+    broken = tmp_path / "broken"
+    (broken / "prometheus_client").mkdir(parents=True)
+    (broken / "prometheus_client/__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'prometheus_client' (planted by the test)\")\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELBAY_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(broken), str(Path(__file__).resolve().parents[1])])
+    up = subprocess.run([sys.executable, "-m", "tasks.cli", "up", "--port", str(free_port()),
+                         "--data-dir", str(tmp_path / "data")],
+                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert up.returncode == 1, up.stdout + up.stderr
+    message = up.stderr.strip().splitlines()
+    assert message[0].startswith(("modelbay: web exited with code", "modelbay: worker ")), up.stderr
+    assert "exited with code" in message[0] and "the last lines of" in message[0], up.stderr
+    assert "planted by the test" in up.stderr  # the cause, quoted from the process's own log
+    assert "stopping" in up.stdout  # and what was started is stopped again

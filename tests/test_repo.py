@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import ast
 import os
+import re
+import tomllib
 import filecmp
 import shutil
 import subprocess
 import sys
 from dataclasses import fields
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import yaml
@@ -107,6 +110,49 @@ def imports(package: str) -> set[str]:
 def test_layering_rules():
     assert not imports("tasks") & {"flask", "grpc", "torch", "web", "workers"}
     assert "workers" not in imports("web") and "grpc" not in imports("web")
+
+
+# Modules that run only where an extra is installed: the distributions they import may come
+# from those extras; every other module of tasks/, web/ and workers/ has the core dependencies.
+MODULE_EXTRAS = {
+    "workers/backends/sentence_transformers.py": {"embeddings"},
+    "workers/backends/llama_cpp.py": {"llama"},
+    "workers/backends/diffusers.py": {"images"},
+    "workers/backends/libs.py": {"embeddings", "images"},  # torch and transformers helpers of both
+}
+
+
+def _dist(requirement: str) -> str:
+    return re.sub(r"[-_.]+", "-", re.split(r"[\[<>=!~; ]", requirement.strip(), maxsplit=1)[0]).lower()
+
+
+def test_every_import_is_declared():
+    """A new user installs the core dependencies plus an extra: every module's third-party
+    imports (at any depth, lazy ones included) must come from those, not through a test extra
+    (``prometheus_client`` once came only through ``flower``, and ``modelbay up`` died)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {_dist(r) for r in project["dependencies"]}
+    extras = {name: {_dist(r) for r in reqs} for name, reqs in project["optional-dependencies"].items()}
+    owners = packages_distributions()
+    local = {"tasks", "web", "workers"}
+    problems = []
+    for package in sorted(local):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            allowed = core.union(*(extras[e] for e in MODULE_EXTRAS.get(rel, ())))
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    roots = {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    roots = {node.module.split(".")[0]}
+                else:
+                    continue
+                for root in roots - local - set(sys.stdlib_module_names) - {"__future__"}:
+                    dists = {_dist(d) for d in owners.get(root, [])}
+                    if not dists & allowed:
+                        problems.append(f"{rel}:{node.lineno} imports {root} (from {sorted(dists) or 'nothing installed'}),"
+                                        f" which is not in {'the core dependencies' if rel not in MODULE_EXTRAS else 'the core dependencies or extras ' + str(sorted(MODULE_EXTRAS[rel]))}")
+    assert not problems, "\n".join(problems)
 
 
 HEAVY = ("torch", "transformers", "sentence_transformers", "diffusers", "llama_cpp", "numpy")
