@@ -73,7 +73,10 @@ class Dispatcher:
                               retry_after_s=max(1, math.ceil(left_s)), code="load_cooldown")
         if node is None:
             target = choose_node(nodes, manifest)
-        candidate = JobRecord(id=new_job_id(), kind="load", model=model, node=target.id)
+        # ``runner``: the node's process now; if the node comes back as a new process before
+        # the load starts, the reaper sees the mismatch and places the load again.
+        candidate = JobRecord(id=new_job_id(), kind="load", model=model, node=target.id,
+                              runner=target.instance or None)
         record, created = self.store.claim_load(target.id, model, candidate)
         if created:
             self.store.set_model_state(ModelNode(model=model, node=target.id, state="loading",
@@ -92,16 +95,22 @@ class Dispatcher:
 
     def route(self, record: JobRecord, manifest: Manifest, *, create: bool = False, reroutes: int = 0) -> JobRecord:
         """Queue ``record`` where a holder of its model will take it, placing a load if none
-        holds it. With ``create`` False the record already exists (a re-route)."""
+        holds it. With ``create`` False the record already exists (a re-route): it must still
+        be ``queued``/``loading`` and not routed by anyone else since ``record`` was read
+        (its ``routed`` count), else nothing is sent and the current record is returned."""
         load, _ = self.ensure_load(record.model, manifest, record.node)
-        record.status = "loading" if load is not None else "queued"
-        record.load_job = load.id if load is not None else None
+        status = "loading" if load is not None else "queued"
+        load_id = load.id if load is not None else None
         if create:
+            record.status, record.load_job, record.routed = status, load_id, 1
             self.store.create_job(record)
         else:
-            change = self.store.transition(record.id, record.status, load_job=record.load_job)
-            if not change.applied:
+            seen = record.routed
+            change = self.store.transition(record.id, status, allowed_from=("queued", "loading"),
+                                           when=lambda r: r.routed == seen, load_job=load_id, routed=seen + 1)
+            if not change.applied or change.record is None:
                 return change.record or record
+            record = change.record
         if load is not None:
             self.store.add_waiter(load.id, record.id)
             latest = self.store.get_job(load.id)
@@ -110,7 +119,9 @@ class Dispatcher:
                 self.store.fail(record.id, latest.error.type, f"model load failed: {latest.error.message}")
                 return self.store.get_job(record.id) or record
         queue = node_queue(record.node) if record.node else model_queue(record.model)
-        kwargs = {"reroutes": reroutes} if reroutes else None
+        kwargs: dict[str, int] = {"route": record.routed}
+        if reroutes:
+            kwargs["reroutes"] = reroutes
         self.celery.send_task(TASK_INFER, args=[record.id], kwargs=kwargs, queue=queue)
         return record
 

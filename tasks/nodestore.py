@@ -2,10 +2,13 @@
 the heartbeats write and placement reads.
 
 - ``mb:node:<id>``        node record JSON, expires ``node_ttl_s`` after the last heartbeat
-- ``mb:nodes``            set of node ids ever seen (filtered by the records' liveness)
+- ``mb:nodes``            set of node ids seen and not yet found gone by the reaper
+                          (:meth:`NodeStore.gone_nodes`; filtered by the records' liveness)
 - ``mb:nodemodels:<id>``  hash model name → :class:`ModelNode` JSON for that node
 """
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import redis
 
@@ -30,8 +33,21 @@ class NodeStore:
             pipe.execute()
 
     def remove_node(self, node_id: str) -> None:
+        """A graceful stop. The id and the model states stay until the reaper has marked the
+        models' queues and failed what is still pinned to the node (:meth:`gone_nodes`,
+        :meth:`forget_node`); placement reads only live nodes' states."""
+        self.r.delete(f"{P}node:{node_id}")
+
+    def gone_nodes(self, alive: Iterable[str]) -> list[str]:
+        """Node ids in ``mb:nodes`` that are not in ``alive`` (their heartbeat expired, or
+        they stopped) and not yet forgotten."""
+        live = set(alive)
+        return sorted(i for i in self.r.smembers(f"{P}nodes") if i not in live)
+
+    def forget_node(self, node_id: str) -> None:
+        """Drop a gone node's model states and its id (a heartbeat adds them back)."""
         with self.r.pipeline() as pipe:
-            pipe.delete(f"{P}node:{node_id}", f"{P}nodemodels:{node_id}")
+            pipe.delete(f"{P}nodemodels:{node_id}")
             pipe.srem(f"{P}nodes", node_id)
             pipe.execute()
 

@@ -9,8 +9,18 @@ of them per round holds the ``mb:reaper`` lock and does the work:
   worker came back as a new process (the job's ``runner`` is not the node's ``instance``), goes back
   to the queue (:func:`requeue`) and runs elsewhere; after ``job_max_attempts`` attempts in
   all it fails with ``node_lost``;
-- a load or unload on such a node fails with ``node_lost``; the inference jobs waiting for
-  that load are routed again, which places a new load on a live node.
+- a load or unload on such a node fails with ``node_lost``, whether it runs or still waits
+  in the node's queue (a message the dead process had taken but not started is otherwise
+  redelivered only after the visibility timeout); the inference jobs waiting for that load
+  are routed again, which places a new load on a live node. A load is stamped at placement
+  with the node's ``instance``, so a node that came back as a new process is seen at once;
+- a node gone for good (heartbeat expired, or stopped) is buried once, and model queues that
+  lost their last holder are swept ``stranded_s`` after (:mod:`tasks.stranded`);
+- a job pinned to a node that is gone fails with ``node_lost``.
+
+A worker that comes back under the same node id runs :meth:`Reaper.take_over` for its own
+node before its background duties start: its predecessor's running jobs and loads go back
+to routing, and the queues of the models it held are swept at once.
 
 A node that is draining (a graceful stop) still heartbeats, so its running jobs are left to
 finish. A redelivered or duplicate message of a job that already ended does nothing, and a
@@ -25,6 +35,7 @@ from tasks.errors import ModelbayError
 from tasks.schemas import JobRecord
 from tasks.settings import Settings
 from tasks.store import Store
+from tasks.stranded import Sweeper
 
 log = logging.getLogger("modelbay.reaper")
 
@@ -38,11 +49,16 @@ def requeue(store: Store, dispatcher: Dispatcher, job: JobRecord, reason: str, m
     if job.attempts >= max_attempts:
         store.fail(job.id, "node_lost", f"{reason}; gave up after {job.attempts} attempt(s)")
         return "failed"
+    if job.pin is not None and store.get_node(job.pin) is None:
+        store.fail(job.id, "node_lost", f"{reason}; the job is pinned to node {job.pin}, which is gone")
+        return "failed"
     manifest = store.get_manifest(job.model)
     if manifest is None:
         store.fail(job.id, "model_not_found", f"{reason}, and model {job.model!r} is no longer in the catalog")
         return "failed"
-    change = store.transition(job.id, "queued", allowed_from=("running", "loading", "queued"), node=job.pin)
+    seen = job.routed  # routed again by someone else since ``job`` was read: theirs stands
+    change = store.transition(job.id, "queued", allowed_from=("running", "loading", "queued"),
+                              when=lambda r: r.routed == seen, node=job.pin)
     if not change.applied or change.record is None:
         return "skipped"
     try:
@@ -62,21 +78,52 @@ class Reaper:
         self.dispatcher = dispatcher
         self.settings = settings
         self.instance = instance  # this worker process: never lost in its own eyes
+        self.sweeper = Sweeper(store, dispatcher, settings)
 
     def run_once(self) -> dict[str, int]:
         """Reap if this process wins the round's lock; counts of what was done."""
         lock_s = max(1, round(self.settings.reaper_interval_s))
         if not self.store.r.set(LOCK_KEY, self.settings.node_id, nx=True, ex=lock_s):
             return {}
-        alive = {n.id: n.instance for n in self.store.live_nodes(include_draining=True)}
+        nodes = self.store.live_nodes(include_draining=True)
+        alive = {n.id: n.instance for n in nodes}
         # A worker that was frozen (SIGSTOP, a long pause) may reap before its own heartbeat
         # is back: it is alive, whatever its expired record says.
         alive[self.settings.node_id] = self.instance
+        counts = self._reap(alive)
+        for node_id in self.store.gone_nodes(alive):
+            counts["pinned_failed"] += self.sweeper.bury(node_id)
+        if counts["requeued"] or counts["loads_failed"]:
+            self.sweeper.lost_worker()
+        for key, value in self.sweeper.rescue_taken().items():
+            counts[key] = counts.get(key, 0) + value
+        due = self.sweeper.due()
+        if due:
+            for key, value in self.sweeper.sweep(due, [n for n in nodes if not n.draining]).items():
+                counts[key] = counts.get(key, 0) + value
+        if any(counts.values()):
+            log.warning("reaper: %s", counts)
+        return counts
 
+    def take_over(self, previous: list[str]) -> dict[str, int]:
+        """This worker came back under a node id that still had state: hand its predecessor's
+        running jobs and loads back for routing, and sweep the queues of the ``previous``
+        models it held (they stay marked, so the reaper sweeps them again ``stranded_s``
+        later for jobs routed on the stale state meanwhile)."""
+        self.sweeper.lost_worker()  # the predecessor may have taken messages it never started
+        counts = self._reap({self.settings.node_id: self.instance}, only=self.settings.node_id)
+        if previous:
+            entries = [(m, 0.0) for m in previous]
+            counts.update(self.sweeper.sweep(entries, self.store.live_nodes(), keep=True))
+        return counts
+
+    def _reap(self, alive: dict[str, str], only: str | None = None) -> dict[str, int]:
         def lost(job: JobRecord) -> bool:  # its node is gone, or came back as a new process
+            if only is not None and job.node != only:
+                return False
             return job.node not in alive or bool(job.runner and alive[job.node] and job.runner != alive[job.node])
 
-        counts = {"requeued": 0, "failed": 0, "skipped": 0, "loads_failed": 0}
+        counts = {"requeued": 0, "failed": 0, "skipped": 0, "loads_failed": 0, "pinned_failed": 0}
         ids = self.store.inflight_ids()
         records = self.store.jobs(ids)
         self.store.forget_inflight([i for i in ids if i not in records or records[i].status != "running"])
@@ -99,6 +146,4 @@ class Reaper:
                     if waiter is not None and not waiter.terminal:
                         counts[requeue(self.store, self.dispatcher, waiter, message,
                                        self.settings.job_max_attempts + 1)] += 1
-        if any(counts.values()):
-            log.warning("reaper: %s", counts)
         return counts

@@ -132,7 +132,12 @@ class JobRecord(BaseModel):
     load_job: str | None = None
     stream: bool = False  # the worker writes generated pieces to the job's token stream
     pin: str | None = None  # the node the client pinned the job to (``node`` is where it runs)
-    runner: str | None = None  # the worker process (its node ``instance``) running the job
+    # The worker process (its node ``instance``) running the job; for a load still queued,
+    # the instance of the node it was given to (a restarted node's new process does not match).
+    runner: str | None = None
+    # How many times the job was sent to a queue. Each message carries the number it was sent
+    # with; a message with an older number (the job was routed again since) does nothing.
+    routed: int = 0
     created_at: str = Field(default_factory=utcnow)
     started_at: str | None = None
     finished_at: str | None = None

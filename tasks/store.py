@@ -140,14 +140,15 @@ class Store(NodeStore):
                     continue
 
     def transition(self, job_id: str, status: str, *, allowed_from: Iterable[str] = ACTIVE,
-                   **fields: object) -> Change:
-        """Move a job to ``status`` if its status is in ``allowed_from``; set ``fields`` too.
+                   when: Callable[[JobRecord], bool] | None = None, **fields: object) -> Change:
+        """Move a job to ``status`` if its status is in ``allowed_from`` (and ``when`` holds
+        for the current record); set ``fields`` too.
 
         ``started_at``/``finished_at`` are stamped on entering running/loading and terminal."""
         allowed = frozenset(allowed_from)
 
         def apply(rec: JobRecord) -> JobRecord | None:
-            if rec.status not in allowed:
+            if rec.status not in allowed or (when is not None and not when(rec)):
                 return None
             data = rec.model_dump()
             data.update(fields)

@@ -104,6 +104,12 @@ def test_100_jobs_survive_three_worker_kills(faults) -> None:
     assert set(counts) == set(ids) and set(counts.values()) == {1}  # each result written once
     assert any(j["attempts"] >= 2 for j in finals.values())  # the reaper requeued the killed ones
     assert done_at - last_kill < 30
+    # Nothing routed twice where nothing was wrong: each route led to exactly one attempt (a
+    # job routes again only when the reaper requeues it), and the only loads are the five
+    # asked for (two, then one per restart of a; b held the model throughout).
+    assert [j["routed"] for j in finals.values()] == [j["attempts"] for j in finals.values()]
+    loads = [j for j in store.list_jobs(model=name, limit=1000) if j.kind == "load"]
+    assert len(loads) == 5, [(j.node, j.status) for j in loads]
 
 
 def test_sigterm_lets_short_jobs_finish_and_hands_long_ones_back(faults) -> None:

@@ -69,8 +69,14 @@ def _on_ready(sender: object = None, **_: object) -> None:
     hostname = getattr(sender, "hostname", None) or f"modelbay@{settings.node_id}"
     rt.manager.hostname = hostname
     rt.agent = NodeAgent(settings, rt.store, rt.manager, hostname, rt.devices, rt.instance)
-    rt.agent.start()
+    previous = rt.agent.start()
     rt.background = Background(rt)
+    try:  # a node id that had state: take over from the process that held it
+        taken = rt.background.reaper.take_over(previous)
+        if previous or any(taken.values()):
+            log.warning("node %s took over from its previous process: %s", settings.node_id, taken)
+    except Exception:  # the reaper does the same within a round or two
+        log.exception("taking over node %s failed", settings.node_id)
     rt.background.start()
     metrics.serve(settings.worker_metrics_port, rt.bus.connected.is_set)
     log.info("node %s ready as %s, consuming %s", settings.node_id, hostname, settings.node_queue)

@@ -9,6 +9,7 @@ import threading
 from tasks.schemas import NodeRecord, utcnow
 from tasks.settings import Settings
 from tasks.store import Store
+from tasks.stranded import mark_orphaned
 from workers.runtime import ModelManager
 
 log = logging.getLogger("modelbay.worker")
@@ -88,18 +89,27 @@ class NodeAgent:
     def beat(self) -> None:
         self.store.heartbeat(self.record())
 
-    def start(self) -> None:
-        # A restarted worker holds nothing: drop the model states its last life left behind.
-        self.store.clear_node_models(self.settings.node_id)
+    def start(self) -> list[str]:
+        """Beat, and start the heartbeat. A restarted worker holds nothing: the model states
+        its last life left behind are dropped, and their queues marked as maybe without a
+        consumer (:mod:`tasks.stranded`). Returns those models, for :meth:`Reaper.take_over`."""
+        previous = self._withdraw_models()
         self.beat()
         self._thread.start()
+        return previous
+
+    def _withdraw_models(self) -> list[str]:
+        previous = list(self.store.node_models(self.settings.node_id))
+        self.store.clear_node_models(self.settings.node_id)
+        mark_orphaned(self.store.r, previous)
+        return previous
 
     def drain(self) -> None:
         """Stopping: placement skips this node from the next beat on, and its models are no
         longer offered (new jobs load them elsewhere); the running jobs go on."""
         self.draining = True
         self.beat()
-        self.store.clear_node_models(self.settings.node_id)
+        self._withdraw_models()
         log.info("node %s draining", self.settings.node_id)
 
     def stop(self) -> None:

@@ -20,10 +20,11 @@ from typing import Any
 
 from celery import Celery
 
-from tasks.names import model_queue, model_token
+from tasks.names import model_from_token, model_queue, model_token
 from tasks.schemas import JobRecord, Manifest, ModelNode, model_size_mb, utcnow
 from tasks.settings import Settings
 from tasks.store import Store
+from tasks.stranded import mark_orphaned
 from workers import metrics
 from workers.backend_calls import BackendError, load_deadline_s
 from workers.staging import StagedModel, StageProgress, StagingError, stage
@@ -364,6 +365,8 @@ class ModelManager:
         it is sent again (backoff from 0.5 s to 5 s) until this worker answers, for up to
         ``redis_outage_s`` seconds; a model that is ready but not consumed would strand its jobs."""
         verb = "consume" if start else "cancel"
+        if not start and queue.startswith("model."):  # its last consumer may be gone: tasks/stranded.py
+            mark_orphaned(self.store.r, [model_from_token(queue[len("model."):])], quiet=True)
         if self.hostname is None:
             log.warning("worker name unknown; cannot %s %s", verb, queue)
             return

@@ -103,12 +103,15 @@ def unload(job_id: str) -> None:
 
 
 @app.task(name=TASK_INFER)
-def infer(job_id: str, reroutes: int = 0) -> None:
+def infer(job_id: str, reroutes: int = 0, route: int | None = None) -> None:
     """Run one inference job on the model held here. Cancellable: the cancel watcher
-    cancels the gRPC call when the job turns ``cancelled``, and the backend stops."""
+    cancels the gRPC call when the job turns ``cancelled``, and the backend stops.
+
+    ``route`` is the job's ``routed`` count when this message was sent: a message of a job
+    routed again since (a stranded queue swept, a requeue) does nothing."""
     rt = runtime()
     job = rt.store.get_job(job_id)
-    if job is None or job.terminal:
+    if job is None or job.terminal or (route is not None and route != job.routed):
         return
     try:
         entry = rt.manager.acquire(job.model, lambda: rt.cancels.is_cancelled(job_id))
@@ -120,6 +123,7 @@ def infer(job_id: str, reroutes: int = 0) -> None:
         return
     try:
         change = rt.store.transition(job_id, "running", allowed_from=("queued", "loading"),
+                                     when=lambda r: route is None or r.routed == route,
                                      node=rt.settings.node_id, attempts=job.attempts + 1, runner=rt.instance)
         if change.applied and change.record is not None:
             try:
@@ -185,7 +189,9 @@ def _after_crash(job: JobRecord, delivery: Delivery, reroutes: int, exit_reason:
     rt = runtime()
     if delivery.pieces == 0 and job.attempts < 2:
         log.warning("backend of %s crashed before job %s produced output; retrying", job.model, job.id)
-        _reroute(job, reroutes)
+        change = rt.store.transition(job.id, "queued", allowed_from=("running",))
+        if change.applied and change.record is not None:
+            _reroute(change.record, reroutes)
         return
     rt.store.fail(job.id, "backend_crashed",
                   f"the backend process of {job.model!r} {exit_reason or 'exited'} "
