@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import re
 
+from tasks.backends import BACKEND_EXTRAS as BACKEND_EXTRAS  # re-exported: the registry is tasks/backends.py
+
 TASK_LOAD = "modelbay.load"
 TASK_UNLOAD = "modelbay.unload"
 TASK_INFER = "modelbay.infer"
 TASK_NOOP = "modelbay.noop"
-
-# Backend name → (the Python package it needs, the pip extra that installs it). echo needs
-# nothing. A worker with MODELBAY_BACKENDS=auto offers the backends whose package is there.
-BACKEND_EXTRAS: dict[str, tuple[str, str]] = {
-    "sentence-transformers": ("sentence_transformers", "embeddings"),
-    "llama-cpp": ("llama_cpp", "llama"),
-    "diffusers": ("diffusers", "images"),
-}
 
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9/.:@+_-]{0,127}")
 _TOKEN_RE = re.compile(r"(?:[A-Za-z0-9-]|_[0-9a-f]{2})+")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime, UTC
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 JobKind = Literal["load", "unload", "inference"]
 JobStatus = Literal["queued", "loading", "running", "succeeded", "failed", "cancelled"]
@@ -53,6 +53,31 @@ class ChatMessage(Strict):
     content: str = Field(max_length=1_000_000)
 
 
+_INPUT_FOR_TASK: dict[str, str] = {"embed": "a string or a non-empty list of strings", "generate": "a string",
+                                   "image": "a string", "chat": "a non-empty list of {role, content} messages"}
+
+
+def _json_noun(value: object) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    return "null" if value is None else "object"
+
+
+def _json_kind(value: object) -> str:
+    """What a JSON value is, for messages: "a number", "an empty list", "a list of strings"..."""
+    if isinstance(value, list):
+        nouns = sorted({_json_noun(v) for v in value})
+        return f"a list of {' and '.join(n + 's' for n in nouns)}" if nouns else "an empty list"
+    noun = _json_noun(value)
+    return noun if noun == "null" else f"{'an' if noun == 'object' else 'a'} {noun}"
+
+
 class JobRequest(Strict):
     """``POST /v1/jobs`` body. ``input`` must fit ``task``: text(s) for embed, text for
     generate and image, a list of chat messages for chat."""
@@ -63,22 +88,25 @@ class JobRequest(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     node: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
-    @model_validator(mode="after")
-    def _input_fits_task(self) -> JobRequest:
-        value = self.input
-        if self.task == "embed":
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_fits_task(cls, value: object, info: ValidationInfo) -> object:
+        """Check the input's shape against the task before the union is tried, so a wrong one
+        says what the task takes instead of what each union member wanted."""
+        task = info.data.get("task")
+        want = _INPUT_FOR_TASK.get(task) if isinstance(task, str) else None
+        if want is None:
+            return value  # the task itself is wrong: that is the error to report
+        if task == "embed":
             ok = isinstance(value, str) or (isinstance(value, list) and len(value) > 0
                                             and all(isinstance(v, str) for v in value))
-            want = "a string or a non-empty list of strings"
-        elif self.task == "chat":
-            ok = isinstance(value, list) and len(value) > 0 and all(isinstance(v, ChatMessage) for v in value)
-            want = "a non-empty list of {role, content} messages"
+        elif task == "chat":
+            ok = isinstance(value, list) and len(value) > 0 and all(isinstance(v, (dict, ChatMessage)) for v in value)
         else:
             ok = isinstance(value, str)
-            want = "a string"
         if not ok:
-            raise ValueError(f"input for task {self.task!r} must be {want}")
-        return self
+            raise ValueError(f"task {task!r} takes {want}, got {_json_kind(value)}")
+        return value
 
     def input_json(self) -> Any:
         if isinstance(self.input, list):

@@ -6,8 +6,6 @@ settings through :func:`load_settings`, so ``modelbay up`` and compose agree.
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 import re
 import socket
@@ -119,29 +117,17 @@ class Settings:
 
     @property
     def backend_list(self) -> list[str]:
+        """The backends this worker offers: MODELBAY_BACKENDS, or with "auto" those of the
+        registry (:mod:`tasks.backends`) whose package is installed."""
         if self.backends.strip() == "auto":
+            from tasks.backends import installed_backends
+
             return list(installed_backends())
         return [b.strip() for b in self.backends.split(",") if b.strip()]
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
-
-
-@functools.lru_cache(maxsize=1)
-def installed_backends() -> tuple[str, ...]:
-    """echo, and every backend of :data:`tasks.names.BACKEND_EXTRAS` whose package is
-    installed (located with importlib, not imported)."""
-    from tasks.names import BACKEND_EXTRAS
-
-    found = ["echo"]
-    for backend, (package, _extra) in BACKEND_EXTRAS.items():
-        try:
-            if importlib.util.find_spec(package) is not None:
-                found.append(backend)
-        except (ImportError, ValueError):
-            continue
-    return tuple(found)
 
 
 def env_name(field_name: str) -> str:

@@ -148,6 +148,6 @@ def test_tiny_diffusion_cancel_stops_between_steps(client, tiny_pipeline: Path) 
 
 
 def test_echo_has_no_images(client) -> None:
-    name = register(client, "echo", {"backend": "echo"})
-    job = wait_job(client, submit(client, name, "image", "a cat")["id"])
-    assert job["status"] == "failed" and job["error"]["type"] == "unsupported_task"
+    name = register(client, "echo", {"backend": "echo"})  # refused at submit (tasks/backends.py), nothing queued
+    resp = client.post("/v1/jobs", json={"model": name, "task": "image", "input": "a cat"})
+    assert resp.status_code == 400 and resp.get_json()["error"]["code"] == "unsupported_task"

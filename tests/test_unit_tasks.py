@@ -225,3 +225,31 @@ def test_a_job_registered_after_its_load_failed_fails_too(store: Store, monkeypa
     job = d.submit(JobRequest(model="m", task="embed", input="x"), Manifest(backend="echo"))
     rec = store.get_job(job.id)
     assert rec.status == "failed" and "boom" in rec.error.message
+
+
+def test_the_backend_registry_refuses_typos_and_tasks_it_cannot_do(monkeypatch) -> None:
+    from tasks import backends
+    from tasks.errors import InvalidRequest
+    from tasks.names import BACKEND_EXTRAS
+
+    backends.check_backend("llama-cpp", {"n_ctx": 512, "repack": False})
+    with pytest.raises(InvalidRequest) as typo:
+        backends.check_backend("llama_cpp", {})
+    assert (typo.value.code, typo.value.param) == ("unknown_backend", "backend")
+    assert "did you mean 'llama-cpp'?" in typo.value.message
+    with pytest.raises(InvalidRequest) as option:
+        backends.check_backend("echo", {"dim": 4, "load_dealy_s": 1})
+    assert (option.value.code, option.value.param) == ("unknown_option", "options.load_dealy_s")
+    backends.check_task("echo", "chat", model="m")
+    backends.check_task("retired-backend", "image", model="m")  # not judged: placement answers no_node
+    with pytest.raises(InvalidRequest) as task:
+        backends.check_task("sentence-transformers", "generate", model="m")
+    assert (task.value.code, task.value.param) == ("unsupported_task", "task")
+    assert BACKEND_EXTRAS["llama-cpp"] == ("llama_cpp", "llama") and "echo" not in BACKEND_EXTRAS
+    backends.installed_backends.cache_clear()
+    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: object() if name == "diffusers" else None)
+    try:
+        assert load_settings({"MODELBAY_BACKENDS": "auto"}).backend_list == ["echo", "diffusers"]
+    finally:
+        backends.installed_backends.cache_clear()
+    assert load_settings({"MODELBAY_BACKENDS": "echo, llama-cpp"}).backend_list == ["echo", "llama-cpp"]

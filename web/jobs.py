@@ -5,10 +5,12 @@ import re
 
 from flask import Blueprint, jsonify, request
 
+from tasks.backends import check_task
 from tasks.errors import Conflict, InvalidRequest, NotFound
 from tasks.limits import check_limits
 from web.metrics import count_submitted
 from tasks.schemas import ACTIVE, TERMINAL, JobRecord, JobRequest
+from tasks.settings import env_name
 from web.extensions import mb
 from web.util import check_model_name, not_found_model, parse_body, pin
 
@@ -24,7 +26,9 @@ def _job(job_id: str) -> JobRecord:
     return record
 
 
-def _float_arg(name: str, low: float, high: float) -> float | None:
+def _float_arg(name: str, low: float, high: float, limit: str = "") -> float | None:
+    """The query argument ``name`` as a number in [low, high], or None when absent; ``limit``
+    says where ``high`` comes from (e.g. " seconds (MODELBAY_MAX_WAIT_S)")."""
     raw = request.args.get(name)
     if raw is None:
         return None
@@ -33,7 +37,7 @@ def _float_arg(name: str, low: float, high: float) -> float | None:
     except ValueError:
         raise InvalidRequest(f"{name} must be a number", param=name) from None
     if not low <= value <= high:
-        raise InvalidRequest(f"{name} must be between {low:g} and {high:g}", param=name)
+        raise InvalidRequest(f"{name} must be between {low:g} and {high:g}{limit}", param=name)
     return value
 
 
@@ -45,6 +49,7 @@ def submit():
     manifest = mb().store.get_manifest(check_model_name(req.model))
     if manifest is None:
         raise not_found_model(req.model)
+    check_task(manifest.backend, req.task, model=req.model)  # before anything is queued
     record = mb().dispatcher.submit(req, manifest)
     count_submitted("inference", req.task)
     headers = {"Location": f"/v1/jobs/{record.id}"}
@@ -56,7 +61,8 @@ def submit():
 @bp.get("/<job_id>")
 def get(job_id: str):
     record = _job(job_id)
-    wait_s = _float_arg("wait", 0, mb().settings.max_wait_s)
+    limit = f" seconds (the upper limit is the setting {env_name('max_wait_s')})"
+    wait_s = _float_arg("wait", 0, mb().settings.max_wait_s, limit)
     if wait_s and not record.terminal:
         record = mb().waiter.wait(job_id, wait_s) or record
     live = mb().live.job_progress(record)

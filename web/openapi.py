@@ -38,7 +38,9 @@ NODE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 ERRORS: dict[int, str] = {
     400: "invalid request: malformed JSON, an invalid name or parameter, a refused source, a request "
-         "over a limit (`limit_exceeded`); on the OpenAI-compatible routes also a body that does not fit",
+         "over a limit (`limit_exceeded`), a manifest naming an unknown backend (`unknown_backend`) or an "
+         "option its backend does not read (`unknown_option`), a task the model's backend does not do "
+         "(`unsupported_task`); on the OpenAI-compatible routes also a body that does not fit",
     401: "no valid API key (`Authorization: Bearer <key>`; only when MODELBAY_API_KEYS is set)",
     404: "no such model, job or node; also `no such route` for a path parameter no route matches",
     409: "a conflict: the job already ended, a load is not cancellable, the pinned node cannot run the "

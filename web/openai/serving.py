@@ -17,6 +17,7 @@ from typing import Any
 from flask import request
 from pydantic import ValidationError
 
+from tasks.backends import check_task
 from tasks.errors import Conflict, InvalidRequest, ModelbayError, NotFound, Unavailable
 from tasks.limits import check_limits
 from tasks.schemas import JobRecord, JobRequest
@@ -49,6 +50,7 @@ class Call:
         manifest = mb().store.get_manifest(check_model_name(model))
         if manifest is None:
             raise not_found_model(model)
+        check_task(manifest.backend, task, model=model, param="model")  # the registry of tasks/backends.py
         try:
             req = JobRequest(model=model, task=task, input=input_, params=params, node=pin(None))
         except ValidationError as exc:
