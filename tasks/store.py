@@ -338,13 +338,14 @@ class Store(NodeStore):
 
     # ---- load cooldown ----------------------------------------------------------------
 
-    def note_load_failure(self, model: str, message: str) -> float:
-        """Record a failed load; returns the cooldown in seconds (base, doubling, capped)."""
+    def note_load_failure(self, model: str, message: str, minimum_s: float = 0.0) -> float:
+        """Record a failed load; returns the cooldown in seconds (base, doubling, capped; at
+        least ``minimum_s``)."""
         key = f"{P}cooldown:{model_token(model)}"
         raw = self.r.get(key)
         failures = (json.loads(raw)["failures"] if raw else 0) + 1
         base, cap = self.settings.load_cooldown_base_s, self.settings.load_cooldown_max_s
-        cooldown_s = min(base * 2 ** (failures - 1), cap)
+        cooldown_s = max(minimum_s, min(base * 2 ** (failures - 1), cap))
         record = {"failures": failures, "until": time.time() + cooldown_s, "error": message}
         self.r.set(key, json.dumps(record), ex=int(cap * 4) + 1)
         return cooldown_s

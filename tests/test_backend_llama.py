@@ -19,6 +19,7 @@ import pytest
 from helpers import poll
 
 from workers.backend_calls import BackendCallError, BackendCancelled, BackendError, GenerateCall, GenerateChunk
+from workers.backends.llama_cpp import AMX_FLAGS, choose_repack, cpu_flags, new_llama
 from workers.supervisor import BackendProcess
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -76,8 +77,9 @@ def test_chat_and_completion(backends: Make, gguf: Path) -> None:
 
     # Same prompt tokens and greedy text as llama-cpp-python's own chat path (GGUF template).
     prompt = "Once upon a time, in a small village,"
-    reference = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=len(os.sched_getaffinity(0)),
-                                verbose=False)
+    # The reference repacks (or not) as the backend does: on an AMX CPU a repacking Llama crashes.
+    reference = new_llama(llama_cpp, choose_repack(None, cpu_flags())[0], model_path=str(gguf), n_ctx=1024,
+                          n_threads=len(os.sched_getaffinity(0)), verbose=False)
     try:
         answer = reference.create_chat_completion(messages=QUESTION, max_tokens=32, temperature=0, seed=1)
         assert call.prompt_tokens == answer["usage"]["prompt_tokens"]
@@ -91,7 +93,9 @@ def test_chat_and_completion(backends: Make, gguf: Path) -> None:
     assert call.prompt_tokens == expected_prompt_tokens and text.strip()
 
     status = bp.status()
-    assert status["stats"] == {"generations": 5, "tokens": status["tokens_generated"], "last_tokens": 5}
+    stats = {k: v for k, v in status["stats"].items() if not k.startswith("repack")}
+    assert stats == {"generations": 5, "tokens": status["tokens_generated"], "last_tokens": 5}
+    assert status["stats"]["repack"] is choose_repack(None, cpu_flags())[0]  # the warm-up is not counted
 
 
 def test_stop_sequence(backends: Make, gguf: Path) -> None:
@@ -196,3 +200,47 @@ def test_missing_library_names_the_extra(backends: Make, tmp_path: Path) -> None
         bp.load([str(tmp_path / "model.gguf")], str(tmp_path), {}, "", timeout_s=30)
     assert "modelbay[llama]" in str(info.value) and "llama_cpp" in str(info.value)
     assert bp.status()["state"] == "empty"
+
+
+AMX_CPU = "fpu sse4_2 avx2 avx512f amx_bf16 amx_tile amx_int8"
+
+
+def test_repacking_is_off_on_amx_cpus_unless_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert choose_repack(None, frozenset(AMX_CPU.split()))[0] is False
+    assert choose_repack(None, frozenset("fpu avx2 avx512f".split()))[0] is True
+    assert choose_repack(None, frozenset({"amx_tile"}))[0] is True  # both flags, or ggml takes no AMX path
+    assert choose_repack(True, frozenset(AMX_CPU.split())) == (True, "the repack option")
+    assert choose_repack(False, frozenset()) == (False, "the repack option")
+    monkeypatch.setenv("MODELBAY_CPU_FLAGS", AMX_CPU)
+    assert AMX_FLAGS <= cpu_flags()
+    monkeypatch.delenv("MODELBAY_CPU_FLAGS")
+    real = cpu_flags()
+    assert real == frozenset() or "fpu" in real  # read from /proc/cpuinfo
+
+
+def test_an_amx_cpu_loads_without_repacking_and_chats(backends: Make, gguf: Path) -> None:
+    """The AMX decision without AMX hardware: the backend sees AMX flags (injected) and
+    hands llama.cpp use_extra_bufts=false; the chat answers, as on an AMX host."""
+    bp = backends("llama-cpp", "smollm2", env={"MODELBAY_CPU_FLAGS": AMX_CPU})
+    bp.start()
+    bp.load([str(gguf)], str(gguf.parent), {"n_ctx": 512}, "cpu", timeout_s=120)
+    stats = bp.status()["stats"]
+    assert stats["repack"] is False and "AMX" in stats["repack_reason"], stats
+    text, call, _ = run(bp, messages=QUESTION, max_tokens=8, temperature=0, seed=1)
+    assert text.strip() and call.completion_tokens > 0
+
+
+def test_the_repack_option_forces_the_choice(backends: Make, gguf: Path) -> None:
+    bp = backends("llama-cpp", "smollm2", env={"MODELBAY_CPU_FLAGS": "fpu avx2"})  # no AMX: repacking is safe
+    bp.start()
+    bp.load([str(gguf)], str(gguf.parent), {"n_ctx": 512}, "cpu", timeout_s=120)
+    assert bp.status()["stats"]["repack"] is True
+    forced = backends("llama-cpp", "smollm2b", env={"MODELBAY_CPU_FLAGS": "fpu avx2"})
+    forced.start()
+    forced.load([str(gguf)], str(gguf.parent), {"n_ctx": 512, "repack": False}, "cpu", timeout_s=120)
+    stats = forced.status()["stats"]
+    assert (stats["repack"], stats["repack_reason"]) == (False, "the repack option")
+    with pytest.raises(BackendCallError, match="repack must be a bool"):
+        bad = backends("llama-cpp", "smollm2c")
+        bad.start()
+        bad.load([str(gguf)], str(gguf.parent), {"repack": "no"}, "cpu", timeout_s=120)

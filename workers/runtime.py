@@ -20,6 +20,8 @@ from typing import Any
 
 from celery import Celery
 
+from tasks.crashes import note_crash
+from tasks.exits import describe_exit
 from tasks.names import model_from_token, model_queue, model_token
 from tasks.schemas import JobRecord, Manifest, ModelNode, model_size_mb, utcnow
 from tasks.settings import Settings
@@ -169,9 +171,14 @@ class ModelManager:
             info = proc.load(files, model_dir, manifest.options, device,
                              timeout_s=load_deadline_s(size_bytes, base_s=self.settings.load_base_timeout_s))
         except BackendError as exc:
+            crashed = proc.crash_reason(wait_s=1.0)  # a failed load of a live process waits 1 s here
             proc.stop()
             if entry.unloading:
                 raise LoadFailed("unloaded", "the model was unloaded while loading") from exc
+            if crashed is not None:  # died inside LoadModel: the load itself or its warm-up
+                tail = proc.log_tail(5)
+                raise LoadFailed("backend_crashed", f"backend process {crashed} during the load (which runs "
+                                 f"the model once to warm it up)" + (f"; its last lines:\n{tail}" if tail else "")) from exc
             raise LoadFailed(getattr(exc, "code", "load_failed"), str(exc)) from exc
         return {"pid": proc.pid, "backend": manifest.backend, "device": info.get("device"), "dim": info.get("dim"),
                 "gpu": entry.gpu}
@@ -239,11 +246,21 @@ class ModelManager:
         entry.crashed = True
         entry.state = "failed"
         why = entry.proc.exit_reason if entry.proc is not None else None
-        entry.error = LoadFailed("backend_crashed", f"backend process {why or f'exited with code {returncode}'}")
+        entry.error = LoadFailed("backend_crashed", f"backend process {why or describe_exit(returncode)}")
         if was_ready:
             self._consume(model_queue(entry.model), False)
+            self._note_crash(entry.model, why or describe_exit(returncode))
         self._publish(entry)
         entry.settled.set()
+
+    def _note_crash(self, model: str, reason: str) -> None:
+        try:
+            cooldown_s = note_crash(self.store, model, reason)
+        except Exception as exc:  # a Redis blip must not hide the crash itself
+            log.warning("could not count the crash of %s: %s", model, exc)
+            return
+        if cooldown_s is not None:
+            log.error("%s crashes in a loop; new loads wait %gs", model, cooldown_s)
 
     # ---- using ------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tasks.exits import describe_exit
 from workers.backend_calls import BackendCallError, BackendStartError
 from workers.backend_client import BackendClient
 from workers.backends.base import MAX_MESSAGE_BYTES, SERVICE_NAME, health_socket
@@ -130,6 +131,13 @@ class BackendProcess(BackendClient):
         """Why the health monitor killed the process as hung; None if it did not."""
         return self._hung_reason
 
+    def crash_reason(self, wait_s: float = 2.0) -> str | None:
+        """How the process died on its own (:attr:`exit_reason`), waiting up to ``wait_s``
+        seconds for it to be reaped; None while it runs, or when the supervisor stopped it."""
+        if self._proc is None or not self._exited.wait(wait_s) or self._stop_requested.is_set():
+            return None
+        return self.exit_reason
+
     @property
     def exit_reason(self) -> str | None:
         """How the process ended, for messages ("backend process <exit_reason>"): killed
@@ -140,8 +148,8 @@ class BackendProcess(BackendClient):
         if self._hung_reason is not None:
             return f"was killed by the supervisor because it hung: {self._hung_reason}"
         if self._stop_requested.is_set():
-            return f"was stopped by the supervisor (code {rc})"
-        return f"exited with code {rc}"
+            return f"was stopped by the supervisor ({describe_exit(rc)})"
+        return describe_exit(rc)
 
     def alive(self) -> bool:
         """True from a successful :meth:`start` until the process exits."""
@@ -262,7 +270,7 @@ class BackendProcess(BackendClient):
             self._exit_handled.set()
             return
         if self._hung_reason is None:
-            log.warning("backend pid %d (model %r) exited unexpectedly with code %d", proc.pid, self.model, rc)
+            log.warning("backend pid %d (model %r) %s unexpectedly", proc.pid, self.model, describe_exit(rc))
         else:
             log.warning("backend pid %d (model %r) %s", proc.pid, self.model, self.exit_reason)
         self._close_channel()

@@ -170,6 +170,16 @@ class BackendServicer(pb_grpc.BackendServicer):
             with self._lock:
                 self._state = "empty"
             self._abort_for(context, exc, "load")
+        log.info("loaded in %.3fs; warming up", time.monotonic() - t0)
+        try:
+            self.model.warmup()
+        except Exception as exc:  # the model loaded but cannot run: the load fails
+            log.exception("warm-up failed")
+            self.model.free()
+            with self._lock:
+                self._state = "empty"
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"warm-up failed: the model loaded but cannot run: {type(exc).__name__}: {exc}"[:2000])
         load_s = time.monotonic() - t0
         with self._lock:
             self._state, self._info = "ready", info

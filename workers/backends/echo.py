@@ -11,6 +11,9 @@ LoadModel options (``options_json``):
 - ``dim`` (int, default 8): embedding dimension.
 - ``fail_load`` (bool, default false): LoadModel fails (after ``load_delay_s``).
 - ``memory_mb`` (int, MiB, default 1): the memory the load reports.
+- ``crash_at`` (str, optional): the process kills itself with SIGSEGV, as a native library's
+  fault would, at "warmup" (inside LoadModel, after the load) or at "generate" (the first
+  token of every generation). For the tests of warm-up failures and crash loops.
 
 Generate streams back the words of the input (the prompt, or the content of the last chat
 message), one per message, each followed by a space except the input's last word; so a
@@ -25,6 +28,7 @@ SIGKILL.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import math
 import os
@@ -37,6 +41,12 @@ from workers.backends.model import BackendModel, InvalidParams, LoadInfo, wait_o
 from workers.backends.server import main as base_main
 
 IGNORE_SIGTERM_ENV = "MODELBAY_ECHO_IGNORE_SIGTERM"
+CRASH_POINTS = ("warmup", "generate")
+
+
+def _segfault() -> None:
+    """Die as a native library's crash does: read address 0 (SIGSEGV)."""
+    ctypes.string_at(0)
 
 
 def embed_text(text: str, dim: int) -> list[float]:
@@ -68,6 +78,7 @@ class EchoModel(BackendModel):
         super().__init__()
         self.dim = 8
         self.token_delay_s = 0.0
+        self.crash_at: str | None = None
 
     def load(self, files: list[str], model_dir: str, options: dict[str, Any], device: str) -> LoadInfo:
         load_delay_s = _number(options, "load_delay_s", 0.0, float, 0.0)
@@ -77,12 +88,19 @@ class EchoModel(BackendModel):
         fail_load = options.get("fail_load", False)
         if not isinstance(fail_load, bool):
             raise InvalidParams(f"fail_load must be a boolean, got {fail_load!r}")
+        crash_at = options.get("crash_at")
+        if crash_at not in (None, *CRASH_POINTS):
+            raise InvalidParams(f"crash_at must be one of {', '.join(CRASH_POINTS)}, got {crash_at!r}")
         if wait_or_cancel(load_delay_s, self.stopping.is_set):
             raise RuntimeError("load interrupted: the backend is shutting down")
         if fail_load:
             raise RuntimeError("echo load failed on purpose (option fail_load=true)")
-        self.dim, self.token_delay_s = dim, token_delay_s
+        self.dim, self.token_delay_s, self.crash_at = dim, token_delay_s, crash_at
         return LoadInfo(memory_mb=memory_mb, device=device or "cpu", dim=dim)
+
+    def warmup(self) -> None:
+        if self.crash_at == "warmup":
+            _segfault()
 
     def embed(self, texts: list[str], params: dict[str, Any],
               cancelled: Callable[[], bool] = lambda: False) -> list[list[float]]:
@@ -99,6 +117,8 @@ class EchoModel(BackendModel):
         elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
             raise InvalidParams(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
         for i, word in enumerate(words[:max_tokens]):
+            if self.crash_at == "generate":
+                _segfault()
             if wait_or_cancel(self.token_delay_s, cancelled):
                 return "stop"
             yield word if i == len(words) - 1 else word + " "

@@ -16,6 +16,14 @@ LoadModel options (``options_json``):
 - ``chat_format`` (str, optional): a llama-cpp-python built-in prompt format ("chatml",
   "llama-2", ...) instead of the chat template stored in the GGUF (``tokenizer.chat_template``).
 - ``seed`` (int, optional): seed of generations that send none; default: a random seed each.
+- ``repack`` (bool, optional): repack the weights into the CPU's faster layouts (llama.cpp's
+  "extra buffer types"). Default: on, except on CPUs with AMX (``amx_int8`` and ``amx_tile``
+  among the flags of ``/proc/cpuinfo``, or of ``MODELBAY_CPU_FLAGS`` when set), where ggml's
+  AMX matmul path crashes (SIGSEGV on the first decode); true or false forces the choice.
+  ``stats()["repack"]`` says what the load chose, and why.
+
+LoadModel ends with a warm-up: the prompt "Hi" evaluated and one token sampled, so a model
+that cannot run fails its load instead of every job after it.
 
 Generate params (``params_json``):
 
@@ -38,6 +46,7 @@ thread-safe: generations take turns (a waiting one gives up when cancelled).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -48,11 +57,62 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from tasks.settings import load_settings
 from workers.backends.model import BackendModel, InvalidParams, LoadInfo
 from workers.backends.libs import option, require
 from workers.backends.server import main as base_main
 
 MAX_SEED = 2**32 - 1
+AMX_FLAGS = frozenset({"amx_int8", "amx_tile"})
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags: ``MODELBAY_CPU_FLAGS`` (space-separated) when set, else the
+    ``flags`` line of ``/proc/cpuinfo`` (empty where there is none)."""
+    override = load_settings().cpu_flags
+    if override:
+        return frozenset(override.split())
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def choose_repack(option_value: bool | None, flags: frozenset[str]) -> tuple[bool, str]:
+    """Whether to repack weights (llama.cpp's ``use_extra_bufts``), and why: the option when
+    given, else on unless the CPU has AMX, whose repacked matmul path crashes in ggml."""
+    if option_value is not None:
+        return option_value, "the repack option"
+    if AMX_FLAGS <= flags:
+        return False, "the CPU has AMX (amx_int8, amx_tile): ggml's AMX path crashes, so repacking is off"
+    return True, "the CPU has no AMX"
+
+
+def new_llama(lib: ModuleType, use_extra_bufts: bool, **kwargs: Any) -> Any:
+    """``lib.Llama(**kwargs)`` with ``llama_model_params.use_extra_bufts`` set (weight
+    repacking): llama-cpp-python's constructor takes its model params from
+    ``llama_model_default_params()`` and has no argument for it, so that function is wrapped
+    while the model loads. A backend process loads one model, so nothing else constructs a
+    Llama meanwhile; the tests and benchmarks build their reference models with it too."""
+    bindings = lib.llama_cpp
+    default = bindings.llama_model_default_params
+    if not hasattr(default(), "use_extra_bufts"):
+        if not use_extra_bufts:
+            raise InvalidParams("repack=false needs llama-cpp-python >= 0.3.16 (llama_model_params.use_extra_bufts)")
+        return lib.Llama(**kwargs)
+
+    def params() -> Any:
+        made = default()
+        made.use_extra_bufts = use_extra_bufts
+        return made
+
+    bindings.llama_model_default_params = params
+    try:
+        return lib.Llama(**kwargs)
+    finally:
+        bindings.llama_model_default_params = default
 
 
 def _llama() -> ModuleType:
@@ -117,6 +177,7 @@ class LlamaModel(BackendModel):
         self._slot = threading.Lock()  # one generation at a time per Llama object
         self._stats_lock = threading.Lock()
         self._generations = self._tokens = self._last_tokens = 0
+        self._repack: tuple[bool, str] | None = None
 
     # -- load / free -------------------------------------------------------------------
     def load(self, files: list[str], model_dir: str, options: dict[str, Any], device: str) -> LoadInfo:
@@ -130,8 +191,10 @@ class LlamaModel(BackendModel):
         gpu_ok = bool(lib.llama_supports_gpu_offload())
         n_gpu_layers = option(options, "n_gpu_layers", int, -1 if gpu_ok and device != "cpu" else 0, minimum=-1)
         formatter = _builtin_formatter(lib, chat_format) if chat_format else None
-        llm = lib.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+        repack, why = choose_repack(option(options, "repack", bool, None), cpu_flags())
+        llm = new_llama(lib, repack, model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                         n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, verbose=False)
+        self._repack = (bool(getattr(llm.model_params, "use_extra_bufts", True)), why)  # what llama.cpp got
         if formatter is None:
             formatter = self._gguf_formatter(lib, llm)
         self._llm, self._formatter, self._seed = llm, formatter, seed
@@ -176,6 +239,15 @@ class LlamaModel(BackendModel):
             return 0
         kv_dim = llm.n_embd() * kv_heads // max(heads, 1)
         return math.ceil(2 * llm.n_ctx() * layers * kv_dim * 2 / 2**20)
+
+    def warmup(self) -> None:
+        """Evaluate a two-token prompt and sample one token (greedy), then forget it."""
+        llm = self._loaded()
+        with self._slot:
+            for _ in llm.create_completion(llm.tokenize(b"Hi", add_bos=True), max_tokens=1, temperature=0.0,
+                                           stream=True):
+                pass
+            llm.reset()
 
     def free(self) -> None:
         with self._slot:
@@ -262,7 +334,11 @@ class LlamaModel(BackendModel):
 
     def stats(self) -> dict[str, Any]:
         with self._stats_lock:
-            return {"generations": self._generations, "tokens": self._tokens, "last_tokens": self._last_tokens}
+            stats: dict[str, Any] = {"generations": self._generations, "tokens": self._tokens,
+                                     "last_tokens": self._last_tokens}
+        if self._repack is not None:
+            stats["repack"], stats["repack_reason"] = self._repack
+        return stats
 
 
 def main(argv: Sequence[str] | None = None) -> int:

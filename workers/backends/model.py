@@ -68,6 +68,13 @@ class BackendModel(abc.ABC):
     def load(self, files: list[str], model_dir: str, options: dict[str, Any], device: str) -> LoadInfo:
         """Load the model from local ``files``; ``device`` is "cuda", "cpu" or "" (pick)."""
 
+    def warmup(self) -> None:
+        """Run the loaded model once on a tiny input (one decode, one encode, one denoising
+        step), inside LoadModel: a model that cannot run fails its load, with the load's
+        cooldown, instead of failing every job after a load that looked fine. It may raise
+        any exception (the load then fails with its message); it may also crash the process
+        (a native library's fault), which the supervisor reports as the load's failure."""
+
     def embed(self, texts: list[str], params: dict[str, Any],
               cancelled: Callable[[], bool] = lambda: False) -> list[list[float]]:
         """Return one vector per text; ``cancelled()`` turns true when the caller went away."""

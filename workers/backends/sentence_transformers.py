@@ -83,6 +83,11 @@ class SentenceTransformerModel(BackendModel):
         dim = model.get_embedding_dimension() or len(self._encode(["dimension probe"])[0][0])
         return LoadInfo(memory_mb=memory_mb, device=dev, dim=int(dim))
 
+    def warmup(self) -> None:
+        """Encode one short text. Called inside LoadModel, before any Embed can run, so the
+        tokenizer is still used by one thread only."""
+        self._encode(["warm-up"])
+
     def _encode(self, texts: list[str]) -> list[tuple[list[float], int]]:
         """One forward pass over ``texts`` (the batcher's thread): (vector, token count) per
         text. The tokenizer is only ever used from this thread: a fast tokenizer keeps its

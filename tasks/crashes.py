@@ -1,0 +1,41 @@
+"""Crash loops: a model whose backend keeps dying after good loads stops being loaded.
+
+Each crash of a ready model's backend is noted in ``mb:crashes:<model token>`` (a sorted set
+of crash times, epoch seconds, trimmed to the last ``backend_crash_window_s``). When it holds
+``backend_crash_limit`` crashes, the model enters the load cooldown of
+:meth:`tasks.store.Store.note_load_failure` (at least ``backend_crash_cooldown_s``) with a
+message that names the cause, so new
+requests get 503 ``load_cooldown`` with ``Retry-After`` instead of loading it again, only to
+crash again. A later crash inside the window extends the cooldown (it doubles each time).
+Crashes during a load are not counted here: the failed load already starts a cooldown.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+
+from tasks.names import model_token
+from tasks.store import Store
+
+P = "mb:crashes:"
+
+
+def note_crash(store: Store, model: str, reason: str) -> float | None:
+    """Record a crash of ``model``'s backend (``reason``: how it ended, "was killed by
+    SIGSEGV (signal 11)"). Returns the cooldown in seconds it started, or None while the
+    model is under the limit."""
+    settings = store.settings
+    key = f"{P}{model_token(model)}"
+    now = time.time()
+    window_s = settings.backend_crash_window_s
+    with store.r.pipeline() as pipe:
+        pipe.zadd(key, {f"{now:.6f}:{uuid.uuid4().hex[:8]}": now})
+        pipe.zremrangebyscore(key, 0, now - window_s)
+        pipe.zcard(key)
+        pipe.expire(key, int(window_s) + 1)
+        _, _, count, _ = pipe.execute()
+    if count < settings.backend_crash_limit:
+        return None
+    return store.note_load_failure(
+        model, f"it loaded, but its backend crashed {count} times in {window_s:g}s, the last time it {reason}",
+        minimum_s=settings.backend_crash_cooldown_s)
