@@ -177,9 +177,17 @@ class _RichBar:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                  TransferSpeedColumn(), TimeRemainingColumn())
         self.task = self.progress.add_task(name, total=None)
+        self.unmeasured = False
         self.progress.start()
 
     def update(self, row: dict[str, Any]) -> None:
+        if row.get("progress") is None:  # loading: no percentage, a pulsing bar (rich's total=None)
+            if not self.unmeasured:
+                self.unmeasured = True
+                self.progress.remove_task(self.task)
+                self.task = self.progress.add_task(describe(row), total=None)
+            return
+        self.unmeasured = False
         file = f" {row.get('file_index')}/{row.get('files_total')} {row.get('file')}" if row.get("file") else ""
         self.progress.update(self.task, description=f"{row.get('phase')}{file}",
                              completed=row.get("bytes_done") or 0, total=row.get("bytes_total"))
@@ -189,9 +197,13 @@ class _RichBar:
 
 
 def describe(row: dict[str, Any]) -> str:
-    """``staging 1/2 weights.bin 3.1/10.0 MB 1.2 MB/s ETA 6s 31.0%`` from an operations row."""
+    """``staging 1/2 weights.bin 3.1/10.0 MB 1.2 MB/s ETA 6s 31.0%`` from an operations row;
+    ``loading…`` alone in a phase without a percentage (``progress`` null)."""
     done, total = row.get("bytes_done"), row.get("bytes_total")
-    parts = [str(row.get("phase") or row.get("kind"))]
+    phase = str(row.get("phase") or row.get("kind"))
+    if row.get("progress") is None:
+        return f"{phase}…"
+    parts = [phase]
     if row.get("file"):
         parts.append(f"{row.get('file_index')}/{row.get('files_total')} {row['file']}")
     if done is not None:

@@ -122,7 +122,9 @@ class LoadRequest(Strict):
 
 class JobProgress(BaseModel):
     phase: str
-    progress: float = Field(ge=0, le=100)
+    # None while the phase has no measurable progress (``loading``: the backend's LoadModel
+    # tells nothing until it ends), so no client shows a full bar before the load is done.
+    progress: float | None = Field(default=None, ge=0, le=100)
     bytes_done: int | None = None
     bytes_total: int | None = None
     file: str | None = None

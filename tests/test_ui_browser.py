@@ -1,6 +1,7 @@
 """The operations page in a real browser: Debian's chromium driven by playwright-core
 (``tests/browser``). While a slow staging runs, the page shows the load's progress bar
-with a rising value, and the row leaves when the load completes. The page works behind the
+with a rising value; while the backend loads, an animated indeterminate bar (no percentage
+is known then); the row leaves when the load completes. The page works behind the
 API key (typed into its form, kept in the browser). A screenshot is saved as a test artifact.
 
 Skipped where chromium or the node package is missing, unless ``MODELBAY_REQUIRE_BROWSER=1``
@@ -61,7 +62,8 @@ def test_a_staging_shows_a_rising_bar_that_leaves_when_done(keyed_web: str, arti
         server.rate_bps = 1 << 20  # about 6 s of staging
         name = unique("ui")
         requests.put(f"{keyed_web}/v1/models/{name}", headers=auth, timeout=10, json={
-            "backend": "echo", "files": [{"uri": server.url("/ui/weights.bin"), "sha256": sha(data)}]},
+            "backend": "echo", "options": {"load_delay_s": 2},
+            "files": [{"uri": server.url("/ui/weights.bin"), "sha256": sha(data)}]},
         ).raise_for_status()
         load = requests.post(f"{keyed_web}/v1/models/{name}/load", headers={**auth, "X-Modelbay-Node": NODE},
                              timeout=10).json()
@@ -76,6 +78,9 @@ def test_a_staging_shows_a_rising_bar_that_leaves_when_done(keyed_web: str, arti
     values = [v for v in result["values"] if v is not None]
     assert len(set(values)) >= 3 and values == sorted(values) and values[-1] > values[0], values
     assert any("weights.bin" in t and "MB" in t for t in result["texts"]), result["texts"]
+    loading = result["loading"]  # about 2 s of samples while the backend loads (load_delay_s)
+    assert len(loading) >= 3 and all(s["indeterminate"] and s["animation"] == "indeterminate" for s in loading), \
+        loading
     assert result["nodes"] >= 1 and result["jobs"] >= 1
     assert shot.exists() and shot.stat().st_size > 1000
     status = requests.get(f"{keyed_web}/v1/jobs/{load['id']}", headers=auth, timeout=10).json()["status"]

@@ -114,3 +114,22 @@ def test_progress_message_and_job_record():
     assert store.get_job(job.id).progress.bytes_done == 0
     sink("complete", {"bytes_done": 10, "bytes_total": 10})
     assert store.get_job(job.id).progress.progress == 100.0
+
+
+def test_the_loading_phase_has_no_percentage():
+    p = to_job_progress("loading", {"message": "loading m on n1", "bytes_done": 10, "bytes_total": 10})
+    assert p.phase == "loading" and p.progress is None and p.message == "loading m on n1"
+
+
+def test_the_cli_shows_loading_without_a_percentage(capsys):
+    from tasks.cli_client import _Lines, describe
+
+    staging = {"phase": "staging", "file": "w.bin", "file_index": 1, "files_total": 1, "bytes_done": 5_000_000,
+               "bytes_total": 10_000_000, "progress": 50.0}
+    assert describe(staging) == "staging 1/1 w.bin 5.0/10.0 MB 50.0%"
+    loading = {**staging, "phase": "loading", "kind": "loading", "bytes_done": 10_000_000, "progress": None}
+    assert describe(loading) == "loading…"
+    lines = _Lines()
+    lines.update(staging)
+    lines.update(loading)
+    assert capsys.readouterr().out.splitlines() == ["staging 1/1 w.bin 5.0/10.0 MB 50.0%", "loading…"]

@@ -24,6 +24,7 @@ from web.perprocess import PerProcess
 
 log = logging.getLogger("modelbay.web")
 
+UNMEASURED = frozenset({"loading"})  # phases without a percentage (LoadModel tells nothing until done)
 BASELINE_REFRESH_S = 1.0   # the longest the coarse progress of baseline rows may be cached
 NODES_REFRESH_S = 0.5      # the longest the set of live nodes may be cached
 ROW_FIELDS = ("id", "kind", "model", "node", "job", "phase", "file", "file_index", "files_total",
@@ -112,8 +113,9 @@ class Live:
             return None
         base = record.progress
         done = max(op.get("bytes_done") or 0, (base.bytes_done or 0) if base else 0)
-        return JobProgress(phase=op.get("phase") or op.get("kind") or "staging",
-                           progress=max(op.get("progress") or 0.0, base.progress if base else 0.0),
+        phase = op.get("phase") or op.get("kind") or "staging"
+        return JobProgress(phase=phase, progress=None if phase in UNMEASURED else
+                           max(op.get("progress") or 0.0, (base.progress or 0.0) if base else 0.0),
                            bytes_done=done, bytes_total=op.get("bytes_total"), file=op.get("file"),
                            file_index=op.get("file_index"), files_total=op.get("files_total"),
                            step=op.get("step"), steps=op.get("steps"), message=op.get("message"))
@@ -126,7 +128,8 @@ def baseline_row(rec: JobRecord) -> dict[str, Any]:
             "phase": p.phase if p else rec.status, "file": p.file if p else None,
             "file_index": p.file_index if p else None, "files_total": p.files_total if p else None,
             "bytes_done": p.bytes_done if p else None, "bytes_total": p.bytes_total if p else None,
-            "rate_bps": None, "eta_s": None, "progress": p.progress if p else 0.0, "message": p.message if p else None,
+            "rate_bps": None, "eta_s": None, "progress": _percent(kind, p.progress if p else 0.0),
+            "message": p.message if p else None,
             "error": rec.error.message if rec.error else None, "started_at": rec.started_at or rec.created_at,
             "updated_at": rec.started_at or rec.created_at, "live": False}
 
@@ -146,8 +149,15 @@ def overlay(base: dict[str, Any] | None, op: dict[str, Any]) -> dict[str, Any]:
             theirs, mine = base.get(key), row[key]
             if theirs is not None and mine is not None and theirs > mine:
                 row[key] = theirs
+    row["progress"] = _percent(row.get("kind"), row.get("progress"))
     row["live"] = True
     return row
+
+
+def _percent(kind: str | None, progress: float | None) -> float | None:
+    """``progress``, or None in a phase that has no percentage (a record or baseline from
+    the staging that went before must not show through)."""
+    return None if kind in UNMEASURED else progress
 
 
 def _row_order(row: dict[str, Any]) -> tuple[str, str]:

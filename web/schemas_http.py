@@ -31,7 +31,7 @@ class LoadingInfo(BaseModel):
     model: str
     job: str | None = None
     phase: str
-    progress: float
+    progress: float | None = Field(default=None, description="percent; null while loading (no measure)")
     bytes_done: int | None = None
     bytes_total: int | None = None
     file_index: int | None = None

@@ -82,8 +82,11 @@ class Operation:
             if fields.get("progress") is not None:
                 self.state["progress"] = fields["progress"]
             done, total = self.state.get("bytes_done"), self.state.get("bytes_total")
-            if status == "complete" or self.kind == "loading":
+            pct: float | None
+            if status == "complete":
                 pct = 100.0
+            elif self.kind == "loading":
+                pct = None  # LoadModel reports nothing until it ends: no percentage to show
             elif self.kind == "inference":
                 pct = self.state.get("progress") or 0.0
             else:

@@ -109,8 +109,8 @@ def human_bytes(n: int | None) -> str:
 
 def to_job_progress(event: str, state: dict[str, Any]) -> JobProgress:
     """A staging/loading event as the job record's ``progress``."""
-    if event == "loading":
-        return JobProgress(phase="loading", progress=100.0, message=state.get("message"))
+    if event == "loading":  # LoadModel reports nothing until it ends: no percentage
+        return JobProgress(phase="loading", progress=None, message=state.get("message"))
     done, total = state.get("bytes_done") or 0, state.get("bytes_total")
     pct = 100.0 if event == "complete" else (min(100.0, 100.0 * done / total) if total else 0.0)
     if event == "error":

@@ -2,7 +2,9 @@
 // key through the page's own form, then watches the progress bar of one operation:
 //   node watch_ops.mjs URL KEY OP_ID SCREENSHOT_PATH
 // Prints one JSON line: the bar's values as they were sampled (every 100 ms while the row
-// exists), whether the row appeared and left, and the rows' texts. Exit 1 on a timeout.
+// exists; an indeterminate bar has no value), the samples taken while the row's phase was
+// "loading" (is the bar indeterminate, its animation's name), whether the row appeared and
+// left, and the rows' texts. Exit 1 on a timeout.
 import { chromium } from "playwright-core";
 
 const [url, key, opId, screenshot] = process.argv.slice(2);
@@ -11,7 +13,7 @@ const browser = await chromium.launch({
   headless: true,
   args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"],
 });
-const result = { values: [], appeared: false, left: false, saved: false, texts: [] };
+const result = { values: [], loading: [], appeared: false, left: false, saved: false, texts: [] };
 try {
   const page = await browser.newPage();
   await page.goto(url);
@@ -25,8 +27,15 @@ try {
   const deadline = Date.now() + 60000;
   while (Date.now() < deadline) {
     if ((await row.count()) === 0) { result.left = true; break; }
-    const value = await row.locator("progress").evaluate((el) => el.value).catch(() => null);
+    const bar = await row.locator("progress").evaluate((el) => ({
+      value: el.matches(":indeterminate") ? null : el.value,
+      indeterminate: el.matches(":indeterminate"),
+      animation: getComputedStyle(el).animationName,
+      phase: el.closest("tr").children[1].textContent,
+    })).catch(() => null);
+    const value = bar === null ? null : bar.value;
     if (value !== null) result.values.push(value);
+    if (bar !== null && bar.phase === "loading") result.loading.push(bar);
     const text = await row.innerText().catch(() => "");
     if (text && !result.texts.includes(text)) result.texts.push(text);
     if (!shot && result.values.length > 5 && value > 0) {

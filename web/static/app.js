@@ -47,13 +47,15 @@ function renderOps(rows) {
     const [model, kind, node, , detail] = tr.children;
     model.textContent = op.model; kind.textContent = op.phase || op.kind; node.textContent = op.node || "-";
     const bar = tr.querySelector("progress");
-    if (op.bytes_total) { bar.max = op.bytes_total; bar.value = op.bytes_done || 0; }
-    else { bar.max = 100; bar.value = op.progress || 0; }
-    bar.dataset.progress = String(op.progress || 0);
+    const unmeasured = op.progress == null;  // loading: no percentage, an indeterminate bar
+    if (unmeasured) bar.removeAttribute("value");
+    else if (op.bytes_total) { bar.max = op.bytes_total; bar.value = op.bytes_done || 0; }
+    else { bar.max = 100; bar.value = op.progress; }
+    bar.dataset.progress = unmeasured ? "" : String(op.progress);
     const rate = op.rate_bps ? ` · ${(op.rate_bps / 1e6).toFixed(1)} MB/s` : "";
     const eta = op.eta_s != null ? ` · ETA ${Math.round(op.eta_s)}s` : "";
     const file = op.file ? `${op.file_index}/${op.files_total} ${op.file} · ` : "";
-    detail.textContent = op.bytes_total ? `${file}${mb(op.bytes_done)} of ${mb(op.bytes_total)}${rate}${eta}`
+    detail.textContent = op.bytes_total && !unmeasured ? `${file}${mb(op.bytes_done)} of ${mb(op.bytes_total)}${rate}${eta}`
                                         : (op.message || "");
   }
   for (const tr of [...body.querySelectorAll("tr")]) if (!seen.has(tr.dataset.op)) tr.remove();
