@@ -68,3 +68,27 @@ def test_the_loading_phase_has_no_percentage_in_jobs_or_rows(web_url: str, clien
     assert finished["status"] == "succeeded", finished
     requests.post(f"{web_url}/v1/models/{name}/unload", timeout=10)
 
+
+def test_a_load_cancelled_by_an_unload_leaves_live_operations_at_once(web_url: str, client: Any) -> None:
+    name = register(web_url, {"backend": "echo", "options": {"load_delay_s": 4}})
+    path = f"{web_url}/v1/models/{name}"
+    first = requests.post(f"{path}/load", headers={"X-Modelbay-Node": NODE}, timeout=10).json()
+    poll(lambda: all((row(replica, first["id"]) or {}).get("kind") == "loading" for replica in rows(web_url, client)),
+         20, "the first load's row, loading, on both replicas")
+    unloads = requests.post(f"{path}/unload", timeout=10).json()["data"]
+    assert unloads, "the unload found the model loading nowhere"
+    for unload in unloads:
+        poll(lambda u=unload: job(web_url, u["id"])["status"] in TERMINAL, 30, f"unload {unload['id']}")
+    poll(lambda: job(web_url, first["id"])["status"] in TERMINAL, 10, "the cancelled load's record")
+    assert job(web_url, first["id"])["status"] == "cancelled"
+    second = requests.post(f"{path}/load", headers={"X-Modelbay-Node": NODE}, timeout=10).json()
+    assert second["id"] != first["id"], second
+
+    def only_the_new_row() -> bool:
+        return all(row(replica, first["id"]) is None and row(replica, second["id"]) is not None
+                   for replica in rows(web_url, client))
+
+    # Well within MODELBAY_OPS_TTL_S and the error grace (10 s): a cancel is not an error to show.
+    poll(only_the_new_row, 3, "the cancelled load's row to go while the new load's row is there")
+    poll(lambda: job(web_url, second["id"])["status"] in TERMINAL, 30, "the second load")
+    requests.post(f"{path}/unload", timeout=10)

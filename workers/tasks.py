@@ -59,7 +59,10 @@ def load(job_id: str) -> None:
         # The record first, then the live op: a poll in between never shows a regression.
         status = "cancelled" if exc.code == "unloaded" else "failed"
         rt.store.finish(job_id, status, error={"type": exc.code, "message": exc.message})
-        op.fail(exc.message)
+        if status == "cancelled":
+            op.done()  # an unload ended it: its row goes at once, on every replica (no error to show)
+        else:
+            op.fail(exc.message)
         if status == "failed":
             cooldown_s = rt.store.note_load_failure(job.model, exc.message)
             log.info("load %s of %s failed (%s); new loads wait %gs", job_id, job.model, exc.message, cooldown_s)
