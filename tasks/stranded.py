@@ -230,12 +230,14 @@ class Sweeper:
         failed = 0
         queue = node_queue(node_id)
         for message in read_queue(self.store.r, queue):
-            if message.task == TASK_INFER:
-                job = self.store.get_job(message.job_id)
-                if waiting(job, message) and self.store.fail(
-                        message.job_id, "node_lost",
-                        f"the job is pinned to node {node_id}, whose heartbeat expired").applied:
-                    failed += 1
+            if message.task != TASK_INFER:
+                continue  # loads and unloads: their records fail in the reaper's round
+            if self.store.get_node(node_id) is not None:
+                break  # it came back meanwhile: it serves its queue
+            job = self.store.get_job(message.job_id)
+            if waiting(job, message) and self.store.fail(
+                    message.job_id, "node_lost", f"the job is pinned to node {node_id}, whose heartbeat expired").applied:
+                failed += 1
             self.store.r.lrem(queue, 1, message.raw)
         self.store.forget_node(node_id)
         self.lost_worker()

@@ -27,6 +27,9 @@ from tasks.stranded import parse_message
 
 STRANDED_S = 2.0
 NODE_TTL_S = 2.0
+# A worker restarted under its node id comes back well within this: its predecessor's record
+# is still live, so only the new process's takeover (not the heartbeat's expiry) can help.
+LONG_TTL_S = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +45,24 @@ def stack(nats: Service, artifacts: Path, tmp_path_factory: pytest.TempPathFacto
     settings = load_settings(env)
     store = Store.from_settings(settings, outage_s=30)
     workers: dict[str, Worker] = {}
+    ttls: dict[str, float] = {}
 
-    def start(node: str, ready: bool = True) -> Worker:
-        """Start a worker for ``node``; with ``ready`` wait until its own record is up (not a
-        killed predecessor's that has not expired yet)."""
-        w = workers[node] = start_worker(env, node, artifacts, store, concurrency=4)
+    def start(node: str, ready: bool = True, ttl_s: float | None = None) -> Worker:
+        """Start a worker for ``node`` (node TTL ``ttl_s``, default: as before, else
+        ``NODE_TTL_S``); with ``ready`` wait until its own record is up (not a killed
+        predecessor's that has not expired yet)."""
+        ttls[node] = ttl_s or ttls.get(node, NODE_TTL_S)
+        w = workers[node] = start_worker({**env, "MODELBAY_NODE_TTL_S": str(ttls[node])}, node, artifacts, store,
+                                         concurrency=4)
         if ready:
             poll(lambda: (n := store.get_node(node)) is not None and n.pid == w.proc.pid, 60, f"{node} up")
         return w
+
+    def with_ttl(node: str, ttl_s: float) -> None:
+        """Make ``node``'s worker one with node TTL ``ttl_s`` (a graceful restart if needed)."""
+        if ttls.get(node) != ttl_s:
+            workers[node].stop(20)
+            start(node, ttl_s=ttl_s)
 
     try:
         for node in (f"sa{os.getpid()}", f"sb{os.getpid()}"):
@@ -57,7 +70,8 @@ def stack(nats: Service, artifacts: Path, tmp_path_factory: pytest.TempPathFacto
         from web import create_app
 
         client = create_app({"TESTING": True, "MODELBAY_ENV": env}).test_client()
-        yield {"client": client, "store": store, "workers": workers, "start": start, "settings": settings}
+        yield {"client": client, "store": store, "workers": workers, "start": start, "settings": settings,
+               "with_ttl": with_ttl}
     finally:
         for w in workers.values():
             w.stop(10)
@@ -100,50 +114,6 @@ def kill(worker: Worker) -> None:
 
 def holders(client, name: str) -> list[str]:
     return [n["node"] for n in client.get(f"/v1/models/{name}").get_json()["nodes"] if n["state"] == "ready"]
-
-
-def test_a_job_sent_to_a_restarted_workers_model_queue_succeeds(stack) -> None:
-    client, workers = stack["client"], stack["workers"]
-    a, _ = sorted(workers)
-    name = register(client)
-    load_on(client, name, a)  # held on a only
-    kill(workers[a])
-    stack["start"](a, ready=False)  # the same node id, at once; the old record says a holds the model
-    job = submit(client, name, "submitted in between")
-    assert job["status"] == "queued"  # sent to the model queue on the old process's state
-    final = wait_job(client, job["id"], 30)
-    assert final["status"] == "succeeded" and final["result"]["text"] == "submitted in between"
-    assert final["routed"] == 2  # handed back once by the takeover (or the reaper's sweep)
-
-
-def test_100_jobs_in_flight_through_a_restart_succeed_once_each(stack) -> None:
-    client, store, workers = stack["client"], stack["store"], stack["workers"]
-    a, _ = sorted(workers)
-    name = register(client, options={"token_delay_s": 0.05})
-    load_on(client, name, a)  # the only holder: its queue loses its last consumer
-    counts: Counter[str] = Counter()
-    pubsub = store.r.pubsub(ignore_subscribe_messages=True)
-    pubsub.psubscribe(**{"mb:jobev:*": lambda m: m["data"] == "succeeded" and counts.update([m["channel"][9:]])})
-    listener = pubsub.run_in_thread(sleep_time=0.05, daemon=True)
-    try:
-        ids = [submit(client, name, f"job {i} one two three")["id"] for i in range(90)]
-        poll(lambda: any((r := store.get_job(i)) and r.status == "running" and r.node == a for i in ids),
-             30, f"a job running on {a}")
-        kill(workers[a])
-        stack["start"](a, ready=False)
-        ids += [submit(client, name, f"job {i} one two three")["id"] for i in range(90, 100)]
-        try:
-            finals = [wait_job(client, i, 90) for i in ids]
-        except AssertionError:
-            stuck = [r.model_dump_json() for i in ids if not (r := store.get_job(i)).terminal]
-            raise AssertionError(f"{len(stuck)} job(s) never ended:\n" + "\n".join(stuck[:10])) from None
-        poll(lambda: all(counts[i] for i in ids), 5, "every success event")
-    finally:
-        listener.stop()
-    assert [j["status"] for j in finals] == ["succeeded"] * 100
-    assert [j["result"]["text"] for j in finals] == [f"job {i} one two three" for i in range(100)]
-    assert [counts[i] for i in ids] == [1] * 100  # each result written once (loads succeed too)
-    assert all(j["attempts"] <= 2 for j in finals)
 
 
 def run_long(stack, node: str, threads: int) -> list[str]:
@@ -216,6 +186,7 @@ def test_jobs_waiting_when_the_model_is_unloaded_are_routed_again(stack) -> None
     ``ModelManager.unload``, the path an explicit unload and an eviction take too)."""
     client, store, workers = stack["client"], stack["store"], stack["workers"]
     a, _ = sorted(workers)
+    stack["with_ttl"](a, NODE_TTL_S)  # its heartbeat thread unloads idle models every TTL / 3
     x = register(client, memory_mb=10, keep_alive_s=6)
     load_on(client, x, a)
     long = run_long(stack, a, 4)
@@ -228,6 +199,52 @@ def test_jobs_waiting_when_the_model_is_unloaded_are_routed_again(stack) -> None
         assert final["routed"] == 2
     finally:
         cancel(client, long)
+
+
+def test_a_job_sent_to_a_restarted_workers_model_queue_succeeds(stack) -> None:
+    client, workers = stack["client"], stack["workers"]
+    a, _ = sorted(workers)
+    stack["with_ttl"](a, LONG_TTL_S)
+    name = register(client)
+    load_on(client, name, a)  # held on a only
+    kill(workers[a])
+    stack["start"](a, ready=False)  # the same node id, at once; the old record says a holds the model
+    job = submit(client, name, "submitted in between")
+    assert job["status"] == "queued"  # sent to the model queue on the old process's state
+    final = wait_job(client, job["id"], 30)
+    assert final["status"] == "succeeded" and final["result"]["text"] == "submitted in between"
+    assert final["routed"] == 2  # handed back once by the takeover (or the reaper's sweep)
+
+
+def test_100_jobs_in_flight_through_a_restart_succeed_once_each(stack) -> None:
+    client, store, workers = stack["client"], stack["store"], stack["workers"]
+    a, _ = sorted(workers)
+    stack["with_ttl"](a, LONG_TTL_S)
+    name = register(client, options={"token_delay_s": 0.05})
+    load_on(client, name, a)  # the only holder: its queue loses its last consumer
+    counts: Counter[str] = Counter()
+    pubsub = store.r.pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe(**{"mb:jobev:*": lambda m: m["data"] == "succeeded" and counts.update([m["channel"][9:]])})
+    listener = pubsub.run_in_thread(sleep_time=0.05, daemon=True)
+    try:
+        ids = [submit(client, name, f"job {i} one two three")["id"] for i in range(90)]
+        poll(lambda: any((r := store.get_job(i)) and r.status == "running" and r.node == a for i in ids),
+             30, f"a job running on {a}")
+        kill(workers[a])
+        stack["start"](a, ready=False)
+        ids += [submit(client, name, f"job {i} one two three")["id"] for i in range(90, 100)]
+        try:
+            finals = [wait_job(client, i, 90) for i in ids]
+        except AssertionError:
+            stuck = [r.model_dump_json() for i in ids if not (r := store.get_job(i)).terminal]
+            raise AssertionError(f"{len(stuck)} job(s) never ended:\n" + "\n".join(stuck[:10])) from None
+        poll(lambda: all(counts[i] for i in ids), 5, "every success event")
+    finally:
+        listener.stop()
+    assert [j["status"] for j in finals] == ["succeeded"] * 100
+    assert [j["result"]["text"] for j in finals] == [f"job {i} one two three" for i in range(100)]
+    assert [counts[i] for i in ids] == [1] * 100  # each result written once (loads succeed too)
+    assert all(j["attempts"] <= 2 for j in finals)
 
 
 class _Delayed:
@@ -243,7 +260,8 @@ class _Delayed:
 
 def test_a_load_taken_but_not_started_by_a_killed_worker_is_placed_again(stack) -> None:
     client, store, workers = stack["client"], stack["store"], stack["workers"]
-    a, b = sorted(workers)
+    a, _ = sorted(workers)
+    stack["with_ttl"](a, LONG_TTL_S)  # a's old record outlives the restart: the takeover must act
     name = register(client)
     manifest = store.get_manifest(name)
     load, created = Dispatcher(store, _Delayed(stack["settings"])).ensure_load(name, manifest, node=a)
@@ -261,7 +279,7 @@ def test_a_load_taken_but_not_started_by_a_killed_worker_is_placed_again(stack) 
     stack["start"](a, ready=False)
     lost = wait_job(client, load.id, 20)
     assert lost["status"] == "failed" and lost["error"]["type"] == "node_lost"
-    assert time.monotonic() - killed_at < NODE_TTL_S + STRANDED_S + 5
+    assert time.monotonic() - killed_at < STRANDED_S + 15  # the worker's boot, not the TTL (30 s)
     final = wait_job(client, waiter["id"], 30)
     assert final["status"] == "succeeded" and final["result"]["text"] == "served anyway"
 
@@ -269,6 +287,7 @@ def test_a_load_taken_but_not_started_by_a_killed_worker_is_placed_again(stack) 
 def test_a_job_pinned_to_a_dead_node_fails_node_lost(stack) -> None:
     client, workers = stack["client"], stack["workers"]
     a, _ = sorted(workers)
+    stack["with_ttl"](a, NODE_TTL_S)
     name = register(client)
     load_on(client, name, a)
     kill(workers[a])
