@@ -91,16 +91,15 @@ class Reaper:
         # is back: it is alive, whatever its expired record says.
         alive[self.settings.node_id] = self.instance
         counts = self._reap(alive)
-        for node_id in self.store.gone_nodes(alive):
-            counts["pinned_failed"] += self.sweeper.bury(node_id)
+        more: dict[str, int] = {"pinned_failed": sum(self.sweeper.bury(n) for n in self.store.gone_nodes(alive))}
         if counts["requeued"] or counts["loads_failed"]:
             self.sweeper.lost_worker()
-        for key, value in self.sweeper.rescue_taken().items():
-            counts[key] = counts.get(key, 0) + value
         due = self.sweeper.due()
-        if due:
-            for key, value in self.sweeper.sweep(due, [n for n in nodes if not n.draining]).items():
-                counts[key] = counts.get(key, 0) + value
+        for found in (self.sweeper.rescue_taken(),
+                      self.sweeper.sweep(due, [n for n in nodes if not n.draining]) if due else {}):
+            for key, value in found.items():
+                more[key] = more.get(key, 0) + value
+        counts.update({k: v for k, v in more.items() if v})  # the stranded-queue part, when it acted
         if any(counts.values()):
             log.warning("reaper: %s", counts)
         return counts
@@ -123,7 +122,7 @@ class Reaper:
                 return False
             return job.node not in alive or bool(job.runner and alive[job.node] and job.runner != alive[job.node])
 
-        counts = {"requeued": 0, "failed": 0, "skipped": 0, "loads_failed": 0, "pinned_failed": 0}
+        counts = {"requeued": 0, "failed": 0, "skipped": 0, "loads_failed": 0}
         ids = self.store.inflight_ids()
         records = self.store.jobs(ids)
         self.store.forget_inflight([i for i in ids if i not in records or records[i].status != "running"])

@@ -62,12 +62,6 @@ log = logging.getLogger("modelbay.reaper")
 ORPHANS = "mb:orphans"
 RESCUE = "mb:rescue"
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's Redis transport (its defaults)
-# Remove a model's entry only if no newer event re-marked it meanwhile.
-_FORGET = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) <= tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end
-return 0
-"""
 
 
 def mark_orphaned(r: redis.Redis, models: Iterable[str], at_s: float | None = None, *, quiet: bool = False) -> None:
@@ -152,10 +146,25 @@ class Sweeper:
                 for key, value in self._reroute_queue(model).items():
                     counts[key] += value
             if not keep:
-                self.store.r.eval(_FORGET, 1, ORPHANS, model, repr(marked_s))
+                self._forget(model, marked_s)
         if counts["rerouted"] or counts["failed"]:
             log.warning("stranded jobs routed again: %s", counts)
         return counts
+
+    def _forget(self, model: str, marked_s: float) -> None:
+        """Remove ``model``'s entry unless an event re-marked it after ``marked_s``."""
+        with self.store.r.pipeline() as pipe:
+            try:
+                pipe.watch(ORPHANS)
+                score = pipe.zscore(ORPHANS, model)
+                if score is not None and float(score) <= marked_s:
+                    pipe.multi()
+                    pipe.zrem(ORPHANS, model)
+                    pipe.execute()
+                else:
+                    pipe.unwatch()
+            except redis.WatchError:
+                pass  # the set changed meanwhile: keep the entry, the next round looks again
 
     def _reroute_queue(self, model: str) -> dict[str, int]:
         queue = model_queue(model)
