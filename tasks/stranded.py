@@ -142,7 +142,9 @@ class Sweeper:
             if not any(s.state == "ready" for s in states):
                 if any(s.state in ("staging", "loading") and self.store.active_load(s.node, model) is not None
                        for s in states):
-                    continue  # its holder will consume the queue
+                    if not keep:  # its holder will consume the queue; look again stranded_s later
+                        self.store.r.zadd(ORPHANS, {model: time.time()}, xx=True, gt=True)
+                    continue
                 for key, value in self._reroute_queue(model).items():
                     counts[key] += value
             if not keep:
@@ -242,12 +244,14 @@ class Sweeper:
             if message.task != TASK_INFER:
                 continue  # loads and unloads: their records fail in the reaper's round
             if self.store.get_node(node_id) is not None:
-                break  # it came back meanwhile: it serves its queue
+                return failed  # it came back meanwhile: it serves its queue
             job = self.store.get_job(message.job_id)
-            if waiting(job, message) and self.store.fail(
-                    message.job_id, "node_lost", f"the job is pinned to node {node_id}, whose heartbeat expired").applied:
+            why = f"the job is pinned to node {node_id}, whose heartbeat expired"
+            if waiting(job, message) and self.store.fail(message.job_id, "node_lost", why).applied:
                 failed += 1
             self.store.r.lrem(queue, 1, message.raw)
+        if self.store.get_node(node_id) is not None:
+            return failed
         self.store.forget_node(node_id)
         self.lost_worker()
         log.warning("node %s is gone: %d model(s) marked, %d pinned job(s) failed", node_id, len(held), failed)
