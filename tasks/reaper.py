@@ -91,7 +91,8 @@ class Reaper:
         # is back: it is alive, whatever its expired record says.
         alive[self.settings.node_id] = self.instance
         counts = self._reap(alive)
-        more: dict[str, int] = {"pinned_failed": sum(self.sweeper.bury(n) for n in self.store.gone_nodes(alive))}
+        gone = self.sweeper.gone_long(self.store.gone_nodes(alive))
+        more: dict[str, int] = {"pinned_failed": sum(self.sweeper.bury(n) for n in gone)}
         if counts["requeued"] or counts["loads_failed"]:
             self.sweeper.lost_worker()
         due = self.sweeper.due()

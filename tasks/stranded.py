@@ -20,9 +20,9 @@ with no consumer. Each of those events writes the model into ``mb:orphans`` with
   (LREM). A message removed late, or taken by a worker meanwhile, does nothing: its route
   number is stale (``JobRecord.routed``).
 
-A node whose heartbeat expired (or that stopped) is handled once (:meth:`Sweeper.bury`): its
-models are marked, and the inference jobs pinned to it and still waiting in ``node.<id>``
-fail with ``node_lost``.
+A node whose heartbeat expired (or that stopped) ``stranded_s`` seconds ago and has not come
+back is handled once (:meth:`Sweeper.bury`): its models are marked, and the inference jobs
+pinned to it and still waiting in ``node.<id>`` fail with ``node_lost``.
 
 A message a worker had *taken* but not started when it died sits in kombu's ``unacked``
 hash (its delivery time in ``unacked_index``) until the visibility timeout. So for
@@ -34,7 +34,7 @@ and not waiting for a load still in flight, is routed again and its old message 
 
 Keys: ``mb:orphans``, a sorted set of model name → the epoch seconds at which a node last
 stopped holding it (ZADD GT: it only moves later); ``mb:rescue``, set (with an expiry) while
-taken messages are looked at.
+taken messages are looked at; ``mb:gone``, a hash of node id → when it was first found gone.
 
 Cost: one ZRANGEBYSCORE and one EXISTS per reaper round while nothing is wrong, whatever the
 catalog's size.
@@ -61,6 +61,7 @@ log = logging.getLogger("modelbay.reaper")
 
 ORPHANS = "mb:orphans"
 RESCUE = "mb:rescue"
+GONE = "mb:gone"  # node id → epoch seconds when the reaper first found it gone (a heartbeat clears it)
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's Redis transport (its defaults)
 
 
@@ -231,10 +232,26 @@ class Sweeper:
                 pipe.execute()
         return counts
 
+    def gone_long(self, node_ids: list[str], now_s: float | None = None) -> list[str]:
+        """Of the nodes found gone, those gone for ``stranded_s`` seconds (a worker restarted
+        under the same id within that, as in a rolling update, keeps its queue)."""
+        if not node_ids:
+            return []
+        now = time.time() if now_s is None else now_s
+        with self.store.r.pipeline() as pipe:
+            for node_id in node_ids:
+                pipe.hsetnx(GONE, node_id, now)
+            pipe.hmget(GONE, node_ids)
+            *new, since = pipe.execute()
+        for node_id, first in zip(node_ids, new):
+            if first:  # just found gone: the queues of the models it held lose a consumer now
+                mark_orphaned(self.store.r, self.store.node_models(node_id), now)
+        return [n for n, s in zip(node_ids, since) if s is not None and now - float(s) >= self.settings.stranded_s]
+
     def bury(self, node_id: str) -> int:
-        """A node that is gone (heartbeat expired, or stopped): mark the models it held, fail
-        the inference jobs pinned to it that still wait in its queue (``node_lost``), and
-        forget it. Its loads and unloads are the reaper's (they fail with ``node_lost``).
+        """A node gone for a while (heartbeat expired, or stopped): mark the models it held
+        (again), fail the inference jobs pinned to it that still wait in its queue
+        (``node_lost``), and forget it. Its loads and unloads are the reaper's (they fail with ``node_lost``).
         Returns the number of jobs failed."""
         held = self.store.node_models(node_id)
         mark_orphaned(self.store.r, held)
@@ -253,6 +270,7 @@ class Sweeper:
         if self.store.get_node(node_id) is not None:
             return failed
         self.store.forget_node(node_id)
+        self.store.r.hdel(GONE, node_id)
         self.lost_worker()
         log.warning("node %s is gone: %d model(s) marked, %d pinned job(s) failed", node_id, len(held), failed)
         return failed
