@@ -16,6 +16,8 @@ Keys (all under ``mb:``):
 - ``mb:tok:<id>``             the token stream of a streaming job (:mod:`tasks.tokens`)
 - ``mb:inflight``             set of inference job ids in ``running`` (the reaper's index)
 - ``mb:reaper``               lock: the one worker that reaps this round (:mod:`tasks.reaper`)
+- ``mb:orphans``, ``mb:rescue``, ``mb:gone``: queues that lost a holder, lost workers' taken
+  messages, gone nodes (:mod:`tasks.stranded`)
 
 Transitions use WATCH/MULTI: a terminal record is never overwritten, so a ``cancelled``
 job never turns ``succeeded``.
