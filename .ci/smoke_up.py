@@ -6,7 +6,7 @@ that command as written plus ``--port`` (a free one) and ``--data-dir``, and the
 echo generates, minilm embeds (384 floats) and smollm2 chats. Then Ctrl-C (SIGINT to the
 command's process group, as a terminal sends it) must stop everything it started.
 
-Standard library only: it runs before any venv exists. Exit status 0 = the first run works.
+Standard library only (``tasks.services`` is too): it runs before any venv exists. Exit status 0 = the first run works.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,9 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tasks.services import descendants, free_port  # noqa: E402  (standard library only)
+
 INSTALL_AND_START_S = 45 * 60  # a fresh machine compiles llama.cpp (about 10 minutes on 2 cores)
 JOB_S = 300                    # a demo model's first job loads it
 STOP_S = 90
@@ -45,32 +47,6 @@ def copy_checkout(dest: Path) -> None:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def descendants(pid: int) -> set[int]:
-    found: set[int] = set()
-    parents = {pid}
-    while True:
-        new = set()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) in found:
-                continue
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(") ", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid in parents:
-                new.add(int(entry.name))
-        if not new:
-            return found
-        found |= new
-        parents |= new
 
 
 def alive(pid: int) -> bool:

