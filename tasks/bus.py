@@ -2,7 +2,7 @@
 
 Used by workers (publishing progress) and by each web process (subscribing to it). The
 thread connects and reconnects forever; :meth:`Bus.publish` never blocks and never raises,
-so progress degrades when NATS is down and no task fails because of it (DESIGN 5).
+so progress degrades when NATS is down and no task fails because of it (architecture §5).
 Start a bus after fork (gunicorn workers each start their own).
 """
 from __future__ import annotations

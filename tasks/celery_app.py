@@ -1,6 +1,6 @@
 """The Celery app factory shared by web/ (sends tasks by name) and workers/ (runs them).
 
-No result backend: job state lives in our own store (DESIGN 4), so ``apply_async`` never
+No result backend: job state lives in our own store (architecture §4), so ``apply_async`` never
 subscribes the web process to a result channel.
 """
 from __future__ import annotations

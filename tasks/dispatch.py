@@ -1,4 +1,4 @@
-"""Placement and routing (DESIGN 3), shared by web/ (new requests) and workers/ (re-routing).
+"""Placement and routing (architecture §3), shared by web/ (new requests) and workers/ (re-routing).
 
 - A model ready somewhere: an inference job goes to ``model.<token>``, so any holder pulls it.
 - A model held nowhere: place a load on a node (backend supported, memory fits, fewest loads

@@ -1,4 +1,4 @@
-"""Task names, queue names and the reversible model-token encoding (DESIGN 3).
+"""Task names, queue names and the reversible model-token encoding (architecture §3).
 
 Model names may contain ``/ . : @ + -``; queue names and NATS subjects may not.
 A token keeps ``[A-Za-z0-9-]`` as is and writes every other byte as ``_XX``
@@ -67,7 +67,7 @@ def model_queue(name: str) -> str:
 
 def progress_subject(prefix: str, kind: str, key: str) -> str:
     """``<prefix>.staging.<model token>.progress``, ``<prefix>.load.<token>.progress`` or
-    ``<prefix>.jobs.<job id>.progress`` (DESIGN 5). ``kind`` is staging, loading, unloading or
+    ``<prefix>.jobs.<job id>.progress`` (architecture §5). ``kind`` is staging, loading, unloading or
     inference; ``key`` is the model name (staging/loading/unloading) or the job id."""
     if kind == "staging":
         return f"{prefix}.staging.{model_token(key)}.progress"

@@ -1,4 +1,4 @@
-"""The per-process operations table: live progress events merged by the rules of DESIGN 5.
+"""The per-process operations table: live progress events merged by the rules of architecture §5.
 
 Each web process feeds the events its NATS subscriber decodes to :meth:`OpsTable.apply`, and
 the events of operations it runs itself to :meth:`OpsTable.local`. Request threads read

@@ -1,4 +1,4 @@
-"""The reaper: no job is lost when a worker dies (DESIGN 4).
+"""The reaper: no job is lost when a worker dies (architecture §4).
 
 Celery's Redis transport redelivers an unacknowledged message only after its visibility
 timeout (hours, since a job may run that long), so a dead node's work is found from the job

@@ -143,7 +143,7 @@ class JobErrorInfo(BaseModel):
 class JobRecord(BaseModel):
     """The job as stored in Redis (``job:<id>``) and returned by ``GET /v1/jobs/{id}``.
 
-    ``load_job`` (an addition to DESIGN 6) is the id of the load an inference job waits for;
+    ``load_job`` (architecture §6) is the id of the load an inference job waits for;
     ``stream`` is set for jobs whose pieces are streamed (:mod:`tasks.tokens`).
     """
 

@@ -1,4 +1,4 @@
-"""Where a manifest's files may come from, and where they may go (DESIGN 6, Manifest).
+"""Where a manifest's files may come from, and where they may go (architecture §6, Manifest).
 
 Pure: web/ calls :func:`check_manifest` when a manifest is registered, and the worker calls
 the same functions again when it stages (a file root may have changed in between).

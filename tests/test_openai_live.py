@@ -1,6 +1,6 @@
 """The OpenAI-compatible routes over real HTTP: gunicorn (gthread), the session's worker, real
 Valkey and NATS. The official ``openai`` package as the client, and raw sockets that close
-mid-call to show that a disconnect cancels the inference job and never the load (DESIGN 2).
+mid-call to show that a disconnect cancels the inference job and never the load (architecture §2).
 """
 from __future__ import annotations
 

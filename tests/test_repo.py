@@ -53,7 +53,7 @@ def test_compose_lb_flower_and_healthchecks():
     conf = (ROOT / mount[0]).read_text()
     assert mount[1] == "/etc/nginx/conf.d/default.conf"
     assert "server web:8080" in conf and "proxy_buffering off" in conf  # round-robin, SSE unbuffered
-    assert "proxy_ignore_client_abort off" in conf  # disconnects reach the web (DESIGN 9)
+    assert "proxy_ignore_client_abort off" in conf  # disconnects reach the web (architecture §9)
     assert flower["profiles"] == ["flower"] and flower["command"][:3] == ["celery", "--broker", web["environment"]
                                                                              ["MODELBAY_REDIS_URL"]]
     assert "flower" in flower["command"] and "valkey" in services and "nats" in services
@@ -140,6 +140,9 @@ def test_every_import_is_declared():
         for path in sorted((ROOT / package).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
             allowed = core.union(*(extras[e] for e in MODULE_EXTRAS.get(rel, ())))
+            where = "the core dependencies"
+            if rel in MODULE_EXTRAS:
+                where += f" or extras {sorted(MODULE_EXTRAS[rel])}"
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Import):
                     roots = {a.name.split(".")[0] for a in node.names}
@@ -150,8 +153,8 @@ def test_every_import_is_declared():
                 for root in roots - local - set(sys.stdlib_module_names) - {"__future__"}:
                     dists = {_dist(d) for d in owners.get(root, [])}
                     if not dists & allowed:
-                        problems.append(f"{rel}:{node.lineno} imports {root} (from {sorted(dists) or 'nothing installed'}),"
-                                        f" which is not in {'the core dependencies' if rel not in MODULE_EXTRAS else 'the core dependencies or extras ' + str(sorted(MODULE_EXTRAS[rel]))}")
+                        found = sorted(dists) or "nothing installed"
+                        problems.append(f"{rel}:{node.lineno} imports {root} (from {found}), which is not in {where}")
     assert not problems, "\n".join(problems)
 
 
@@ -160,7 +163,7 @@ HEAVY = ("torch", "transformers", "sentence_transformers", "diffusers", "llama_c
 
 def test_heavy_libraries_stay_in_backend_processes():
     """The worker and web processes never import an ML library: only backend processes do
-    (DESIGN 7). Importing every worker, web and backend module must load none of them."""
+    (architecture §7). Importing every worker, web and backend module must load none of them."""
     code = ("import sys, importlib, pkgutil\n"
             "import web, web.wsgi, workers.tasks, workers.inference\n"
             "import workers.backends.echo, workers.backends.sentence_transformers, workers.backends.diffusers\n"

@@ -1,4 +1,4 @@
-"""The operations table's merge rules (DESIGN 5), one test per rule, on a clock the test moves."""
+"""The operations table's merge rules (architecture §5), one test per rule, on a clock the test moves."""
 from __future__ import annotations
 
 import re

@@ -1,4 +1,4 @@
-"""Start or stop consuming a queue on this worker at run time (DESIGN 9): a worker consumes
+"""Start or stop consuming a queue on this worker at run time (architecture §9): a worker consumes
 ``model.<token>`` while it holds the model ready, so any holder pulls the model's next job."""
 from __future__ import annotations
 

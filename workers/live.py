@@ -24,7 +24,7 @@ from workers.progress import Debouncer, to_job_progress
 
 log = logging.getLogger("modelbay.worker")
 
-# Internal progress events → the status on the wire (DESIGN 5). The end of staging and the
+# Internal progress events → the status on the wire (architecture §5). The end of staging and the
 # start of loading are progress of the same operation; only the load's end completes it.
 _WIRE = {"start": "start", "progress": "progress", "file_complete": "file_complete",
          "complete": "progress", "loading": "progress", "done": "complete", "error": "error"}

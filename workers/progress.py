@@ -1,6 +1,6 @@
 """Progress of a load, from staging ticks to the job record at a bounded rate.
 
-:class:`Debouncer` is the rule DESIGN 5 sets for byte ticks: the first tick of an interval
+:class:`Debouncer` is the rule architecture §5 sets for byte ticks: the first tick of an interval
 goes out at once (leading edge), later ones only update the pending state, and the latest
 state is flushed when the interval ends (trailing edge), so a stall never hides the last
 bytes. Transitions (``start``, ``file_complete``, ``complete``, ``error``, ``loading``) are

@@ -29,7 +29,7 @@ def noop() -> None:
 
 @app.task(name=TASK_LOAD)
 def load(job_id: str) -> None:
-    """Load a model on this node. Not cancellable by any client action (DESIGN 2)."""
+    """Load a model on this node. Not cancellable by any client action (architecture §2)."""
     rt = runtime()
     change = rt.store.transition(job_id, "loading", allowed_from=("queued",), runner=rt.instance)
     if not change.applied or change.record is None:

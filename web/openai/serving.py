@@ -1,6 +1,6 @@
 """Run one inference job for a synchronous (OpenAI-style) call, with the right lifetimes.
 
-DESIGN 2: the call's lifetime is the inference job's, never the load's. While the call waits
+architecture §2: the call's lifetime is the inference job's, never the load's. While the call waits
 (for a load, a queue slot or the generation) it watches the client's socket; when the client
 goes, the inference job is cancelled (the backend stops within a token or two) and the load,
 a job of its own, goes on and stays cached. A load that is still running after
