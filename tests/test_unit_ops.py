@@ -226,12 +226,35 @@ def test_concurrent_apply_and_snapshot() -> None:
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
+    seen: dict[str, int] = {}
+    versions: list[int] = []
     while any(t.is_alive() for t in threads):
-        for row in table.snapshot():
-            assert row["op"]
+        versions.append(table.version())
+        rows = table.snapshot()
+        assert [r["op"] for r in rows] == sorted(r["op"] for r in rows)  # same started_at: by op
+        for row in rows:
+            # Every row is one whole accepted event: never a complete, never torn, never older
+            # than a row of the same op seen before.
+            assert row["status"] == "progress" and row["bytes_done"] == row["seq"] * 10, row
+            assert row["op"] == f"{row['op'].split('-')[0]}-{row['seq'] % 50}", row
+            assert row["seq"] >= seen.get(row["op"], 0), (row, seen[row["op"]])
+            seen[row["op"]] = row["seq"]
     for t in threads:
         t.join()
     assert not errors
+    assert versions == sorted(versions)
+    # The end state: each op's row is its last event (seq 1951..2000 for op k: 1950 + k, or
+    # 2000 for k = 0), gone where that event was a complete (seq divisible by 7).
+    expected = {}
+    for base in range(3):
+        for k in range(50):
+            last = 2000 if k == 0 else 1950 + k
+            if last % 7:
+                expected[f"op{base}-{k}"] = last
+    assert {r["op"]: r["seq"] for r in table.snapshot()} == expected
+    assert all(r["status"] == "progress" and r["bytes_done"] == r["seq"] * 10 for r in table.snapshot())
+    assert all(table.get(op) is None for op in (f"op{b}-{k}" for b in range(3) for k in range(50))
+               if op not in expected)
 
 
 def test_wait_change_wakes_on_change_and_times_out(table: OpsTable) -> None:

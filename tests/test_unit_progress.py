@@ -93,11 +93,23 @@ def test_transitions_are_never_dropped_or_delayed_and_cancel_a_stale_flush():
 
 
 def test_an_emit_that_raises_never_reaches_the_caller():
+    """Every emit raises; the caller sees no exception, and a failed emit costs nothing
+    else: each later transition and the trailing flush are still attempted, in order."""
+    s = Script()
+    attempts: list[tuple[float, str, int]] = []
+
     def boom(event: str, state: dict) -> None:
+        attempts.append((s.now, event, state["bytes_done"]))
         raise ConnectionError("store down")
 
-    d = Debouncer(boom, 1.0)
+    d = Debouncer(boom, 1.0, clock=s.clock, schedule=s.schedule)
     d.submit("start", {"bytes_done": 0})  # no exception
+    s.advance(0.2)
+    d.submit("progress", {"bytes_done": 5})  # inside start's interval: held for the flush
+    s.advance(5.0)  # the trailing flush fires, and raises inside the timer
+    d.submit("progress", {"bytes_done": 7})  # a leading-edge tick after the failures
+    d.submit("complete", {"bytes_done": 10})
+    assert attempts == [(0.0, "start", 0), (1.0, "progress", 5), (5.0, "progress", 7), (5.0, "complete", 10)]
 
 
 def test_progress_message_and_job_record():

@@ -1,7 +1,9 @@
 """Unit tests of the shared contract: names, settings, the store (fakeredis), placement."""
 from __future__ import annotations
 
+import multiprocessing
 import threading
+import time
 
 import fakeredis
 import pytest
@@ -11,7 +13,7 @@ from tasks.errors import Conflict, NotFound, Unavailable
 from tasks.names import invalid_model_name, model_from_token, model_queue, model_token
 from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode, NodeRecord, model_size_mb, utcnow
 from tasks.settings import load_settings
-from tasks.store import Store, new_job_id
+from tasks.store import Store, job_channel, new_job_id
 
 
 @pytest.fixture
@@ -112,6 +114,119 @@ def test_concurrent_finishers_write_once(store: Store) -> None:
     for t in threads:
         t.join()
     assert len(wins) == 1 and store.get_job(job.id).status == wins[0]
+
+
+# The same guarantee on a real Valkey (WATCH/MULTI as the server runs it), from threads that
+# share one Store and from processes that each build their own from the URL.
+
+JOBS = 40
+
+
+def _status_of(who: str) -> str:
+    return "succeeded" if int(who.rsplit("-", 1)[1]) % 2 else "cancelled"
+
+
+def _finish_all(store: Store, job_ids: list[str], who: str, barrier) -> list[tuple[str, str]]:
+    """Race to finish every job; each finisher writes its own result. The jobs it won."""
+    status = _status_of(who)
+    barrier.wait(60)
+    return [(job_id, who) for job_id in job_ids
+            if store.finish(job_id, status, result=who).applied]
+
+
+def _finisher_process(url: str, job_ids: list[str], who: str, barrier, out) -> None:
+    store = Store.from_settings(load_settings({"MODELBAY_REDIS_URL": url}))
+    out.put(_finish_all(store, job_ids, who, barrier))
+
+
+@pytest.fixture
+def valkey_store(stack_env: dict[str, str]) -> Store:
+    return Store.from_settings(load_settings(stack_env))
+
+
+def _race_and_check(valkey_store: Store, run) -> None:
+    jobs = [valkey_store.create_job(JobRecord(id=new_job_id(), kind="inference", model="m", task="embed")).id
+            for _ in range(JOBS)]
+    sub = valkey_store.r.pubsub()
+    try:
+        sub.subscribe(*[job_channel(j) for j in jobs])
+        confirmed = 0
+        deadline = time.monotonic() + 10
+        while confirmed < JOBS:
+            assert time.monotonic() < deadline, "subscriptions not confirmed"
+            msg = sub.get_message(timeout=1)
+            confirmed += bool(msg and msg["type"] == "subscribe")
+        wins = run(jobs)  # returns when every finisher has returned
+        # Redis runs commands one at a time: a sentinel published now arrives after every
+        # event the finishers published.
+        for j in jobs:
+            valkey_store.r.publish(job_channel(j), "sentinel")
+        events: dict[str, list[str]] = {j: [] for j in jobs}
+        done = 0
+        deadline = time.monotonic() + 10
+        while done < JOBS:
+            assert time.monotonic() < deadline, f"sentinels not received: {events}"
+            msg = sub.get_message(timeout=1)
+            if not msg or msg["type"] != "message":
+                continue
+            job_id = msg["channel"].rsplit(":", 1)[1]
+            if msg["data"] == "sentinel":
+                done += 1
+            else:
+                events[job_id].append(msg["data"])
+    finally:
+        sub.close()
+    won: dict[str, list[str]] = {j: [] for j in jobs}
+    for job_id, who in wins:
+        won[job_id].append(who)
+    assert all(len(w) == 1 for w in won.values()), {j: w for j, w in won.items() if len(w) != 1}
+    for j in jobs:
+        rec = valkey_store.get_job(j)
+        who = won[j][0]
+        assert rec.result == who and rec.status == _status_of(who), (rec, who)
+        assert events[j] == [rec.status], (j, events[j])  # exactly one terminal event
+
+
+def test_concurrent_finishers_write_once_on_valkey_from_threads(valkey_store: Store) -> None:
+    def run(jobs: list[str]) -> list[tuple[str, str]]:
+        barrier = threading.Barrier(8)
+        results: list[list[tuple[str, str]]] = []
+        threads = [threading.Thread(target=lambda who=f"thread-{i}": results.append(
+            _finish_all(valkey_store, jobs, who, barrier))) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(results) == 8, "a finisher thread failed or hung"
+        return [w for r in results for w in r]
+
+    _race_and_check(valkey_store, run)
+
+
+def test_concurrent_finishers_write_once_on_valkey_from_processes(valkey_store: Store) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    url = valkey_store.settings.redis_url
+
+    def run(jobs: list[str]) -> list[tuple[str, str]]:
+        n = 4
+        barrier, out = ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=_finisher_process, args=(url, jobs, f"process-{i}", barrier, out))
+                 for i in range(n)]
+        for p in procs:
+            p.start()
+        try:
+            results = [out.get(timeout=120) for _ in procs]
+            for p in procs:
+                p.join(30)
+                assert p.exitcode == 0, f"finisher process exited {p.exitcode}"
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+        return [w for r in results for w in r]
+
+    _race_and_check(valkey_store, run)
 
 
 def test_list_jobs_filters_and_skips_expired(store: Store) -> None:
