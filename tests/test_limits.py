@@ -23,12 +23,32 @@ LIMITS = {"MODELBAY_MAX_INPUTS": "3", "MODELBAY_MAX_INPUT_CHARS": "50", "MODELBA
 
 @pytest.fixture(scope="module")
 def small(stack_env):
+    """The app with small limits, and every task message it sends to the broker (its Celery
+    app's ``send_task`` records each call, then sends)."""
     from web import create_app
 
-    client = create_app({"TESTING": True, "MODELBAY_ENV": {**stack_env, **LIMITS}}).test_client()
+    app = create_app({"TESTING": True, "MODELBAY_ENV": {**stack_env, **LIMITS}})
+    celery = app.extensions["modelbay"].celery
+    sent: list[tuple[str, str | None]] = []
+    send = celery.send_task
+
+    def recording_send(name, *args, **kwargs):
+        sent.append((name, kwargs.get("queue")))
+        return send(name, *args, **kwargs)
+
+    celery.send_task = recording_send
+    client = app.test_client()
     name = unique("lim")
     assert client.put(f"/v1/models/{name}", json={"backend": "echo"}).status_code == 201
-    return client, name
+    return client, name, sent
+
+
+def broker_state(store, name: str) -> tuple[int, int]:
+    """The Redis lists kombu keeps for the model's queue and the session node's queue."""
+    from conftest import NODE
+    from tasks.names import model_queue, node_queue
+
+    return store.r.llen(model_queue(name)), store.r.llen(node_queue(NODE))
 
 
 def user(text: str) -> dict:
@@ -49,20 +69,27 @@ def user(text: str) -> dict:
     ("/v1/images/generations", {"prompt": "a cat", "size": "128x64"}, "size"),
     ("/v1/images/generations", {"prompt": "a cat", "steps": 6}, "steps"),
 ])
-def test_over_a_limit_is_400_and_nothing_is_queued(small, path: str, body: dict, param: str) -> None:
-    client, name = small
+def test_over_a_limit_is_400_and_nothing_is_queued(small, store, path: str, body: dict, param: str) -> None:
+    client, name, sent = small
     before = len(client.get(f"/v1/jobs?model={name}").get_json()["data"])
+    sent_before, lists_before = len(sent), broker_state(store, name)
     resp = client.post(path, json={"model": name, **body})
     assert resp.status_code == 400, resp.get_json()
     error = resp.get_json()["error"]
     assert error["code"] == "limit_exceeded" and error["param"] == param and "MODELBAY_MAX_" in error["message"]
     assert len(client.get(f"/v1/jobs?model={name}").get_json()["data"]) == before
+    # Nothing reached the broker: no task message sent (a worker could take one off its list
+    # before we look), and no new message in the model's queue or the node's queue.
+    assert sent[sent_before:] == []
+    assert broker_state(store, name) == lists_before
 
 
 def test_at_the_limit_is_fine_and_the_body_size_is_413(small) -> None:
-    client, name = small
+    client, name, sent = small
+    sent_before = len(sent)
     ok = client.post("/v1/jobs", json={"model": name, "task": "embed", "input": ["a", "b", "c"]})
     assert ok.status_code == 202
+    assert sent[sent_before:], "an accepted job sends a task message (the recorder sees it)"
     big = client.post("/v1/jobs", json={"model": name, "task": "embed", "input": "z" * 20_000})
     assert big.status_code == 413 and big.get_json()["error"]["code"] == "payload_too_large"
     assert client.get("/healthz").status_code == 200
