@@ -60,6 +60,7 @@ def register(client, **options) -> str:
 def load_on(client, name: str, node: str) -> bool:
     """Load ``name`` on ``node``; True when a load job was made (False: it was ready there)."""
     resp = client.post(f"/v1/models/{name}/load", headers={"X-Modelbay-Node": node})
+    assert resp.status_code in (200, 202), (resp.status_code, resp.get_json())
     if resp.status_code == 202:
         assert wait_job(client, resp.get_json()["id"], 30)["status"] == "succeeded"
     return resp.status_code == 202
