@@ -16,9 +16,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -40,10 +42,19 @@ MAX_EXAMPLES = int(os.environ.get("MODELBAY_FUZZ_EXAMPLES", "15"))    # per oper
 SEED = int(os.environ.get("MODELBAY_FUZZ_SEED", "20261123"))
 STREAMING = "/api/operations/stream"  # never ends by itself: checked by hand below
 CHECKS = "no_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
-# 503s the document promises for a model that cannot be served now (a backend no live node
-# runs, a load cooling down after a failure, still loading, ...): the client retries later.
+# 503s the document promises that the models the fuzz registers can really cause: a backend
+# the echo-only worker does not run (no_node), a manifest whose memory_mb (or pinned models)
+# exceeds the node's 4096 MB (insufficient_memory), files that cannot be staged
+# (source_unreachable, staging_failed), the cooldown after such a failed load, a load still
+# going after MODELBAY_LOAD_WAIT_S (model_loading), and a model deleted or unloaded under a
+# job it had (model_unavailable). Not backend_start_failed, and load_failed only for a load
+# that raced an unload of the same model (the fuzz loads and unloads the same names; the
+# worker reports "the load in flight failed"): an echo backend loads whatever the options
+# (bad ones are a 400 invalid_params), so any other load_failed means loading is broken.
 RETRYABLE_503 = frozenset({"no_node", "load_cooldown", "model_loading", "insufficient_memory", "model_unavailable",
-                           "load_failed", "backend_start_failed", "source_unreachable", "staging_failed"})
+                           "source_unreachable", "staging_failed"})
+LOAD_RACED_AN_UNLOAD = "the load in flight failed"  # workers/runtime.py
+SEEN_503 = "MODELBAY_FUZZ_503_LOG"  # where the check writes each 503 it saw (JSON lines)
 
 
 @schemathesis.check
@@ -60,8 +71,14 @@ def no_server_error(ctx: schemathesis.CheckContext, response: schemathesis.Respo
         except (ValueError, KeyError, TypeError):
             error = {}
         code, message = error.get("code"), str(error.get("message"))
+        if os.environ.get(SEEN_503):
+            with open(os.environ[SEEN_503], "a", encoding="utf-8") as seen:
+                seen.write(json.dumps({"code": code, "message": message[:300],
+                                       "operation": getattr(getattr(case, "operation", None), "label", None)}) + "\n")
         if code in RETRYABLE_503 and not (code == "no_node" and "backend 'echo'" in message) \
                 and "no live worker node" not in message:
+            return None
+        if code == "load_failed" and LOAD_RACED_AN_UNLOAD in message:
             return None
     raise AssertionError(f"server error {response.status_code}: {response.text[:1000]}")
 
@@ -84,6 +101,8 @@ class _Answer:
     (503, "no_node", "no live node can run backend 'llama-cpp'", True),
     (503, "load_cooldown", "the last load of 'x' failed", True), (503, "model_loading", "still loading", True),
     (503, "no_node", "no live node can run backend 'echo'", False),
+    (503, "load_failed", "model load failed: the load in flight failed", True),
+    (503, "load_failed", "model load failed: echo load failed", False), (503, "backend_start_failed", "", False),
     (503, "no_node", "no live worker node", False), (503, "store_unavailable", "", False),
     (500, "internal_error", "", False), (502, None, "", False),
 ])
@@ -255,21 +274,60 @@ def test_the_operations_stream_keeps_to_the_document(fuzzed: Fuzzed) -> None:
     assert requests.get(f"{fuzzed.url}{STREAMING}", timeout=10).status_code == 401
 
 
+# The fuzz must really have run: every operation tested, and at least this many HTTP
+# requests (about 4,500 in 90 s on an idle machine; 600 on a 2-core one shared by several
+# test runs, where requests that wait for loads took much of the budget).
+MIN_REQUESTS = int(os.environ.get("MODELBAY_FUZZ_MIN_REQUESTS", "400"))
+# How a load of an echo manifest the fuzz registered may legitimately fail: more memory than
+# the node has, files that cannot be staged, options echo refuses, unloaded while loading, a
+# load that raced an unload. Any other load_failed, a backend_start_failed or a
+# backend_crashed means loading itself is broken.
+LOAD_FAILURES = frozenset({"insufficient_memory", "source_unreachable", "staging_failed", "invalid_params",
+                           "unloaded", "load_failed: raced an unload"})
+INFERENCE = ("POST /v1/jobs", "POST /v1/embeddings", "POST /v1/chat/completions", "POST /v1/completions")
+
+
+def load_end(job: dict) -> tuple[str, str | None]:
+    """How a load job ended: its status and error type (a load that raced an unload apart)."""
+    error = job.get("error") or {}
+    why = error.get("type")
+    if why == "load_failed" and LOAD_RACED_AN_UNLOAD in str(error.get("message")):
+        why = "load_failed: raced an unload"
+    return job["status"], why
+
+
+def fuzz_report(report: Path) -> dict:
+    """What the run's reports say: schemathesis's JSON run report, and from its HAR file the
+    HTTP requests made, counted by operation and status."""
+    run = json.loads((report / "run.json").read_text())
+    entries = json.loads((report / "run.har").read_text())["log"]["entries"]
+    statuses: Counter[tuple[str, int]] = Counter()
+    for entry in entries:
+        path = urlsplit(entry["request"]["url"]).path
+        statuses[(f"{entry['request']['method']} {path}", entry["response"]["status"])] += 1
+    return {"run": run, "requests": len(entries), "statuses": statuses}
+
+
 @pytest.mark.timeout(FUZZ_BUDGET_S + 240)
 def test_schemathesis_finds_nothing(fuzzed: Fuzzed, artifacts: Path) -> None:
     """Every operation but the endless stream: the document's examples, boundary values and
     negative cases, random cases and link-following sequences until the budget is spent
     (some thousands of requests). The worker must survive it."""
     report = artifacts / "schemathesis"
+    report.mkdir(parents=True, exist_ok=True)
+    for old in ("run.json", "run.har", "503s.jsonl"):
+        (report / old).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{fuzzed.url}/openapi.json",
            "--header", f"Authorization: Bearer {KEY}", "--checks", CHECKS,
            "--phases", "examples,coverage,fuzzing,stateful", "--max-examples", str(MAX_EXAMPLES),
            "--max-time", str(FUZZ_BUDGET_S), "--seed", str(SEED), "--workers", "2",
            "--request-timeout", "30", "--exclude-path", STREAMING, "--suppress-health-check", "all",
-           "--report", "junit", "--report-dir", str(report)]
+           "--report", "junit,json,har", "--report-dir", str(report),
+           "--report-json-path", str(report / "run.json"), "--report-har-path", str(report / "run.har")]
     started = time.monotonic()
     here = Path(__file__).parent
     env = {**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_TELEMETRY": "false", "SCHEMATHESIS_HOOKS": Path(__file__).stem,
+           SEEN_503: str(report / "503s.jsonl"),
            "PYTHONPATH": os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=FUZZ_BUDGET_S + 180, env=env)
     took = time.monotonic() - started
@@ -277,6 +335,30 @@ def test_schemathesis_finds_nothing(fuzzed: Fuzzed, artifacts: Path) -> None:
     (artifacts / "schemathesis.log").write_text(output)
     print(output[-20000:])
     print(f"schemathesis took {took:.0f}s")
+    seen_503 = [json.loads(line) for line in (report / "503s.jsonl").read_text().splitlines()] \
+        if (report / "503s.jsonl").exists() else []
+    print("503s seen:", dict(Counter(s["code"] for s in seen_503)))
+    # The loads the fuzz made (the fixture's own load of "echo" aside): how each ended.
+    jobs = requests.get(f"{fuzzed.url}/v1/jobs", params={"limit": 1000}, headers=AUTH, timeout=30).json()["data"]
+    loads = [j for j in jobs if j["kind"] == "load" and j["model"] != "echo"]
+    ends = Counter(load_end(j) for j in loads)
+    print("the fuzz's loads:", dict(ends))
     assert proc.returncode == 0, f"schemathesis found failures (exit {proc.returncode}):\n{output[-20000:]}"
     assert fuzzed.worker.proc.poll() is None, f"the worker died during the fuzz:\n{fuzzed.worker.log()[-5000:]}"
     assert requests.get(f"{fuzzed.url}/readyz", timeout=10).status_code == 200
+    # The fuzz really ran: every selected operation tested, enough requests made ...
+    got = fuzz_report(report)
+    run = got["run"]
+    print(f"requests: {got['requests']}; test cases: {run['test_cases']}; operations: {run['operations']}")
+    assert run["exit_code"] == 0 and run["complete"], run
+    assert run["operations"]["selected"] == run["operations"]["tested"] >= 21, run["operations"]
+    assert got["requests"] >= MIN_REQUESTS, f"only {got['requests']} requests in {took:.0f}s"
+    # ... and served: each inference route answered with success (the document's examples
+    # use the echo model, loaded before the fuzz).
+    ok = {op for (op, status), n in got["statuses"].items() if 200 <= status < 300}
+    assert set(INFERENCE) <= ok, sorted(got["statuses"].items())
+    assert {s["code"] for s in seen_503} <= RETRYABLE_503, seen_503
+    # Loading works: the fuzz's echo manifests load (the document's examples register some),
+    # and no load failed for a reason an echo manifest cannot cause.
+    assert ends[("succeeded", None)] >= 1, dict(ends)
+    assert {why for (status, why) in ends if status == "failed"} <= LOAD_FAILURES, dict(ends)
