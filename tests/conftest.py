@@ -23,6 +23,69 @@ from workers.supervisor import BackendProcess
 NODE = f"t{os.getpid()}"
 
 
+# ---- no silent skips in CI ------------------------------------------------------------------
+# Tests skip where an optional package, a model package or the browser is missing. CI installs
+# all of them (.ci/run sets MODELBAY_REQUIRE_ALL=1), so there a skip means a broken install:
+# a skip while a test runs becomes a failure, and a skip at collection (a module-level
+# importorskip) fails the run at its end. The skips CI cannot satisfy are listed here, by node
+# id prefix, with the reason; there are none (no test needs a GPU or a network).
+REQUIRE_ALL = "MODELBAY_REQUIRE_ALL"
+SKIPS_CI_CANNOT_SATISFY: dict[str, str] = {}
+_COLLECT_SKIPS = pytest.StashKey[list]()  # (node id, reason) of the modules skipped at collection
+
+
+def _require_all() -> bool:
+    return os.environ.get(REQUIRE_ALL) == "1"
+
+
+def _allowed_skip(nodeid: str) -> bool:
+    return any(nodeid.startswith(prefix) for prefix in SKIPS_CI_CANNOT_SATISFY)
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:  # (file, line, "Skipped: why")
+        return str(longrepr[2])
+    return str(longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail") and _require_all() \
+            and not _allowed_skip(item.nodeid):
+        report.outcome = "failed"
+        report.longrepr = (f"{REQUIRE_ALL}=1 and this test skipped ({_skip_reason(report)}): CI installs every "
+                           "dependency, so a skip is a broken install (or list it in SKIPS_CI_CANNOT_SATISFY "
+                           "in tests/conftest.py, with the reason)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and _require_all() and not _allowed_skip(report.nodeid):
+        collector.config.stash.setdefault(_COLLECT_SKIPS, []).append((report.nodeid, _skip_reason(report)))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if not hasattr(r, "wasxfail")]
+    terminalreporter.write_line(f"skipped: {len(skipped)}")
+    forbidden = config.stash.get(_COLLECT_SKIPS, [])
+    if forbidden:
+        terminalreporter.write_line(f"{REQUIRE_ALL}=1: {len(forbidden)} module(s) skipped at collection, "
+                                    "which fails the run:", red=True)
+        for nodeid, why in forbidden:
+            terminalreporter.write_line(f"  {nodeid}: {why}", red=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if session.config.stash.get(_COLLECT_SKIPS, []) and exitstatus in (pytest.ExitCode.OK,
+                                                                     pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture
 def server() -> Iterator[FileServer]:
     """A local HTTP file server (the tests' model source), closed after the test."""

