@@ -29,6 +29,7 @@ result is written once (terminal records are never overwritten).
 from __future__ import annotations
 
 import logging
+import time
 
 from tasks.dispatch import Dispatcher
 from tasks.errors import ModelbayError
@@ -79,11 +80,24 @@ class Reaper:
         self.settings = settings
         self.instance = instance  # this worker process: never lost in its own eyes
         self.sweeper = Sweeper(store, dispatcher, settings)
+        self._last_reply: float | None = None  # when Redis last answered this reaper (monotonic)
+        self._judge_after = 0.0  # no node is judged lost before this (monotonic)
 
     def run_once(self) -> dict[str, int]:
         """Reap if this process wins the round's lock; counts of what was done."""
         lock_s = max(1, round(self.settings.reaper_interval_s))
-        if not self.store.r.set(LOCK_KEY, self.settings.node_id, nx=True, ex=lock_s):
+        won = self.store.r.set(LOCK_KEY, self.settings.node_id, nx=True, ex=lock_s)
+        now = time.monotonic()
+        if self._last_reply is not None and now - self._last_reply > self.settings.reaper_interval_s + \
+                self.settings.node_ttl_s / 3:
+            # Redis was out of reach (a restart, an outage) or this process was frozen: node
+            # records may have expired only because nobody could refresh them. Judge no node
+            # until every live one has had a heartbeat interval (and a retry backoff) to beat.
+            self._judge_after = now + self.settings.node_ttl_s + 1.0
+            log.warning("reaper: Redis did not answer for %.1fs; no node is judged lost for %.1fs",
+                        now - self._last_reply, self._judge_after - now)
+        self._last_reply = now
+        if not won or now < self._judge_after:
             return {}
         nodes = self.store.live_nodes(include_draining=True)
         alive = {n.id: n.instance for n in nodes}

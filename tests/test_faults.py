@@ -145,17 +145,63 @@ def test_sigterm_lets_short_jobs_finish_and_hands_long_ones_back(faults) -> None
         faults["start"](b)
 
 
+def web_unavailable(client, path: str) -> dict | None:
+    """The web's answer to ``path`` while Redis is down: the 503 envelope with ``Retry-After``
+    (None while it still answers otherwise)."""
+    resp = client.get(path)
+    if resp.status_code != 503:
+        return None
+    body = resp.get_json()
+    assert body["error"]["code"] == "store_unavailable", body
+    assert body["error"]["type"] == "service_unavailable", body
+    assert int(resp.headers["Retry-After"]) > 0, dict(resp.headers)
+    return body
+
+
 def test_queued_jobs_survive_a_valkey_restart(faults) -> None:
-    client, store = faults["client"], faults["store"]
-    name = register(client, load_delay_s=2)
+    """20 jobs wait for a load while Valkey is down for several seconds (longer than the web's
+    ~1 s retry, so the web answers 503; the workers ride it out, MODELBAY_REDIS_OUTAGE_S), then
+    Valkey starts again: every job succeeds, and both workers stay up and serve."""
+    client, store, workers = faults["client"], faults["store"], faults["workers"]
+    nodes = sorted(workers)
+    before = {n: store.get_node(n) for n in nodes}
+    assert all(before.values()), before
+    name = register(client, load_delay_s=3)
     ids = [submit(client, name, f"after the restart {i}") for i in range(20)]
     assert {store.get_job(i).status for i in ids} == {"loading"}
+    load_id = store.get_job(ids[0]).load_job
+    # The load runs in its backend when Valkey goes: it ends during the outage, and its writes
+    # must wait for Valkey (the worker's MODELBAY_REDIS_OUTAGE_S).
+    started = poll(lambda: (r := store.get_job(load_id)).status != "queued" and r, 20, "the load to start")
+    assert not started.terminal, started
     faults["box"]["valkey"].stop()  # SIGTERM: AOF flushed
-    faults["box"]["valkey"] = start_valkey(faults["data"], faults["port"], appendonly=True)
+    try:
+        # The outage lasts until the web has answered 503 three times, each after its ~1 s of retries.
+        seen: list[dict] = []
+        for path in (f"/v1/jobs/{ids[0]}", f"/v1/models/{name}", "/v1/nodes"):
+            seen.append(poll(lambda p=path: web_unavailable(client, p), 20, f"a 503 from {path}"))
+        assert all(w.proc.poll() is None for w in workers.values())  # nobody gave up meanwhile
+    finally:
+        faults["box"]["valkey"] = start_valkey(faults["data"], faults["port"], appendonly=True)
     finals = [wait_job(client, i, 90) for i in ids]
-    assert [j["status"] for j in finals] == ["succeeded"] * 20
+    assert [j["status"] for j in finals] == ["succeeded"] * 20, [(j["error"], j["load_job"]) for j in finals[:2]]
     assert [j["result"]["text"] for j in finals] == [f"after the restart {i}" for i in range(20)]
     assert client.get(f"/v1/models/{name}").status_code == 200  # the catalog survived
+    # Both workers stayed up: the same processes, the same node instances, both listed again.
+    for node in nodes:
+        assert workers[node].proc.poll() is None, f"worker {node} exited:\n{workers[node].log()[-3000:]}"
+    after = poll(lambda: (got := {n: store.get_node(n) for n in nodes}) and all(got.values()) and got, 20,
+                 "both node records")
+    assert {n: (r.pid, r.instance) for n, r in after.items()} == {n: (r.pid, r.instance) for n, r in before.items()}
+    listed = client.get("/v1/nodes").get_json()["data"]
+    assert set(nodes) <= {n["id"] for n in listed}
+    # ... and both serve: a job pinned to each node runs there.
+    pinned = {node: client.post("/v1/jobs", json={"model": name, "task": "generate", "input": f"on {node}",
+                                                  "node": node}) for node in nodes}
+    for node, resp in pinned.items():
+        assert resp.status_code == 202, resp.get_json()
+        done = wait_job(client, resp.get_json()["id"], 60)
+        assert (done["status"], done["node"], done["result"]["text"]) == ("succeeded", node, f"on {node}")
 
 
 def test_a_load_on_a_killed_node_fails_and_its_waiting_job_loads_elsewhere(faults) -> None:

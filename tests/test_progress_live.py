@@ -105,27 +105,39 @@ class Counter:
 
 
 def test_every_replica_shows_the_same_row_without_flicker_and_within_the_message_budget(live):
-    urls, n_files = live["urls"], 3
+    urls, n_files, rate_bps = live["urls"], 3, 1.2 * MiB
     counter = Counter(live["box"]["nats"].url)
-    name, _ = slow_model(live, n_files, 1 * MiB, rate_bps=1.2 * MiB)
+    name, _ = slow_model(live, n_files, 1 * MiB, rate_bps=rate_bps)
     job = requests.post(f"{urls[0]}/v1/models/{name}/load", timeout=5).json()
-    seen_first, last_bytes, polls = None, defaultdict(int), 0
-    for polls in every(0.1, 60):  # the 100 ms round-robin cadence the issue asks for
-        url = urls[polls % 3]
-        row = row_for(url, job["id"])
-        status = job_status(url, job["id"])
+    seen_first, last_bytes, polls, compared = None, defaultdict(int), 0, 0
+    for polls in every(0.1, 60):  # every 100 ms, all three replicas, starting with each in turn
+        order = urls[polls % 3:] + urls[:polls % 3]
+        started = time.monotonic()
+        rows = {url: row_for(url, job["id"]) for url in order}
+        span_s = time.monotonic() - started
+        status = job_status(urls[0], job["id"])
         if status in ("succeeded", "failed"):
             break
-        if row is None:
-            assert seen_first is None, f"the row vanished on replica {url} (poll {polls}) before the load ended"
-        else:
+        for url, row in rows.items():
+            if row is None:
+                assert seen_first is None, f"the row vanished on replica {url} (poll {polls}) before the load ended"
+                continue
             seen_first = seen_first or time.monotonic()
             done = row["bytes_done"] or 0
             assert done >= last_bytes[url], f"bytes_done went backwards on {url}: {done} < {last_bytes[url]}"
             last_bytes[url] = done
             assert row["model"] == name and row["job"] == job["id"] and row["files_total"] in (None, n_files)
+        if all(rows.values()):
+            # The replicas agree: the same operation, and bytes within one tick of each other
+            # (a debounce interval's worth of bytes, plus what arrived while the three were read).
+            views = list(rows.values())
+            assert len({(r["id"], r["model"], r["job"], r["node"]) for r in views}) == 1, views
+            spread = max(r["bytes_done"] or 0 for r in views) - min(r["bytes_done"] or 0 for r in views)
+            assert spread <= rate_bps * (INTERVAL_S + span_s), (polls, span_s, [r["bytes_done"] for r in views])
+            compared += 1
     assert status == "succeeded"
-    assert seen_first is not None and max(last_bytes.values()) > 0 and polls > 20
+    assert seen_first is not None and polls > 20 and compared > 20
+    assert set(last_bytes) == set(urls) and all(last_bytes[u] > 0 for u in urls), dict(last_bytes)
     ended = time.monotonic()
     poll(lambda: all(row_for(u, job["id"]) is None for u in urls), 2.0, "the row to leave every replica")
     assert time.monotonic() - ended <= 2.5
