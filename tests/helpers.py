@@ -148,3 +148,25 @@ def gunicorn(env: dict[str, str], log_path: Path, workers: int = 1, threads: int
         yield url
     finally:
         stop_process(proc, 20)
+
+
+@contextlib.contextmanager
+def a_roomier_node(stack_env: dict[str, str], artifacts: Path, store: Store, prefix: str) -> Iterator[str]:
+    """A second worker node with far more free memory than the session's: placement's natural
+    choice for an unpinned load (both have no load in flight), so a pin to the session's node
+    is one that placement would not make. Stopped afterwards, even on failure."""
+    node = f"{prefix}{os.getpid()}"
+    worker = start_worker({**stack_env, "MODELBAY_NODE_MEMORY_MB": "4000000"}, node, artifacts, store, concurrency=2)
+    try:
+        yield node
+    finally:
+        worker.stop(20)
+
+
+def unpinned_load_goes_to(client: Any, node: str) -> None:
+    """An unpinned load lands on ``node`` (so a pin elsewhere is not placement's own choice)."""
+    probe = unique("probe")
+    assert client.put(f"/v1/models/{probe}", json={"backend": "echo"}).status_code == 201
+    resp = client.post(f"/v1/models/{probe}/load")
+    assert resp.status_code == 202 and resp.get_json()["node"] == node, resp.get_json()
+    assert wait_job(client, resp.get_json()["id"])["status"] == "succeeded"

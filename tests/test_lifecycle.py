@@ -2,13 +2,11 @@
 process → a real gRPC echo backend process."""
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 
 import pytest
 
-from helpers import backend_status, pid_alive, poll, start_worker, unique, wait_job
+from helpers import a_roomier_node, backend_status, pid_alive, poll, unpinned_load_goes_to, wait_job
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -185,34 +183,9 @@ def test_a_failed_load_fails_the_jobs_waiting_for_it(client, register):
     assert wait_job(client, again["id"])["status"] == "failed"
 
 
-PIN_PREFIX = "lcbig"
-
-
-@contextlib.contextmanager
-def a_roomier_node(stack_env, artifacts, store) -> Iterator[str]:
-    """A second worker node with far more free memory than the session's: placement's natural
-    choice for an unpinned load (both have no load in flight), so a pin to the session's node
-    is one that placement would not make. Stopped afterwards, even on failure."""
-    node = f"{PIN_PREFIX}{os.getpid()}"
-    worker = start_worker({**stack_env, "MODELBAY_NODE_MEMORY_MB": "4000000"}, node, artifacts, store, concurrency=2)
-    try:
-        yield node
-    finally:
-        worker.stop(20)
-
-
-def unpinned_load_goes_to(client, node: str) -> None:
-    """An unpinned load lands on ``node`` (so a pin elsewhere is not placement's own choice)."""
-    probe = unique("probe")
-    assert client.put(f"/v1/models/{probe}", json={"backend": "echo"}).status_code == 201
-    resp = client.post(f"/v1/models/{probe}/load")
-    assert resp.status_code == 202 and resp.get_json()["node"] == node, resp.get_json()
-    assert wait_job(client, resp.get_json()["id"])["status"] == "succeeded"
-
-
 def test_pinned_jobs_and_loads(client, register, worker, stack_env, artifacts, store):
     name = register()
-    with a_roomier_node(stack_env, artifacts, store) as roomier:
+    with a_roomier_node(stack_env, artifacts, store, "lcbig") as roomier:
         unpinned_load_goes_to(client, roomier)
         resp = client.post("/v1/jobs", json={"model": name, "task": "generate", "input": "pinned"},
                            headers={"X-Modelbay-Node": worker.node_id})

@@ -4,15 +4,12 @@ worker: response shapes, SSE chunks, error mapping, and the 503 of a load past
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import os
 import struct
-from collections.abc import Iterator
 
 import pytest
 
-from helpers import start_worker, unique, wait_job
+from helpers import a_roomier_node, unique, unpinned_load_goes_to, wait_job
 from workers.backends.echo import embed_text
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -155,37 +152,12 @@ def test_models_list_is_openai_shaped(client) -> None:
     assert entry["object"] == "model" and entry["owned_by"] == "modelbay" and isinstance(entry["created"], int)
 
 
-PIN_PREFIX = "oaibig"
-
-
-@contextlib.contextmanager
-def a_roomier_node(stack_env, artifacts, store) -> Iterator[str]:
-    """A second worker node with far more free memory than the session's: placement's natural
-    choice for an unpinned load (both have no load in flight), so a pin to the session's node
-    is one that placement would not make. Stopped afterwards, even on failure."""
-    node = f"{PIN_PREFIX}{os.getpid()}"
-    worker = start_worker({**stack_env, "MODELBAY_NODE_MEMORY_MB": "4000000"}, node, artifacts, store, concurrency=2)
-    try:
-        yield node
-    finally:
-        worker.stop(20)
-
-
-def unpinned_load_goes_to(client, node: str) -> None:
-    """An unpinned load lands on ``node`` (so a pin elsewhere is not placement's own choice)."""
-    probe = unique("probe")
-    assert client.put(f"/v1/models/{probe}", json={"backend": "echo"}).status_code == 201
-    resp = client.post(f"/v1/models/{probe}/load")
-    assert resp.status_code == 202 and resp.get_json()["node"] == node, resp.get_json()
-    assert wait_job(client, resp.get_json()["id"])["status"] == "succeeded"
-
-
 def test_a_pin_header_places_the_load_the_call_triggers(client, stack_env, artifacts, store) -> None:
     from conftest import NODE
 
     name = echo_model(client)
     body = {"model": name, "messages": [{"role": "user", "content": "pinned"}]}
-    with a_roomier_node(stack_env, artifacts, store) as roomier:
+    with a_roomier_node(stack_env, artifacts, store, "oaibig") as roomier:
         unpinned_load_goes_to(client, roomier)
         resp = client.post("/v1/chat/completions", json=body, headers={"X-Modelbay-Node": NODE})
         assert resp.status_code == 200 and resp.headers["X-Modelbay-Node"] == NODE
