@@ -86,20 +86,16 @@ class Reaper:
     def run_once(self) -> dict[str, int]:
         """Reap if this process wins the round's lock; counts of what was done."""
         lock_s = max(1, round(self.settings.reaper_interval_s))
+        asked = time.monotonic()
         won = self.store.r.set(LOCK_KEY, self.settings.node_id, nx=True, ex=lock_s)
-        now = time.monotonic()
-        if self._last_reply is not None and now - self._last_reply > self.settings.reaper_interval_s + \
-                self.settings.node_ttl_s / 3:
-            # Redis was out of reach (a restart, an outage) or this process was frozen: node
-            # records may have expired only because nobody could refresh them. Judge no node
-            # until every live one has had a heartbeat interval (and a retry backoff) to beat.
-            self._judge_after = now + self.settings.node_ttl_s + 1.0
-            log.warning("reaper: Redis did not answer for %.1fs; no node is judged lost for %.1fs",
-                        now - self._last_reply, self._judge_after - now)
-        self._last_reply = now
+        # Since the last reply, or (a first round) since this call was sent: a first round
+        # blocked by an outage must not judge the nodes whose records expired meanwhile either.
+        now = self._replied(asked if self._last_reply is None else self._last_reply)
         if not won or now < self._judge_after:
             return {}
         nodes = self.store.live_nodes(include_draining=True)
+        if self._replied(now) < self._judge_after:  # the outage began between the two calls
+            return {}
         alive = {n.id: n.instance for n in nodes}
         # A worker that was frozen (SIGSTOP, a long pause) may reap before its own heartbeat
         # is back: it is alive, whatever its expired record says.
@@ -118,6 +114,20 @@ class Reaper:
         if any(counts.values()):
             log.warning("reaper: %s", counts)
         return counts
+
+    def _replied(self, since: float) -> float:
+        """Note that Redis just answered; returns now (monotonic seconds). If it had not
+        answered since ``since`` for longer than a round and a heartbeat interval (a restart, an
+        outage, or this process frozen), node records may have expired only because nobody
+        could refresh them: judge no node until every live one has had a TTL (and a retry
+        backoff) to beat again."""
+        now = time.monotonic()
+        if now - since > self.settings.reaper_interval_s + self.settings.node_ttl_s / 3:
+            self._judge_after = now + self.settings.node_ttl_s + 1.0
+            log.warning("reaper: Redis did not answer for %.1fs; no node is judged lost for %.1fs",
+                        now - since, self._judge_after - now)
+        self._last_reply = now
+        return now
 
     def take_over(self, previous: list[str]) -> dict[str, int]:
         """This worker came back under a node id that still had state: hand its predecessor's

@@ -51,3 +51,25 @@ def test_one_reaper_per_round(world) -> None:
     running(store, "a" * 32, "gone", "i-gone")
     assert reaper.run_once()["requeued"] == 1
     assert reaper.run_once() == {}  # the round's lock is taken
+
+
+def test_no_node_is_judged_lost_right_after_redis_was_out_of_reach(world, monkeypatch) -> None:
+    """Node records expire while Redis is down only because nobody could refresh them: a round
+    whose Redis call was blocked by the outage (its first round included) judges no node until
+    every node has had a TTL to beat again; then the really lost one is reaped."""
+    store, _, reaper = world
+    running(store, "a" * 32, "gone", "i-gone")
+    clock = [100.0, 110.0]  # the lock's SET was sent at 100 s and answered at 110 s (then it stays)
+    monkeypatch.setattr("tasks.reaper.time.monotonic", lambda: clock.pop(0) if len(clock) > 1 else clock[0])
+    assert reaper.run_once() == {}
+    assert store.get_job("a" * 32).status == "running"
+    reaped_at = None
+    for step in range(1, 40):  # a round every second, as the reaper's loop runs them
+        now = 110.0 + step
+        monkeypatch.setattr("tasks.reaper.time.monotonic", lambda now=now: now)
+        store.r.delete("mb:reaper")
+        if reaper.run_once().get("requeued"):
+            reaped_at = now
+            break
+        assert store.get_job("a" * 32).status == "running"
+    assert reaped_at is not None and reaped_at >= 110.0 + reaper.settings.node_ttl_s + 1.0
