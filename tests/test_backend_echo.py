@@ -344,3 +344,28 @@ def _start_quietly(bp: BackendProcess) -> None:
         bp.start()
     except BackendStartError:
         pass  # stopped while starting: the expected outcome of the race
+
+
+def test_a_backend_whose_worker_died_before_it_started_stops(socket_dir: Path) -> None:
+    """The worker passes its pid: a worker SIGKILLed between spawning a backend and the
+    backend's start leaves init as the parent, and the backend must stop all the same (it
+    once waited on init forever, an orphan holding its model's memory)."""
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen(["sleep", "60"])
+    gone.kill()
+    gone.wait()  # a pid that no longer runs: the worker that spawned the backend
+    sock = socket_dir / "orphan.sock"
+    backend = subprocess.Popen([sys.executable, "-m", "workers.backends.echo", "--socket", str(sock),
+                                "--model", "orphan", "--instance", "i-orphan", "--parent-pid", str(gone.pid)],
+                               cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert poll(lambda: backend.poll() is not None, 20, "the orphaned backend to stop") is True
+        assert backend.returncode == 0
+        assert "went away; stopping" in backend.stderr.read()
+    finally:
+        if backend.poll() is None:
+            backend.kill()
+            backend.wait()

@@ -160,7 +160,7 @@ class BackendProcess(BackendClient):
         """Spawn the process and wait (up to ``start_timeout_s`` seconds) until healthy."""
         module = f"workers.backends.{self.backend.replace('-', '_')}"
         cmd = [sys.executable, "-m", module, "--socket", str(self.socket_path),
-               "--model", self.model, "--instance", self.instance]
+               "--model", self.model, "--instance", self.instance, "--parent-pid", str(os.getpid())]
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         with self._lock:

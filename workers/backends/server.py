@@ -40,8 +40,12 @@ def main(
     parser.add_argument("--model", required=True, help="catalog name of the model")
     parser.add_argument("--instance", required=True, help="unique id of this load")
     parser.add_argument("--grace-s", type=float, default=1.0, help="seconds in-flight calls get on stop")
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="the worker's pid (default: the parent at start); the backend stops when it is gone")
     args = parser.parse_args(argv)
-    parent = os.getppid()
+    # Passed by the worker, not read here: a worker SIGKILLed between spawning this process
+    # and this line would otherwise leave init as the "parent", and a backend that never stops.
+    parent = args.parent_pid or os.getppid()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"{backend_name}[{os.getpid()}] %(asctime)s %(levelname)s %(message)s")
     stop = threading.Event()
