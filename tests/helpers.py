@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import socket
 import subprocess
 import time
 import uuid
@@ -170,3 +172,14 @@ def unpinned_load_goes_to(client: Any, node: str) -> None:
     resp = client.post(f"/v1/models/{probe}/load")
     assert resp.status_code == 202 and resp.get_json()["node"] == node, resp.get_json()
     assert wait_job(client, resp.get_json()["id"])["status"] == "succeeded"
+
+
+def open_request(url: str, path: str, body: dict) -> socket.socket:
+    """POST ``body`` as JSON to ``url`` + ``path`` on a raw socket and return the socket, so a
+    test can hang up at the moment it chooses (a client that goes away)."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+    return sock

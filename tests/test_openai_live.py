@@ -7,14 +7,12 @@ from __future__ import annotations
 import base64
 import importlib.util
 import io
-import json
-import socket
 from pathlib import Path
 
 import pytest
 import requests
 
-from helpers import backend_status, poll, unique
+from helpers import backend_status, open_request, poll, unique
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.usefixtures("worker")
@@ -107,15 +105,6 @@ def test_sdk_models_and_errors(web_url: str) -> None:
 
 
 # -- raw sockets: the client goes away ------------------------------------------------------
-
-def open_request(url: str, path: str, body: dict) -> socket.socket:
-    host, port = url.removeprefix("http://").split(":")
-    data = json.dumps(body).encode()
-    sock = socket.create_connection((host, int(port)), timeout=30)
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
-    return sock
-
 
 def test_disconnect_while_waiting_for_the_load_cancels_the_job_not_the_load(web_url: str) -> None:
     name = register(web_url, {"backend": "echo", "options": {"load_delay_s": 5}})

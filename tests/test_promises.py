@@ -5,8 +5,6 @@ task message (the session's worker), and a non-streaming OpenAI call whose clien
 (real gunicorn)."""
 from __future__ import annotations
 
-import json
-import socket
 import tempfile
 import time
 from collections import Counter
@@ -17,7 +15,7 @@ import fakeredis
 import pytest
 import requests
 
-from helpers import backend_status, poll, unique, wait_job
+from helpers import backend_status, open_request, poll, unique, wait_job
 from tasks.dispatch import Dispatcher
 from tasks.names import TASK_INFER, TASK_LOAD, model_queue, node_queue
 from tasks.schemas import Manifest, NodeRecord, utcnow
@@ -185,15 +183,6 @@ def test_a_duplicate_task_message_does_nothing(client, register, store, app, wor
 
 
 # -- a non-streaming OpenAI call whose client hangs up (real gunicorn) ------------------------
-
-def open_request(url: str, path: str, body: dict) -> socket.socket:
-    host, port = url.removeprefix("http://").split(":")
-    data = json.dumps(body).encode()
-    sock = socket.create_connection((host, int(port)), timeout=30)
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
-    return sock
-
 
 @pytest.mark.usefixtures("worker")
 def test_a_non_streaming_chat_whose_client_hangs_up_cancels_the_job_and_the_backend(web_url: str) -> None:
