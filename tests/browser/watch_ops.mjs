@@ -20,25 +20,33 @@ try {
   await page.fill("#key", key);
   await page.click("#save-key");
   result.saved = (await page.evaluate(() => localStorage.getItem("modelbay-api-key"))) === key;
-  const row = page.locator(`#ops tr[data-op="${opId}"]`);
-  await row.waitFor({ state: "attached", timeout: 30000 });
+  const selector = `#ops tr[data-op="${opId}"]`;
+  await page.locator(selector).waitFor({ state: "attached", timeout: 30000 });
   result.appeared = true;
   let shot = false;
   const deadline = Date.now() + 60000;
   while (Date.now() < deadline) {
-    if ((await row.count()) === 0) { result.left = true; break; }
-    const bar = await row.locator("progress").evaluate((el) => ({
-      value: el.matches(":indeterminate") ? null : el.value,
-      indeterminate: el.matches(":indeterminate"),
-      animation: getComputedStyle(el).animationName,
-      phase: el.closest("tr").children[1].textContent,
-    })).catch(() => null);
-    const value = bar === null ? null : bar.value;
-    if (value !== null) result.values.push(value);
-    if (bar !== null && bar.phase === "loading") result.loading.push(bar);
-    const text = await row.innerText().catch(() => "");
+    // One snapshot of the row in the page itself: a locator call would wait (30 s) for a row
+    // that left between two calls, and phase, bar and text must come from the same render.
+    const row = await page.evaluate((sel) => {
+      const tr = document.querySelector(sel);
+      if (tr === null) return null;
+      const el = tr.querySelector("progress");
+      const indeterminate = el.matches(":indeterminate");
+      return {
+        value: indeterminate ? null : el.value,
+        indeterminate,
+        animation: getComputedStyle(el).animationName,
+        phase: tr.children[1].textContent,
+        text: tr.innerText,
+      };
+    }, selector);
+    if (row === null) { result.left = true; break; }
+    const { text, ...bar } = row;
+    if (bar.value !== null) result.values.push(bar.value);
+    if (bar.phase === "loading") result.loading.push(bar);
     if (text && !result.texts.includes(text)) result.texts.push(text);
-    if (!shot && result.values.length > 5 && value > 0) {
+    if (!shot && result.values.length > 5 && bar.value > 0) {
       await page.screenshot({ path: screenshot, fullPage: true });
       shot = true;
     }
