@@ -6,7 +6,7 @@ that command as written plus ``--port`` (a free one) and ``--data-dir``, and the
 echo generates, minilm embeds (384 floats) and smollm2 chats. Then Ctrl-C (SIGINT to the
 command's process group, as a terminal sends it) must stop everything it started.
 
-Standard library only (``tasks.services`` is too): it runs before any venv exists. Exit status 0 = the first run works.
+Standard library only (``modelbay.services`` is too): it runs before any venv exists. Exit status 0 = the first run works.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tasks.services import descendants, free_port  # noqa: E402  (standard library only)
+from modelbay.services import descendants, free_port  # noqa: E402  (standard library only)
 
 INSTALL_AND_START_S = 45 * 60  # a fresh machine compiles llama.cpp (about 10 minutes on 2 cores)
 JOB_S = 300                    # a demo model's first job loads it

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from bench.stack import running_stack
-from tasks.services import spawn
+from modelbay.services import spawn
 
 
 def summarize(samples_s: list[float]) -> dict[str, float]:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from tasks.schemas import JobRecord, NodeRecord, utcnow
-from tasks.services import free_port, start_valkey
+from modelbay.services import free_port, start_valkey
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""Cost of merging live progress events into :class:`tasks.ops.OpsTable`, and of reading it.
+"""Cost of merging live progress events into :class:`web.ops.OpsTable`, and of reading it.
 
 - merge: a scripted stream (default 100k events over 1000 live ops: progress, keepalives,
   ~9% of events delivered after their successor (stale), ~2% duplicates; each op completes
@@ -19,7 +19,7 @@ import statistics
 import time
 from typing import Any
 
-from tasks.ops import OpsTable
+from web.ops import OpsTable
 
 
 def make_stream(n_events: int, n_ops: int, seed: int = 7) -> list[dict[str, Any]]:

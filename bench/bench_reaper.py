@@ -2,7 +2,7 @@
 
 A real valkey-server, ``--models`` manifests registered, ``--nodes`` live node records each
 holding every model ``ready``, ``--jobs`` inference jobs ``running`` on them. Then
-:meth:`tasks.reaper.Reaper.run_once` is timed over ``--rounds`` rounds, and the commands it
+:meth:`workers.node.reaper.Reaper.run_once` is timed over ``--rounds`` rounds, and the commands it
 sent are read from ``INFO commandstats`` before and after (so Valkey itself counts them).
 Two cases: nothing wrong, and ``--orphans`` model queues due for a sweep each round (each
 with a holder: the common case of an unload on one node of a model that another holds).
@@ -20,12 +20,12 @@ from pathlib import Path
 
 from tasks.celery_app import make_celery
 from tasks.dispatch import Dispatcher
-from tasks.reaper import LOCK_KEY, Reaper
+from workers.node.reaper import LOCK_KEY, Reaper
 from tasks.schemas import JobRecord, Manifest, ModelNode, NodeRecord, utcnow
-from tasks.services import start_valkey
+from modelbay.services import start_valkey
 from tasks.settings import load_settings
 from tasks.store import Store
-from tasks.stranded import mark_orphaned
+from workers.node.stranded import mark_orphaned
 
 
 def commands(store: Store) -> dict[str, int]:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tasks.schemas import FileSpec, Manifest
 from tasks.settings import load_settings
-from workers.staging import stage
+from workers.staging.stage import stage
 
 
 def make_source(path: Path, size: int) -> str:

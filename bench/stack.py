@@ -14,7 +14,7 @@ from typing import Any
 import requests
 
 from tasks.names import node_queue
-from tasks.services import (Service, free_port, spawn, start_nats, start_valkey, stop_process, wait_until,
+from modelbay.services import (Service, free_port, spawn, start_nats, start_valkey, stop_process, wait_until,
                             web_command, worker_command)
 
 TERMINAL = ("succeeded", "failed", "cancelled")

@@ -7,7 +7,7 @@ with an ``AttributeError``, kombu#582/#970):
   released. Here a closing channel leaves its unacked messages where they are: those of
   tasks still running must not be redelivered anyway (the task goes on), and those of a
   worker that really died come back through the visibility timeout, while the reaper
-  (:mod:`tasks.reaper`) requeues their jobs much sooner.
+  (:mod:`workers.node.reaper`) requeues their jobs much sooner.
 - A task that started before the loss and ends after it acks on the old, closed channel.
   Here that ack is dropped with a warning: the message comes back after the visibility
   timeout and finds its job already ended, which does nothing.

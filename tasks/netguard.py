@@ -5,7 +5,7 @@ Staging from ``http(s)://`` refuses hosts that are not on the public internet un
 itself, its private network or a cloud metadata service. Pure and without DNS: the web
 checks a URL's literal host with :func:`blocked_host` when a manifest is registered; the
 worker resolves every host it connects to (each redirect hop too) and checks each address
-with :func:`blocked_address` (``workers/fetch.py``).
+with :func:`blocked_address` (``workers/staging/fetch.py``).
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ class NodeStore:
         with self.r.pipeline() as pipe:
             pipe.set(f"{P}node:{node.id}", node.model_dump_json(), px=ttl_ms)
             pipe.sadd(f"{P}nodes", node.id)
-            pipe.hdel(f"{P}gone", node.id)  # back (or never gone): see tasks.stranded
+            pipe.hdel(f"{P}gone", node.id)  # back (or never gone): see workers.node.stranded
             pipe.pexpire(f"{P}nodemodels:{node.id}", ttl_ms * 4)
             pipe.execute()
 

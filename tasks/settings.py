@@ -62,7 +62,7 @@ class Settings:
     reaper_interval_s: float = 2.0
     # A job waiting in a model queue whose last holder went away (unload, eviction, a crash,
     # a drain, a lost or restarted node), with no load of the model in flight, is routed again
-    # at most this long after the queue lost its last consumer (tasks/stranded.py).
+    # at most this long after the queue lost its last consumer (workers/node/stranded.py).
     stranded_s: float = 15.0
     # On SIGTERM a worker stops taking jobs and lets running ones finish this long; then it
     # hands them back to the queue (they run again elsewhere) and unloads its backends.

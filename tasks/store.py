@@ -15,9 +15,9 @@ Keys (all under ``mb:``):
 - ``mb:ops:ver``              counter bumped whenever ``mb:ops`` gains or loses a member
 - ``mb:tok:<id>``             the token stream of a streaming job (:mod:`tasks.tokens`)
 - ``mb:inflight``             set of inference job ids in ``running`` (the reaper's index)
-- ``mb:reaper``               lock: the one worker that reaps this round (:mod:`tasks.reaper`)
+- ``mb:reaper``               lock: the one worker that reaps this round (:mod:`workers.node.reaper`)
 - ``mb:orphans``, ``mb:rescue``, ``mb:gone``: queues that lost a holder, lost workers' taken
-  messages, gone nodes (:mod:`tasks.stranded`)
+  messages, gone nodes (:mod:`workers.node.stranded`)
 
 Transitions use WATCH/MULTI: a terminal record is never overwritten, so a ``cancelled``
 job never turns ``succeeded``.

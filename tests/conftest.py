@@ -15,10 +15,10 @@ import pytest
 
 from fileserver import FileServer
 from helpers import Worker, backend_pids, pid_alive, poll, start_worker
-from tasks.services import Service, start_nats, start_valkey
+from modelbay.services import Service, start_nats, start_valkey
 from tasks.settings import load_settings
 from tasks.store import Store
-from workers.supervisor import BackendProcess
+from workers.supervisor.process import BackendProcess
 
 NODE = f"t{os.getpid()}"
 
@@ -139,7 +139,7 @@ def store(stack_env: dict[str, str]) -> Store:
 @pytest.fixture(scope="session")
 def worker_metrics_port() -> int:
     """The port the session's worker serves its Prometheus metrics on."""
-    from tasks.services import free_port
+    from modelbay.services import free_port
 
     return free_port()
 

@@ -16,7 +16,7 @@ from typing import Any
 import requests
 
 from tasks.names import node_queue
-from tasks.services import free_port, spawn, stop_process, web_command, worker_command
+from modelbay.services import free_port, spawn, stop_process, web_command, worker_command
 from tasks.store import Store
 
 

@@ -23,8 +23,8 @@ Image = pytest.importorskip("PIL.Image")
 from helpers import poll
 from tinydiffusion import build_tiny_pipeline
 
-from workers.backend_calls import BackendCallError, BackendCancelled, ImageCall, ImageEvent
-from workers.supervisor import BackendProcess
+from workers.supervisor.calls import BackendCallError, BackendCancelled, ImageCall, ImageEvent
+from workers.supervisor.process import BackendProcess
 
 LOAD_TIMEOUT_S = 180.0  # importing torch and diffusers in a fresh process is slow on a busy CPU
 CALL_TIMEOUT_S = 120.0

@@ -24,18 +24,18 @@ import pytest
 from helpers import pid_alive, poll
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from workers.backends.base import BackendServicer
+from workers.backends.servicer import BackendServicer
 from workers.backends.model import BackendModel, ImageResult, LoadInfo, wait_or_cancel
 from workers.backends.echo import IGNORE_SIGTERM_ENV, embed_text
 from workers.backends.proto.modelbay.backend.v1 import backend_pb2, backend_pb2_grpc
-from workers.backend_calls import (
+from workers.supervisor.calls import (
     BackendCallError,
     BackendCancelled,
     BackendError,
     BackendStartError,
     load_deadline_s,
 )
-from workers.supervisor import SERVICE_NAME, BackendProcess
+from workers.supervisor.process import SERVICE_NAME, BackendProcess
 
 WORDS = "the quick brown fox jumps over the lazy dog"
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from helpers import poll
-from workers.backend_calls import BackendCallError
+from workers.supervisor.calls import BackendCallError
 from workers.backends.batching import BatchCancelled, Batcher
-from workers.supervisor import BackendProcess
+from workers.supervisor.process import BackendProcess
 
 
 class Counting:

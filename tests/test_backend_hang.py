@@ -1,7 +1,7 @@
 """Backend hang detection, with real hangs: a backend process stopped with SIGSTOP answers
 nothing (not even its health check) but does not exit, and SIGKILL still ends it.
 
-The supervisor's health monitor (``workers.health``) must notice the silence, kill the
+The supervisor's health monitor (``workers.supervisor.health``) must notice the silence, kill the
 process and report it like a crash, saying that it hung; a healthy backend, a short stall
 and a deliberate stop must not be reported. Waiting is polling with deadlines, never a
 fixed sleep; every process started here is reaped even when a test fails (a stopped pid is
@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 from helpers import Worker, backend_pids, backend_status, pid_alive, poll, start_worker, unique, wait_job
 
-from tasks.services import Service, start_valkey
+from modelbay.services import Service, start_valkey
 from tasks.settings import Settings, load_settings
 from tasks.store import Store
-from workers.backend_calls import BackendCallError, load_deadline_s
-from workers.health import DEFAULT_FAILURES, DEFAULT_INTERVAL_S, DEFAULT_TIMEOUT_S, HealthMonitor
-from workers.supervisor import SERVICE_NAME, BackendProcess
+from workers.supervisor.calls import BackendCallError, load_deadline_s
+from workers.supervisor.health import DEFAULT_FAILURES, DEFAULT_INTERVAL_S, DEFAULT_TIMEOUT_S, HealthMonitor
+from workers.supervisor.process import SERVICE_NAME, BackendProcess
 
 WORDS = " ".join(f"w{i}" for i in range(40))
 FAST = {"health_interval_s": 0.2, "health_timeout_s": 0.2, "health_failures": 3}

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from helpers import poll
 
-from workers.backend_calls import BackendCallError, BackendCancelled, BackendError, GenerateCall, GenerateChunk
+from workers.supervisor.calls import BackendCallError, BackendCancelled, BackendError, GenerateCall, GenerateChunk
 from workers.backends.llama_cpp import AMX_FLAGS, choose_repack, cpu_flags, new_llama
-from workers.supervisor import BackendProcess
+from workers.supervisor.process import BackendProcess
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("worker")
 
 def modelbay(url: str, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELBAY_")}
-    return subprocess.run([sys.executable, "-m", "tasks.cli", *args, "--url", url], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "modelbay.cli", *args, "--url", url], capture_output=True, text=True,
                           timeout=timeout_s, env=env, check=False)
 
 
@@ -83,7 +83,7 @@ def test_run_of_a_failed_job_prints_one_error_line(web_url: str) -> None:
 def test_run_of_a_cancelled_job_prints_one_error_line(web_url: str) -> None:
     name = register(web_url, {"backend": "echo", "options": {"token_delay_s": 0.2}})
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELBAY_")}
-    proc = subprocess.Popen([sys.executable, "-m", "tasks.cli", "run", name, "--task", "generate", "--input",
+    proc = subprocess.Popen([sys.executable, "-m", "modelbay.cli", "run", name, "--task", "generate", "--input",
                              " ".join(["w"] * 300), "--url", web_url], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     try:

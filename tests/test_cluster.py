@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from helpers import Worker, backend_status, pid_alive, poll, start_worker, unique, wait_job
-from tasks.services import Service, start_valkey
+from modelbay.services import Service, start_valkey
 from tasks.settings import load_settings
 from tasks.store import Store
 

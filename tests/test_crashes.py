@@ -8,7 +8,7 @@ import json
 import pytest
 
 from helpers import poll, wait_job
-from tasks.exits import describe_exit
+from workers.supervisor.exits import describe_exit
 from tasks.names import model_token
 
 

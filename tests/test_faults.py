@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers import Worker, poll, start_worker, unique, wait_job
-from tasks.services import Service, free_port, start_valkey
+from modelbay.services import Service, free_port, start_valkey
 from tasks.settings import load_settings
 from tasks.store import Store
 

@@ -10,7 +10,7 @@ import requests
 
 from conftest import NODE
 from helpers import poll, unique, wait_job
-from tasks.services import free_port, spawn, stop_process
+from modelbay.services import free_port, spawn, stop_process
 
 pytest.importorskip("flower")
 pytestmark = pytest.mark.usefixtures("worker")

@@ -1,4 +1,4 @@
-"""Request limits (``tasks/limits.py``): each is a 400 ``limit_exceeded`` naming the field,
+"""Request limits (``web/limits.py``): each is a 400 ``limit_exceeded`` naming the field,
 on ``/v1/jobs`` and on the OpenAI-compatible routes, and nothing is queued. A body over
 ``MODELBAY_MAX_BODY_MB`` is a 413 that reaches clients which send the whole body before
 reading (urllib, ``requests``), through real gunicorn."""

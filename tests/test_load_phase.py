@@ -40,7 +40,7 @@ def row(replica: list[dict[str, Any]], job_id: str) -> dict[str, Any] | None:
 
 def test_the_loading_phase_has_no_percentage_in_jobs_or_rows(web_url: str, client: Any) -> None:
     name = register(web_url, {"backend": "echo", "options": {"load_delay_s": 3},
-                              "files": [{"uri": "pkg://tasks/demo_catalog.json", "path": "catalog.json"}]})
+                              "files": [{"uri": "pkg://modelbay/demo_catalog.json", "path": "catalog.json"}]})
     load = requests.post(f"{web_url}/v1/models/{name}/load", headers={"X-Modelbay-Node": NODE}, timeout=10).json()
     waiting = requests.post(f"{web_url}/v1/jobs", json={"model": name, "task": "generate", "input": "hi"},
                             timeout=10).json()

@@ -27,7 +27,7 @@ import requests
 import schemathesis
 
 from helpers import Worker, http_ok, poll, start_worker
-from tasks.services import Service, free_port, spawn, start_nats, start_valkey, stop_process, web_command
+from modelbay.services import Service, free_port, spawn, start_nats, start_valkey, stop_process, web_command
 from tasks.settings import load_settings
 from tasks.store import Store
 from web.auth import is_open
@@ -53,7 +53,7 @@ CHECKS = "no_server_error,status_code_conformance,content_type_conformance,respo
 # (bad ones are a 400 invalid_params), so any other load_failed means loading is broken.
 RETRYABLE_503 = frozenset({"no_node", "load_cooldown", "model_loading", "insufficient_memory", "model_unavailable",
                            "source_unreachable", "staging_failed"})
-LOAD_RACED_AN_UNLOAD = "the load in flight failed"  # workers/runtime.py
+LOAD_RACED_AN_UNLOAD = "the load in flight failed"  # workers/node/models.py
 SEEN_503 = "MODELBAY_FUZZ_503_LOG"  # where the check writes each 503 it saw (JSON lines)
 
 
@@ -243,7 +243,7 @@ def fuzzed(artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                            artifacts / "fuzz-web.log"))
         url = f"http://127.0.0.1:{port}"
         poll(lambda: http_ok(f"{url}/readyz"), 30, "gunicorn")
-        manifest = json.loads((Path(__file__).parents[1] / "tasks" / "demo_catalog.json").read_text())["echo"]
+        manifest = json.loads((Path(__file__).parents[1] / "modelbay" / "demo_catalog.json").read_text())["echo"]
         assert requests.put(f"{url}/v1/models/echo", json=manifest, headers=AUTH, timeout=10).status_code == 201
         assert requests.post(f"{url}/v1/models/echo/load", headers=AUTH, timeout=10).status_code == 202
         poll(lambda: requests.get(f"{url}/v1/models/echo", headers=AUTH, timeout=5).json()["status"] == "ready",

@@ -18,7 +18,7 @@ import requests
 
 from helpers import every, http_ok, poll, start_worker, unique
 from tasks.bus import Bus
-from tasks.services import free_port, spawn, start_nats, start_valkey, stop_process, web_command
+from modelbay.services import free_port, spawn, start_nats, start_valkey, stop_process, web_command
 from tasks.settings import load_settings
 from tasks.store import Store
 from fileserver import FileServer, payload, sha

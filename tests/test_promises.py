@@ -19,7 +19,7 @@ from helpers import backend_status, open_request, poll, unique, wait_job
 from tasks.dispatch import Dispatcher
 from tasks.names import TASK_INFER, TASK_LOAD, model_queue, node_queue
 from tasks.schemas import Manifest, NodeRecord, utcnow
-from tasks.services import Service, start_valkey
+from modelbay.services import Service, start_valkey
 from tasks.settings import load_settings
 from tasks.store import Store
 

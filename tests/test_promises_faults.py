@@ -16,7 +16,7 @@ import pytest
 
 from helpers import Worker, backend_status, poll, start_worker, unique, wait_job
 from tasks.names import model_token
-from tasks.services import Service, start_valkey
+from modelbay.services import Service, start_valkey
 from tasks.settings import load_settings
 from tasks.store import Store
 

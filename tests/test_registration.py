@@ -154,7 +154,7 @@ def options_read(tree: ast.Module) -> set[str]:
     return found
 
 
-# BackendModel method → the tasks it serves (workers/inference.py: chat and generate both call Generate).
+# BackendModel method → the tasks it serves (workers/jobs/inference.py: chat and generate both call Generate).
 METHOD_TASKS = {"embed": {"embed"}, "embed_with_usage": {"embed"}, "generate": {"generate", "chat"},
                 "generate_image": {"image"}}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.cli import build_parser
+from modelbay.cli import build_parser
 from tasks.settings import Settings, env_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +165,7 @@ def test_heavy_libraries_stay_in_backend_processes():
     """The worker and web processes never import an ML library: only backend processes do
     (architecture §7). Importing every worker, web and backend module must load none of them."""
     code = ("import sys, importlib, pkgutil\n"
-            "import web, web.wsgi, workers.tasks, workers.inference\n"
+            "import web, web.wsgi, workers.jobs.tasks, workers.jobs.inference\n"
             "import workers.backends.echo, workers.backends.sentence_transformers, workers.backends.diffusers\n"
             "import workers.backends.llama_cpp, workers.backends.libs, workers.backends.batching\n"
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import start_worker, unique, wait_job
-from tasks.services import start_nats, start_valkey
+from modelbay.services import start_nats, start_valkey
 from tasks.settings import load_settings
 from tasks.store import Store
 

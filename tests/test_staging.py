@@ -1,4 +1,4 @@
-"""Staging a manifest's files (workers/staging.py) and checking sources (tasks/sources.py).
+"""Staging a manifest's files (workers/staging/stage.py) and checking sources (tasks/sources.py).
 
 ``stage()`` is called directly: no Redis, no Celery. HTTP sources come from an in-process
 server on 127.0.0.1 that supports ``Range``, can be throttled, and can drop the connection
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-import workers.fetch as fetch
-import workers.output as output
+import workers.staging.fetch as fetch
+import workers.staging.output as output
 from helpers import poll
 from tasks.errors import InvalidRequest
 from tasks.schemas import FileSpec, Manifest
@@ -28,7 +28,7 @@ from tasks.names import model_token
 from tasks.netguard import blocked_address, blocked_host
 from tasks.settings import Settings, load_settings
 from tasks.sources import check_manifest, dest_path
-from workers.staging import StageProgress, StagingError, stage, sweep
+from workers.staging.stage import StageProgress, StagingError, stage, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -252,11 +252,11 @@ def test_local_files_outside_the_roots_are_refused(settings: Settings, root: Pat
 
 
 def test_pkg_source(settings: Settings) -> None:
-    staged = stage("demo", manifest({"uri": "pkg://tasks/demo_catalog.json"}), settings, Events())
+    staged = stage("demo", manifest({"uri": "pkg://modelbay/demo_catalog.json"}), settings, Events())
     assert staged.files[0].name == "demo_catalog.json"
-    assert staged.files[0].read_bytes() == (ROOT / "tasks" / "demo_catalog.json").read_bytes()
+    assert staged.files[0].read_bytes() == (ROOT / "modelbay" / "demo_catalog.json").read_bytes()
     with pytest.raises(StagingError) as err:
-        stage("demo", manifest({"uri": "pkg://tasks/no_such_file.json"}), settings, Events())
+        stage("demo", manifest({"uri": "pkg://modelbay/no_such_file.json"}), settings, Events())
     assert err.value.code == "source_unreachable"
 
 
@@ -522,7 +522,7 @@ def test_nested_model_names_never_share_a_file(server: FileServer, settings: Set
     assert sha(a.files[0].read_bytes()) == sha(one) and sha(ab.files[0].read_bytes()) == sha(two)
 
 
-# The SSRF guard: tasks/netguard.py, tasks/sources.check_manifest, workers/fetch.py.
+# The SSRF guard: tasks/netguard.py, tasks/sources.check_manifest, workers/staging/fetch.py.
 
 @pytest.mark.parametrize("ip,why", [
     ("127.0.0.1", "loopback"), ("127.9.9.9", "loopback"), ("::1", "loopback"),

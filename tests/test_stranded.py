@@ -20,10 +20,10 @@ from helpers import Worker, poll, start_worker, unique, wait_job
 from tasks.celery_app import make_celery
 from tasks.dispatch import Dispatcher
 from tasks.names import node_queue
-from tasks.services import Service, start_valkey
+from modelbay.services import Service, start_valkey
 from tasks.settings import load_settings
 from tasks.store import Store
-from tasks.stranded import parse_message
+from workers.node.stranded import parse_message
 
 STRANDED_S = 2.0
 NODE_TTL_S = 2.0

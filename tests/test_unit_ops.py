@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tasks.ops import OpsTable
+from web.ops import OpsTable
 
 TTL, GRACE = 60.0, 10.0
 

@@ -8,7 +8,7 @@ import fakeredis
 from tasks.schemas import JobRecord
 from tasks.settings import load_settings
 from tasks.store import Store, new_job_id
-from workers.progress import Debouncer, human_bytes, job_progress_sink, to_job_progress
+from workers.progress.debounce import Debouncer, human_bytes, job_progress_sink, to_job_progress
 
 
 class Script:
@@ -134,7 +134,7 @@ def test_the_loading_phase_has_no_percentage():
 
 
 def test_the_cli_shows_loading_without_a_percentage(capsys):
-    from tasks.cli_client import _Lines, describe
+    from modelbay.commands import _Lines, describe
 
     staging = {"phase": "staging", "file": "w.bin", "file_index": 1, "files_total": 1, "bytes_done": 5_000_000,
                "bytes_total": 10_000_000, "progress": 50.0}

@@ -5,7 +5,7 @@ import fakeredis
 import pytest
 
 from tasks.dispatch import Dispatcher
-from tasks.reaper import Reaper
+from workers.node.reaper import Reaper
 from tasks.schemas import JobRecord, Manifest
 from tasks.settings import load_settings
 from tasks.store import Store
@@ -60,13 +60,13 @@ def test_no_node_is_judged_lost_right_after_redis_was_out_of_reach(world, monkey
     store, _, reaper = world
     running(store, "a" * 32, "gone", "i-gone")
     clock = [100.0, 110.0]  # the lock's SET was sent at 100 s and answered at 110 s (then it stays)
-    monkeypatch.setattr("tasks.reaper.time.monotonic", lambda: clock.pop(0) if len(clock) > 1 else clock[0])
+    monkeypatch.setattr("workers.node.reaper.time.monotonic", lambda: clock.pop(0) if len(clock) > 1 else clock[0])
     assert reaper.run_once() == {}
     assert store.get_job("a" * 32).status == "running"
     reaped_at = None
     for step in range(1, 40):  # a round every second, as the reaper's loop runs them
         now = 110.0 + step
-        monkeypatch.setattr("tasks.reaper.time.monotonic", lambda now=now: now)
+        monkeypatch.setattr("workers.node.reaper.time.monotonic", lambda now=now: now)
         store.r.delete("mb:reaper")
         if reaper.run_once().get("requeued"):
             reaped_at = now

@@ -1,4 +1,4 @@
-"""Stranded queues, taken messages and gone nodes (tasks/stranded.py) on a fakeredis store;
+"""Stranded queues, taken messages and gone nodes (workers/node/stranded.py) on a fakeredis store;
 test_stranded.py shows the same with real processes."""
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 
 from tasks.dispatch import Dispatcher
 from tasks.names import TASK_INFER, model_queue, node_queue
-from tasks.reaper import Reaper
+from workers.node.reaper import Reaper
 from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode
 from tasks.settings import load_settings
 from tasks.store import Store
-from tasks.stranded import ORPHANS, UNACKED, UNACKED_INDEX, mark_orphaned, parse_message
+from workers.node.stranded import ORPHANS, UNACKED, UNACKED_INDEX, mark_orphaned, parse_message
 from test_unit_tasks import node
 
 

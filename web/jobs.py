@@ -7,7 +7,7 @@ from flask import Blueprint, jsonify, request
 
 from tasks.backends import check_task
 from tasks.errors import Conflict, InvalidRequest, NotFound
-from tasks.limits import check_limits
+from web.limits import check_limits
 from web.metrics import count_submitted
 from tasks.schemas import ACTIVE, TERMINAL, JobRecord, JobRequest
 from tasks.settings import env_name

@@ -1,7 +1,7 @@
 """Each web process's view of live progress, and the merged operations rows.
 
 One subscriber per process (a :class:`~tasks.bus.Bus` thread, started after fork, on first
-use) applies the workers' NATS events to an :class:`~tasks.ops.OpsTable`. Rows for
+use) applies the workers' NATS events to an :class:`~web.ops.OpsTable`. Rows for
 ``GET /api/operations`` are the Redis baseline (load and unload jobs not yet ended, on live
 nodes) with the live table laid over it, one row per operation: every replica answers the
 same, and with NATS down the rows remain with the coarse progress of the job records.
@@ -16,7 +16,7 @@ from typing import Any
 
 from tasks.bus import Bus
 from tasks.names import progress_wildcards
-from tasks.ops import OpsTable
+from web.ops import OpsTable
 from tasks.schemas import JobProgress, JobRecord
 from tasks.settings import Settings
 from tasks.store import Store

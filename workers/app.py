@@ -18,12 +18,12 @@ from tasks.dispatch import Dispatcher
 from tasks.settings import Settings, load_settings
 from tasks.store import Store
 from workers import metrics
-from workers.cancel import CancelWatcher
-from workers.drain import Background
-from workers.live import LivePublisher
-from workers.node import NodeAgent, devices, memory_budget_mb
-from workers.runtime import ModelManager
-from workers.staging import sweep
+from workers.node.cancel import CancelWatcher
+from workers.node.drain import Background
+from workers.progress.live import LivePublisher
+from workers.node.agent import NodeAgent, devices, memory_budget_mb
+from workers.node.models import ModelManager
+from workers.staging.stage import sweep
 
 log = logging.getLogger("modelbay.worker")
 
@@ -84,7 +84,7 @@ def _on_ready(sender: object = None, **_: object) -> None:
 
 @worker_shutting_down.connect
 def _on_shutting_down(**_: object) -> None:
-    """SIGTERM: drain (see :mod:`workers.drain`) while Celery waits for the running tasks."""
+    """SIGTERM: drain (see :mod:`workers.node.drain`) while Celery waits for the running tasks."""
     if _runtime is not None and _runtime.background is not None:
         threading.Thread(target=_runtime.background.drain, name="modelbay-drain", daemon=True).start()
 
@@ -103,4 +103,4 @@ def _on_shutdown(**_: object) -> None:
     log.info("node %s stopped", settings.node_id)
 
 
-import workers.tasks  # noqa: E402,F401  (registers the tasks on ``app``)
+import workers.jobs.tasks  # noqa: E402,F401  (registers the tasks on ``app``)

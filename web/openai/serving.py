@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from tasks.backends import check_task
 from tasks.errors import Conflict, InvalidRequest, ModelbayError, NotFound, Unavailable
-from tasks.limits import check_limits
+from web.limits import check_limits
 from tasks.schemas import JobRecord, JobRequest
 from web.disconnect import client_gone
 from web.extensions import mb

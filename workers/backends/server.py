@@ -19,7 +19,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from workers.backends.base import MAX_MESSAGE_BYTES, SERVICE_NAME, BackendServicer, health_socket
+from workers.backends.servicer import MAX_MESSAGE_BYTES, SERVICE_NAME, BackendServicer, health_socket
 from workers.backends.model import BackendModel
 from workers.backends.proto.modelbay.backend.v1 import backend_pb2_grpc as pb_grpc
 

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 from tasks.schemas import JobProgress, JobRecord
-from workers.backend_calls import BackendCallError, BackendCancelled
-from workers.progress import Debouncer
-from workers.supervisor import BackendProcess
+from workers.supervisor.calls import BackendCallError, BackendCancelled
+from workers.progress.debounce import Debouncer
+from workers.supervisor.process import BackendProcess
 
 Runner = Callable[[Any, JobRecord, BackendProcess, "Delivery"], dict[str, Any]]
 

@@ -2,7 +2,7 @@
 
 An operation (a load: staging then loading; an unload) has one id (its job id), one origin
 (this process) and a ``seq`` that only grows. Byte ticks go through the same
-:class:`~workers.progress.Debouncer` as the job record (leading edge, trailing flush);
+:class:`~workers.progress.debounce.Debouncer` as the job record (leading edge, trailing flush);
 transitions go at once; while the operation lives, a keepalive is sent at least every
 ``ops_ttl_s / 3`` so mirrors do not expire it. Publishing never blocks or fails a task.
 """
@@ -20,7 +20,7 @@ from tasks.bus import Bus
 from tasks.names import progress_subject
 from tasks.schemas import utcnow
 from tasks.settings import Settings
-from workers.progress import Debouncer, to_job_progress
+from workers.progress.debounce import Debouncer, to_job_progress
 
 log = logging.getLogger("modelbay.worker")
 

@@ -10,7 +10,7 @@ it exits without :meth:`~BackendProcess.stop`, calls ``on_exit(returncode)`` and
 in-flight and later calls fail with :class:`BackendCallError`. :meth:`~BackendProcess.stop`
 sends SIGTERM to the process group, waits ``stop_grace_s`` seconds, then SIGKILLs.
 
-Hangs: once started, a :class:`~workers.health.HealthMonitor` checks the process's gRPC
+Hangs: once started, a :class:`~workers.supervisor.health.HealthMonitor` checks the process's gRPC
 health every ``health_interval_s`` seconds; after ``health_failures`` consecutive failed
 checks it SIGKILLs the process group, and the exit is reported like a crash, with
 :attr:`~BackendProcess.exit_reason` saying that the backend hung.
@@ -35,13 +35,13 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tasks.exits import describe_exit
-from workers.backend_calls import BackendCallError, BackendStartError
-from workers.backend_client import BackendClient
-from workers.backends.base import MAX_MESSAGE_BYTES, SERVICE_NAME, health_socket
+from workers.supervisor.exits import describe_exit
+from workers.supervisor.calls import BackendCallError, BackendStartError
+from workers.supervisor.client import BackendClient
+from workers.backends.servicer import MAX_MESSAGE_BYTES, SERVICE_NAME, health_socket
 from workers.backends.proto.modelbay.backend.v1 import backend_pb2 as pb
 from workers.backends.proto.modelbay.backend.v1 import backend_pb2_grpc as pb_grpc
-from workers.health import DEFAULT_FAILURES, DEFAULT_INTERVAL_S, DEFAULT_TIMEOUT_S, HealthMonitor, validate
+from workers.supervisor.health import DEFAULT_FAILURES, DEFAULT_INTERVAL_S, DEFAULT_TIMEOUT_S, HealthMonitor, validate
 
 log = logging.getLogger("modelbay.supervisor")
 
@@ -66,7 +66,7 @@ class BackendProcess(BackendClient):
     the process exits without :meth:`stop` having been called (also after the health
     monitor killed it as hung). ``health_interval_s`` (seconds between checks, 0: no
     monitoring), ``health_timeout_s`` (seconds per check) and ``health_failures`` (checks
-    failed in a row) configure hang detection; see :mod:`workers.health`."""
+    failed in a row) configure hang detection; see :mod:`workers.supervisor.health`."""
 
     def __init__(
         self, backend: str, model: str, socket_dir: Path, *, env: dict[str, str] | None = None,

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any
 
-from tasks.reaper import Reaper, requeue
+from workers.node.reaper import Reaper, requeue
 
 log = logging.getLogger("modelbay.worker")
 

@@ -1,6 +1,6 @@
-"""The calls of the Backend service, as :class:`~workers.supervisor.BackendProcess` makes
+"""The calls of the Backend service, as :class:`~workers.supervisor.process.BackendProcess` makes
 them: every request carries the model's identity, has a deadline, and a gRPC error becomes
-one of :mod:`workers.backend_calls`' errors (the process being gone comes first)."""
+one of :mod:`workers.supervisor.calls`' errors (the process being gone comes first)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from workers.backend_calls import BackendCallError, BackendCancelled, BackendError, GenerateCall, ImageCall
+from workers.supervisor.calls import BackendCallError, BackendCancelled, BackendError, GenerateCall, ImageCall
 from workers.backends.proto.modelbay.backend.v1 import backend_pb2 as pb
 from workers.backends.proto.modelbay.backend.v1 import backend_pb2_grpc as pb_grpc
 

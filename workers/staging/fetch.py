@@ -1,4 +1,4 @@
-"""Fetching a file over HTTP(S) into an :class:`~workers.output.Output`.
+"""Fetching a file over HTTP(S) into an :class:`~workers.staging.output.Output`.
 
 Plain-HTTP bodies of known length move socket → pipe → file with ``splice``; TLS and
 chunked bodies go through a reused buffer. The output hashes as the file grows.
@@ -38,8 +38,8 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 from tasks.netguard import blocked_address
 from tasks.settings import env_name
-from workers import output
-from workers.output import (UNSUPPORTED_ERRNOS, Cancelled, OnBytes, Output, StagingError,
+from workers.staging import output
+from workers.staging.output import (UNSUPPORTED_ERRNOS, Cancelled, OnBytes, Output, StagingError,
                             check_cancelled, write_failed)
 
 RETRIES = 3                    # retries of a failed HTTP attempt that made no progress

@@ -15,7 +15,7 @@ of them per round holds the ``mb:reaper`` lock and does the work:
   are routed again, which places a new load on a live node. A load is stamped at placement
   with the node's ``instance``, so a node that came back as a new process is seen at once;
 - a node gone for good (heartbeat expired, or stopped) is buried once, and model queues that
-  lost their last holder are swept ``stranded_s`` after (:mod:`tasks.stranded`);
+  lost their last holder are swept ``stranded_s`` after (:mod:`workers.node.stranded`);
 - a job pinned to a node that is gone fails with ``node_lost``.
 
 A worker that comes back under the same node id runs :meth:`Reaper.take_over` for its own
@@ -36,7 +36,7 @@ from tasks.errors import ModelbayError
 from tasks.schemas import JobRecord
 from tasks.settings import Settings
 from tasks.store import Store
-from tasks.stranded import Sweeper
+from workers.node.stranded import Sweeper
 
 log = logging.getLogger("modelbay.reaper")
 

@@ -1,5 +1,5 @@
 """The ``modelbay`` command: ``up`` (the whole stack as processes), ``web``, ``worker``, and
-the operator commands of :mod:`tasks.cli_client` (``models``, ``load``, ``run``, ``jobs``,
+the operator commands of :mod:`modelbay.commands` (``models``, ``load``, ``run``, ``jobs``,
 ``cancel``, ``nodes``) that talk to a running API.
 
 The CLI imports neither Flask, Celery's worker nor grpc.
@@ -17,9 +17,9 @@ import urllib.request
 from pathlib import Path
 from collections.abc import Sequence
 
-from tasks import services
-from tasks.cli_client import add_commands
-from tasks.client import ApiError, Client, quote_name
+from modelbay import services
+from modelbay.commands import add_commands
+from modelbay.client import ApiError, Client, quote_name
 from tasks.names import node_queue
 from tasks.settings import env_name, load_settings
 

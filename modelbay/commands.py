@@ -15,7 +15,7 @@ import sys
 import threading
 from typing import Any
 
-from tasks.client import ApiError, Client, quote_name
+from modelbay.client import ApiError, Client, quote_name
 from tasks.settings import load_settings
 
 TERMINAL = ("succeeded", "failed", "cancelled")

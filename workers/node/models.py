@@ -20,22 +20,22 @@ from typing import Any
 
 from celery import Celery
 
-from tasks.crashes import note_crash
-from tasks.exits import describe_exit
+from workers.node.crashes import note_crash
+from workers.supervisor.exits import describe_exit
 from tasks.names import model_from_token, model_queue, model_token
 from tasks.schemas import JobRecord, Manifest, ModelNode, model_size_mb, utcnow
 from tasks.settings import Settings
 from tasks.store import Store
-from tasks.stranded import mark_orphaned
+from workers.node.stranded import mark_orphaned
 from workers import metrics
-from workers.backend_calls import BackendError, load_deadline_s
-from workers.consumers import set_consuming
-from workers.staging import StagedModel, StageProgress, StagingError, stage
-from workers.supervisor import BackendProcess
+from workers.supervisor.calls import BackendError, load_deadline_s
+from workers.node.consumers import set_consuming
+from workers.staging.stage import StagedModel, StageProgress, StagingError, stage
+from workers.supervisor.process import BackendProcess
 
 log = logging.getLogger("modelbay.worker")
 
-# stage(model, manifest, settings, on_progress, cancelled) -> StagedModel (workers.staging.stage)
+# stage(model, manifest, settings, on_progress, cancelled) -> StagedModel (workers.staging.stage.stage)
 Stager = Callable[..., StagedModel]
 ProgressSink = Callable[[str, dict[str, Any]], None]
 
@@ -378,9 +378,9 @@ class ModelManager:
             log.warning("could not publish state of %s: %s", entry.model, exc)
 
     def _consume(self, queue: str, start: bool) -> None:
-        """Start or stop consuming ``queue`` on this worker (:func:`workers.consumers.set_consuming`).
+        """Start or stop consuming ``queue`` on this worker (:func:`workers.node.consumers.set_consuming`).
         A model queue that loses this consumer may have none left: it is noted for the sweep
-        (:mod:`tasks.stranded`)."""
+        (:mod:`workers.node.stranded`)."""
         if not start and queue.startswith("model."):
             mark_orphaned(self.store.r, [model_from_token(queue[len("model."):])], quiet=True)
         set_consuming(self.celery, self.hostname, queue, start, self.settings.redis_outage_s)

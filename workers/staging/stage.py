@@ -37,9 +37,9 @@ from tasks.settings import Settings
 from tasks.sources import (Source, allowed_local_path, check_manifest, dest_path, expand_directories,
                            file_rel_path, package_file, parse_source)
 from tasks.sources import model_dir as model_dir_of
-from workers.blobs import blob_key, fsync_dir, link, locked, reusable, sweep
-from workers.fetch import download
-from workers.output import StagingError, copy_local
+from workers.staging.blobs import blob_key, fsync_dir, link, locked, reusable, sweep
+from workers.staging.fetch import download
+from workers.staging.output import StagingError, copy_local
 
 __all__ = ["StageProgress", "StagedModel", "StagingError", "stage", "sweep"]
 
@@ -238,7 +238,7 @@ def _fill_blob(blob: Path, meta: Path, blobs: Path, item: _Item, local: Path | N
                src_stat: os.stat_result | None, tracker: _Tracker, cancelled: Callable[[], bool],
                allow_private: bool = False) -> int:
     """Transfer the source into a temp file, verify, and rename it to ``blob``; its size.
-    ``allow_private``: fetch from loopback/private/link-local hosts too (workers/fetch.py)."""
+    ``allow_private``: fetch from loopback/private/link-local hosts too (workers/staging/fetch.py)."""
     spec = item.spec
     need = spec.size if spec.size is not None else item.size
     if need is not None and shutil.disk_usage(blobs).free < need:

@@ -5,7 +5,7 @@ back what was written while it is still in the page cache: the hash is of exactl
 in the file, each byte is hashed once, and hashing overlaps the transfer (hashlib and file
 I/O release the GIL). Writing keeps the data in the kernel where it can
 (``copy_file_range`` for local files, :func:`copy_local`; ``splice`` for HTTP bodies,
-workers/fetch.py). Writeback to disk is started as the file grows (``sync_file_range``), so
+workers/staging/fetch.py). Writeback to disk is started as the file grows (``sync_file_range``), so
 the final fsync is short.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Sequence
 
-from tasks.exits import describe_exit
+from workers.supervisor.exits import describe_exit
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""The content-addressed blob store under ``models_dir/.blobs`` (see workers/staging.py):
+"""The content-addressed blob store under ``models_dir/.blobs`` (see workers/staging/stage.py):
 per-blob locks, the records that let a blob be reused without rehashing, hard links into
 model directories, and the sweep of temp files left by dead stagers."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tasks.schemas import FileSpec
-from workers.output import check_cancelled
+from workers.staging.output import check_cancelled
 
 LOCK_POLL_S = 0.05      # how often a stager waiting for a blob's lock looks again
 

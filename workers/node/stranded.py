@@ -5,7 +5,7 @@ A job routed to ``model.<token>`` waits there for a holder of the model to take 
 node stops holding the model (an unload, an eviction, a backend crash, a drain, a node whose
 heartbeat expired, a worker that came back under the same node id), the queue may be left
 with no consumer. Each of those events writes the model into ``mb:orphans`` with the time
-(:func:`mark_orphaned`). The reaper (:mod:`tasks.reaper`: one worker per round, every
+(:func:`mark_orphaned`). The reaper (:mod:`workers.node.reaper`: one worker per round, every
 ``reaper_interval_s`` seconds) hands the entries older than ``stranded_s`` seconds to
 :meth:`Sweeper.sweep`:
 

@@ -9,8 +9,8 @@ import threading
 from tasks.schemas import NodeRecord, utcnow
 from tasks.settings import Settings
 from tasks.store import Store
-from tasks.stranded import mark_orphaned
-from workers.runtime import ModelManager
+from workers.node.stranded import mark_orphaned
+from workers.node.models import ModelManager
 
 log = logging.getLogger("modelbay.worker")
 
@@ -92,7 +92,7 @@ class NodeAgent:
     def start(self) -> list[str]:
         """Beat, and start the heartbeat. A restarted worker holds nothing: the model states
         its last life left behind are dropped, and their queues marked as maybe without a
-        consumer (:mod:`tasks.stranded`). Returns those models, for :meth:`Reaper.take_over`."""
+        consumer (:mod:`workers.node.stranded`). Returns those models, for :meth:`Reaper.take_over`."""
         previous = self._withdraw_models()
         self.beat()
         self._thread.start()

@@ -12,10 +12,10 @@ from tasks.names import TASK_INFER, TASK_LOAD, TASK_NOOP, TASK_UNLOAD
 from tasks.schemas import JobRecord
 from workers import metrics
 from workers.app import app, runtime
-from workers.inference import RUNNERS, Delivery
-from workers.progress import job_progress_sink
-from workers.runtime import Entry, LoadFailed, NotHere
-from workers.backend_calls import BackendCallError, BackendCancelled, BackendError
+from workers.jobs.inference import RUNNERS, Delivery
+from workers.progress.debounce import job_progress_sink
+from workers.node.models import Entry, LoadFailed, NotHere
+from workers.supervisor.calls import BackendCallError, BackendCancelled, BackendError
 
 log = logging.getLogger("modelbay.worker")
 
