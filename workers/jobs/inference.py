@@ -16,9 +16,10 @@ from typing import Any
 from tasks.schemas import JobProgress, JobRecord
 from workers.supervisor.calls import BackendCallError, BackendCancelled
 from workers.progress.debounce import Debouncer
+from workers.runtime import Runtime
 from workers.supervisor.process import BackendProcess
 
-Runner = Callable[[Any, JobRecord, BackendProcess, "Delivery"], dict[str, Any]]
+Runner = Callable[[Runtime, JobRecord, BackendProcess, "Delivery"], dict[str, Any]]
 
 
 class Delivery:
@@ -28,13 +29,13 @@ class Delivery:
         self.pieces = 0
 
 
-def _unwatch(rt: Any, job: JobRecord) -> None:
+def _unwatch(rt: Runtime, job: JobRecord) -> None:
     """Stop watching; a cancel that raced with the end of the call still wins."""
     if rt.cancels.unwatch(job.id):
         raise BackendCancelled(f"job {job.id} cancelled")
 
 
-def embed(rt: Any, job: JobRecord, proc: BackendProcess, delivery: Delivery) -> dict[str, Any]:
+def embed(rt: Runtime, job: JobRecord, proc: BackendProcess, delivery: Delivery) -> dict[str, Any]:
     texts = [job.input] if isinstance(job.input, str) else list(job.input)
     try:
         vectors, prompt_tokens = proc.embed(texts, job.params, rt.settings.inference_timeout_s,
@@ -45,7 +46,7 @@ def embed(rt: Any, job: JobRecord, proc: BackendProcess, delivery: Delivery) -> 
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
-def generate(rt: Any, job: JobRecord, proc: BackendProcess, delivery: Delivery) -> dict[str, Any]:
+def generate(rt: Runtime, job: JobRecord, proc: BackendProcess, delivery: Delivery) -> dict[str, Any]:
     prompt = job.input if job.task == "generate" else ""
     messages = job.input if job.task == "chat" else []
     call = proc.generate(prompt, messages, job.params, rt.settings.inference_timeout_s)
@@ -85,7 +86,7 @@ def generate(rt: Any, job: JobRecord, proc: BackendProcess, delivery: Delivery) 
     return {"text": "".join(pieces), "finish_reason": finish, "usage": usage}
 
 
-def image(rt: Any, job: JobRecord, proc: BackendProcess, delivery: Delivery) -> dict[str, Any]:
+def image(rt: Runtime, job: JobRecord, proc: BackendProcess, delivery: Delivery) -> dict[str, Any]:
     """Step progress goes to the job record (debounced, the last step always written) and
     to the live operation; the result holds the PNG as base64."""
     call = proc.generate_image(job.input, job.params, rt.settings.inference_timeout_s)

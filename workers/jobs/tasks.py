@@ -8,13 +8,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from celery import Task, shared_task
+
 from tasks.names import TASK_INFER, TASK_LOAD, TASK_NOOP, TASK_UNLOAD
 from tasks.schemas import JobRecord
 from workers import metrics
-from workers.app import app, runtime
 from workers.jobs.inference import RUNNERS, Delivery
 from workers.progress.debounce import job_progress_sink
 from workers.node.models import Entry, LoadFailed, NotHere
+from workers.runtime import Runtime, runtime_of
 from workers.supervisor.calls import BackendCallError, BackendCancelled, BackendError
 
 log = logging.getLogger("modelbay.worker")
@@ -22,15 +24,15 @@ log = logging.getLogger("modelbay.worker")
 MAX_REROUTES = 5
 
 
-@app.task(name=TASK_NOOP)
+@shared_task(name=TASK_NOOP)
 def noop() -> None:
     """Does nothing: ``bench/`` measures raw Celery round trips with it."""
 
 
-@app.task(name=TASK_LOAD)
-def load(job_id: str) -> None:
+@shared_task(name=TASK_LOAD, bind=True)
+def load(self: Task, job_id: str) -> None:
     """Load a model on this node. Not cancellable by any client action (architecture §2)."""
-    rt = runtime()
+    rt = runtime_of(self)
     change = rt.store.transition(job_id, "loading", allowed_from=("queued",), runner=rt.instance)
     if not change.applied or change.record is None:
         return
@@ -67,7 +69,7 @@ def load(job_id: str) -> None:
             op.done()  # an unload ended it: its row goes at once, on every replica (no error to show)
         else:
             op.fail(exc.message)
-        _fail_waiters(job, exc)
+        _fail_waiters(rt, job, exc)
     else:
         rt.store.finish(job_id, "succeeded", result=result)
         op.done()
@@ -80,15 +82,14 @@ def load(job_id: str) -> None:
         metrics.job_ended(rt.store.get_job(job_id))
 
 
-def _fail_waiters(load_job: JobRecord, exc: LoadFailed) -> None:
-    rt = runtime()
+def _fail_waiters(rt: Runtime, load_job: JobRecord, exc: LoadFailed) -> None:
     for waiter in rt.store.pop_waiters(load_job.id):
         rt.store.fail(waiter, exc.code, f"model load failed: {exc.message}")
 
 
-@app.task(name=TASK_UNLOAD)
-def unload(job_id: str) -> None:
-    rt = runtime()
+@shared_task(name=TASK_UNLOAD, bind=True)
+def unload(self: Task, job_id: str) -> None:
+    rt = runtime_of(self)
     change = rt.store.transition(job_id, "running", allowed_from=("queued",))
     if not change.applied or change.record is None:
         return
@@ -106,21 +107,21 @@ def unload(job_id: str) -> None:
     metrics.job_ended(rt.store.get_job(job_id))
 
 
-@app.task(name=TASK_INFER)
-def infer(job_id: str, reroutes: int = 0, route: int | None = None) -> None:
+@shared_task(name=TASK_INFER, bind=True)
+def infer(self: Task, job_id: str, reroutes: int = 0, route: int | None = None) -> None:
     """Run one inference job on the model held here. Cancellable: the cancel watcher
     cancels the gRPC call when the job turns ``cancelled``, and the backend stops.
 
     ``route`` is the job's ``routed`` count when this message was sent: a message of a job
     routed again since (a stranded queue swept, a requeue) does nothing."""
-    rt = runtime()
+    rt = runtime_of(self)
     job = rt.store.get_job(job_id)
     if job is None or job.terminal or (route is not None and route != job.routed):
         return
     try:
         entry = rt.manager.acquire(job.model, lambda: rt.cancels.is_cancelled(job_id))
     except NotHere:
-        _reroute(job, reroutes)
+        _reroute(rt, job, reroutes)
         return
     except LoadFailed as exc:
         rt.store.fail(job_id, exc.code, f"model load failed: {exc.message}")
@@ -131,17 +132,16 @@ def infer(job_id: str, reroutes: int = 0, route: int | None = None) -> None:
                                      node=rt.settings.node_id, attempts=job.attempts + 1, runner=rt.instance)
         if change.applied and change.record is not None:
             try:
-                _run(change.record, entry, reroutes)
+                _run(rt, change.record, entry, reroutes)
             finally:
                 metrics.job_ended(rt.store.get_job(job_id))
     finally:
         rt.manager.release(entry)
 
 
-def _reroute(job: JobRecord, reroutes: int) -> None:
+def _reroute(rt: Runtime, job: JobRecord, reroutes: int) -> None:
     """The model is not here (unloaded or lost after the message was routed): route the job
     again, at most ``MAX_REROUTES`` times (the count travels in the message)."""
-    rt = runtime()
     if rt.cancels.is_cancelled(job.id):
         return
     manifest = rt.store.get_manifest(job.model)
@@ -155,8 +155,7 @@ def _reroute(job: JobRecord, reroutes: int) -> None:
         rt.store.fail(job.id, getattr(exc, "code", "model_unavailable"), str(exc))
 
 
-def _run(job: JobRecord, entry: Entry, reroutes: int) -> None:
-    rt = runtime()
+def _run(rt: Runtime, job: JobRecord, entry: Entry, reroutes: int) -> None:
     delivery = Delivery()
     try:
         result = RUNNERS[job.task or ""](rt, job, entry.proc, delivery)
@@ -166,7 +165,7 @@ def _run(job: JobRecord, entry: Entry, reroutes: int) -> None:
         if rt.cancels.is_cancelled(job.id):
             return
         if entry.crashed:
-            _after_crash(job, delivery, reroutes, entry.proc.exit_reason if entry.proc is not None else None)
+            _after_crash(rt, job, delivery, reroutes, entry.proc.exit_reason if entry.proc is not None else None)
             return
         if exc.grpc_code == "UNIMPLEMENTED":
             rt.store.fail(job.id, "unsupported_task",
@@ -187,15 +186,14 @@ def _run(job: JobRecord, entry: Entry, reroutes: int) -> None:
     rt.store.finish(job.id, "succeeded", result=result)
 
 
-def _after_crash(job: JobRecord, delivery: Delivery, reroutes: int, exit_reason: str | None = None) -> None:
+def _after_crash(rt: Runtime, job: JobRecord, delivery: Delivery, reroutes: int, exit_reason: str | None = None) -> None:
     """The backend died under the job: retry it once if it produced nothing yet (its model
     loads again), else fail it with ``backend_crashed``."""
-    rt = runtime()
     if delivery.pieces == 0 and job.attempts < 2:
         log.warning("backend of %s crashed before job %s produced output; retrying", job.model, job.id)
         change = rt.store.transition(job.id, "queued", allowed_from=("running",))
         if change.applied and change.record is not None:
-            _reroute(change.record, reroutes)
+            _reroute(rt, change.record, reroutes)
         return
     rt.store.fail(job.id, "backend_crashed",
                   f"the backend process of {job.model!r} {exit_reason or 'exited'} "

@@ -6,6 +6,7 @@ import logging
 import time
 
 from celery import Celery
+from celery.worker import state
 
 log = logging.getLogger("modelbay.worker")
 
@@ -15,7 +16,10 @@ def set_consuming(celery: Celery, hostname: str | None, queue: str, start: bool,
     by that worker's own event loop). The broadcast goes through the broker: during a broker
     outage it is lost or fails, so it is sent again (backoff from 0.5 s to 5 s) until the
     worker answers, for up to ``outage_s`` seconds; a model that is ready but not consumed
-    would strand its jobs. True when the worker answered."""
+    would strand its jobs. True when the worker answered.
+
+    A worker that is stopping has stopped consuming, and its own event loop no longer
+    answers: then nothing is sent (an unload during a drain must not hold the stop up)."""
     verb = "consume" if start else "cancel"
     if hostname is None:
         log.warning("worker name unknown; cannot %s %s", verb, queue)
@@ -24,6 +28,9 @@ def set_consuming(celery: Celery, hostname: str | None, queue: str, start: bool,
     deadline = time.monotonic() + outage_s
     wait_s = 0.5
     while True:
+        if _stopping():
+            log.info("worker stopping: not asking it to %s %s", verb, queue)
+            return False
         try:
             if start:
                 reply = control.add_consumer(queue, exchange=queue, routing_key=queue,
@@ -42,3 +49,9 @@ def set_consuming(celery: Celery, hostname: str | None, queue: str, start: bool,
         log.warning("%s %s: %s; retrying in %.1fs", verb, queue, problem, wait_s)
         time.sleep(wait_s)
         wait_s = min(wait_s * 2, 5.0)
+
+
+def _stopping() -> bool:
+    """Celery's warm or cold shutdown has begun in this process."""
+    # Identity, as Celery's own state.maybe_shutdown: a warm stop sets should_stop to exit code 0.
+    return any(flag is not None and flag is not False for flag in (state.should_stop, state.should_terminate))

@@ -14,8 +14,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
 
+from tasks.dispatch import Dispatcher
+from tasks.settings import Settings
+from tasks.store import Store
+from workers.node.agent import NodeAgent
+from workers.node.cancel import CancelWatcher
 from workers.node.reaper import Reaper, requeue
 
 log = logging.getLogger("modelbay.worker")
@@ -24,9 +28,10 @@ log = logging.getLogger("modelbay.worker")
 class Background:
     """The reaper thread of this worker, and the drain on stop."""
 
-    def __init__(self, rt: Any) -> None:
-        self.rt = rt
-        self.reaper = Reaper(rt.store, rt.dispatcher, rt.settings, rt.instance)
+    def __init__(self, settings: Settings, store: Store, dispatcher: Dispatcher, cancels: CancelWatcher,
+                 instance: str) -> None:
+        self.settings, self.store, self.dispatcher, self.cancels = settings, store, dispatcher, cancels
+        self.reaper = Reaper(store, dispatcher, settings, instance)
         self._stop = threading.Event()
         self._reaper_thread = threading.Thread(target=self._reap, name="modelbay-reaper", daemon=True)
         self.drained = threading.Event()
@@ -38,27 +43,27 @@ class Background:
         self._stop.set()
 
     def _reap(self) -> None:
-        while not self._stop.wait(self.rt.settings.reaper_interval_s):
+        while not self._stop.wait(self.settings.reaper_interval_s):
             try:
                 self.reaper.run_once()
             except Exception as exc:  # a Redis blip must not end the reaper for good
                 log.warning("reaper round failed: %s", exc)
 
-    def drain(self) -> None:
+    def drain(self, agent: NodeAgent | None) -> None:
         """See the module docstring; runs in its own thread while Celery waits for tasks."""
-        rt, settings = self.rt, self.rt.settings
+        settings, store = self.settings, self.store
         try:
-            if rt.agent is not None:
-                rt.agent.drain()
+            if agent is not None:
+                agent.drain()
             deadline = time.monotonic() + settings.worker_stop_grace_s
-            while rt.cancels.watched() and time.monotonic() < deadline:
+            while self.cancels.watched() and time.monotonic() < deadline:
                 self._stop.wait(0.1)
-            handed = rt.cancels.take_all()
+            handed = self.cancels.take_all()
             for job_id, cancel in handed.items():
-                job = rt.store.get_job(job_id)
+                job = store.get_job(job_id)
                 if job is not None and job.status == "running":
                     reason = f"node {settings.node_id} stopped (still running after {settings.worker_stop_grace_s:g}s)"
-                    requeue(rt.store, rt.dispatcher, job, reason, settings.job_max_attempts + 1)
+                    requeue(store, self.dispatcher, job, reason, settings.job_max_attempts + 1)
                 cancel()
             if handed:
                 log.warning("handed %d running job(s) back to the queue", len(handed))

@@ -1,0 +1,108 @@
+"""This node's runtime: everything a task needs, built once per worker process by a Celery
+bootstep (:class:`NodeStep`) before the pool takes its first task, and stopped with the worker.
+
+Tasks reach it through their app (:func:`runtime_of`), never through a module global, so
+every helper that takes it is typed :class:`Runtime`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+
+from celery import Celery, Task, bootsteps
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+
+from tasks.bus import Bus
+from tasks.dispatch import Dispatcher
+from tasks.settings import Settings
+from tasks.store import Store
+from workers import metrics
+from workers.node.agent import NodeAgent, devices, memory_budget_mb
+from workers.node.cancel import CancelWatcher
+from workers.node.drain import Background
+from workers.node.models import ModelManager
+from workers.progress.live import LivePublisher
+from workers.staging.stage import sweep
+
+log = logging.getLogger("modelbay.worker")
+
+
+class Runtime:
+    """The model manager, the cancel watcher, the live publisher, the bus, the store and the
+    dispatcher of this node; the heartbeat and the reaper once the worker is ready."""
+
+    def __init__(self, settings: Settings, app: Celery) -> None:
+        self.settings = settings
+        self.store = Store.from_settings(settings, outage_s=settings.redis_outage_s)
+        self.dispatcher = Dispatcher(self.store, app)
+        self.devices = devices()  # NVML is asked once; the heartbeat reports the same list
+        self.manager = ModelManager(settings, self.store, app, memory_budget_mb(settings, self.devices),
+                                    gpus=[d for d in self.devices if d["type"] == "cuda"])
+        swept = sweep(settings.models_dir)  # temp files of copies a dead worker left behind
+        if swept:
+            log.info("removed %d stale staging temp file(s)", swept)
+        self.cancels = CancelWatcher(self.store, settings.cancel_poll_s)
+        self.bus = Bus(settings.nats_url, name=f"worker-{settings.node_id}").start()
+        self.live = LivePublisher(settings, self.bus)
+        self.instance = uuid.uuid4().hex  # this worker process; jobs it runs carry it as ``runner``
+        self.background = Background(settings, self.store, self.dispatcher, self.cancels, self.instance)
+        self.agent: NodeAgent | None = None
+
+    def ready(self, hostname: str) -> None:
+        """The worker consumes: register the node, take over from a previous process with the
+        same node id, start the reaper and the metrics endpoint."""
+        settings = self.settings
+        self.manager.hostname = hostname
+        self.agent = NodeAgent(settings, self.store, self.manager, hostname, self.devices, self.instance)
+        previous = self.agent.start()
+        try:  # a node id that had state: take over from the process that held it
+            taken = self.background.reaper.take_over(previous)
+            if previous or any(taken.values()):
+                log.warning("node %s took over from its previous process: %s", settings.node_id, taken)
+        except Exception:  # the reaper does the same within a round or two
+            log.exception("taking over node %s failed", settings.node_id)
+        self.background.start()
+        metrics.serve(settings.worker_metrics_port, self.bus.connected.is_set)
+        log.info("node %s ready as %s, consuming %s", settings.node_id, hostname, settings.node_queue)
+
+    def shutting_down(self) -> None:
+        """SIGTERM: drain (see :mod:`workers.node.drain`) while Celery waits for the running tasks."""
+        threading.Thread(target=self.background.drain, args=(self.agent,), name="modelbay-drain", daemon=True).start()
+
+    def stop(self) -> None:
+        """The worker has stopped: stop every backend process and deregister the node."""
+        self.background.stop()
+        self.cancels.stop()
+        self.manager.stop_all()
+        self.bus.close()
+        if self.agent is not None:
+            self.agent.stop()
+        log.info("node %s stopped", self.settings.node_id)
+
+
+class NodeStep(bootsteps.Step):
+    """A worker bootstep: builds the :class:`Runtime` before the pool starts and hangs it on
+    the app; its later stages follow Celery's worker signals (ready: consuming; shutting
+    down: SIGTERM received; shutdown: every task has returned)."""
+
+    def __init__(self, worker: object, **kwargs: object) -> None:
+        super().__init__(worker, **kwargs)
+        app = getattr(worker, "app")
+        settings = getattr(app, "modelbay_settings", None)
+        if not isinstance(settings, Settings):
+            raise RuntimeError("NodeStep needs an app made by workers.app.create_app")
+        rt = app.modelbay_runtime = Runtime(settings, app)
+        default_hostname = f"modelbay@{settings.node_id}"
+        worker_ready.connect(lambda sender=None, **_: rt.ready(getattr(sender, "hostname", None) or default_hostname),
+                             weak=False)
+        worker_shutting_down.connect(lambda **_: rt.shutting_down(), weak=False)
+        worker_shutdown.connect(lambda **_: rt.stop(), weak=False)
+
+
+def runtime_of(task: Task) -> Runtime:
+    """The runtime of the worker that runs ``task``."""
+    rt = getattr(task.app, "modelbay_runtime", None)
+    if not isinstance(rt, Runtime):
+        raise RuntimeError("no node runtime: tasks run only inside a worker started from workers.app")
+    return rt
