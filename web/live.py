@@ -8,18 +8,20 @@ same, and with NATS down the rows remain with the coarse progress of the job rec
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from typing import Any
 
+from pydantic import ValidationError
+
 from tasks.bus import Bus
+from tasks.events import ROW_FIELDS, ProgressEvent
 from tasks.names import progress_wildcards
-from web.ops import OpsTable
 from tasks.schemas import JobProgress, JobRecord
 from tasks.settings import Settings
 from tasks.store import Store
+from web.ops import OpsTable
 from web.perprocess import PerProcess
 
 log = logging.getLogger("modelbay.web")
@@ -27,9 +29,6 @@ log = logging.getLogger("modelbay.web")
 UNMEASURED = frozenset({"loading"})  # phases without a percentage (LoadModel tells nothing until done)
 BASELINE_REFRESH_S = 1.0   # the longest the coarse progress of baseline rows may be cached
 NODES_REFRESH_S = 0.5      # the longest the set of live nodes may be cached
-ROW_FIELDS = ("id", "kind", "model", "node", "job", "phase", "file", "file_index", "files_total",
-              "bytes_done", "bytes_total", "rate_bps", "eta_s", "progress", "message", "error", "started_at",
-              "updated_at")
 
 
 class Live:
@@ -55,12 +54,12 @@ class Live:
 
     def _on_message(self, subject: str, data: bytes) -> None:
         try:
-            event = json.loads(data)
-        except ValueError:
-            log.warning("ignoring a progress message that is not JSON on %s", subject)
+            event = ProgressEvent.model_validate_json(data)
+        except ValidationError as exc:
+            log.warning("ignoring a progress message on %s that is not a progress event: %s", subject,
+                        exc.errors(include_url=False)[:3])
             return
-        if isinstance(event, dict):
-            self.table.apply(event)
+        self.table.apply(event.model_dump())
 
     # ---- rows -------------------------------------------------------------------------
 

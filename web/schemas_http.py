@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from tasks.events import OperationRow
 from tasks.schemas import ErrorBody, JobRecord, Manifest, ModelNode, NodeRecord
 
 ModelStatus = Literal["registered", "ready", "loading", "staging", "unloading", "failed"]
@@ -100,30 +101,6 @@ class Health(BaseModel):
 class Ready(BaseModel):
     status: Literal["ready"]
     nodes: int = Field(ge=1, description="live worker nodes")
-
-
-class OperationRow(BaseModel):
-    """A live operation (a load, an unload, a staging, a streamed inference)."""
-
-    id: str
-    kind: str | None = None
-    model: str | None = None
-    node: str | None = None
-    job: str | None = None
-    phase: str | None = None
-    file: str | None = None
-    file_index: int | None = None
-    files_total: int | None = None
-    bytes_done: int | None = None
-    bytes_total: int | None = None
-    rate_bps: float | None = Field(default=None, description="bytes/s over the last few seconds (live only)")
-    eta_s: float | None = Field(default=None, description="seconds left at that rate (live only)")
-    progress: float | None = None
-    message: str | None = None
-    error: str | None = None
-    started_at: str | None = None
-    updated_at: str | None = None
-    live: bool = Field(description="true when live progress (NATS) is laid over the job record")
 
 
 class Operations(BaseModel):

@@ -8,7 +8,6 @@ transitions go at once; while the operation lives, a keepalive is sent at least 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -17,6 +16,7 @@ import uuid
 from typing import Any
 
 from tasks.bus import Bus
+from tasks.events import DETAIL_FIELDS, EventStatus, ProgressEvent
 from tasks.names import progress_subject
 from tasks.schemas import utcnow
 from tasks.settings import Settings
@@ -26,10 +26,8 @@ log = logging.getLogger("modelbay.worker")
 
 # Internal progress events → the status on the wire (architecture §5). The end of staging and the
 # start of loading are progress of the same operation; only the load's end completes it.
-_WIRE = {"start": "start", "progress": "progress", "file_complete": "file_complete",
+_WIRE: dict[str, EventStatus] = {"start": "start", "progress": "progress", "file_complete": "file_complete",
          "complete": "progress", "loading": "progress", "done": "complete", "error": "error"}
-_FIELDS = ("file", "file_index", "files_total", "bytes_done", "bytes_total", "rate_bps", "eta_s", "step", "steps",
-           "message")
 
 
 class Operation:
@@ -70,13 +68,13 @@ class Operation:
             if self.ended:
                 return
             self.seq += 1
-            for key in _FIELDS:
+            for key in DETAIL_FIELDS:
                 if fields.get(key) is not None:
                     self.state[key] = fields[key]
             if self.kind == "staging" and event in ("start", "progress", "file_complete", "complete"):
                 # The same words as the job record's progress, from the same state.
                 self.state["message"] = to_job_progress(event, self.state).message
-            status = _WIRE.get(event, "keepalive")
+            status: EventStatus = _WIRE.get(event, "keepalive")
             if status in ("complete", "error"):
                 self.ended = True
             if fields.get("progress") is not None:
@@ -91,15 +89,15 @@ class Operation:
                 pct = self.state.get("progress") or 0.0
             else:
                 pct = round(100.0 * done / total, 1) if done is not None and total else 0.0
-            body = {"v": 1, "op": self.id, "kind": self.kind, "status": status, "seq": self.seq,
-                    "origin": self.publisher.origin, "model": self.model, "node": self.publisher.settings.node_id,
-                    "job": self.job, "phase": self.kind, **{k: self.state.get(k) for k in _FIELDS},
-                    "progress": pct, "error": fields.get("error"), "started_at": self.started_at,
-                    "ts": time.time()}
+            event = ProgressEvent(op=self.id, kind=self.kind, status=status, seq=self.seq,
+                                  origin=self.publisher.origin, model=self.model,
+                                  node=self.publisher.settings.node_id, job=self.job, phase=self.kind,
+                                  **{k: self.state.get(k) for k in DETAIL_FIELDS}, progress=pct,
+                                  error=fields.get("error"), started_at=self.started_at, ts=time.time())
             self.last_sent = time.monotonic()
         key = self.job or self.id if self.kind == "inference" else self.model
         self.publisher.bus.publish(progress_subject(self.publisher.settings.nats_prefix, self.kind, key),
-                                   json.dumps(body).encode())
+                                   event.encode())
 
 
 class LivePublisher:
