@@ -37,6 +37,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     auth.init_app(app, settings.api_key_list, open_metrics=settings.metrics_open)
     for blueprint in (models.bp, jobs.bp, nodes.bp, operations.bp, openai_routes.bp, openapi.bp, metrics.bp, ui.bp):
         app.register_blueprint(blueprint)
+    openapi.check_documented(app)  # a route without @documented stops the app here
     # The progress subscriber starts here, in the serving process: gunicorn imports the app
     # after fork (never run it with --preload); Live also restarts it if the pid changes.
     app.extensions["modelbay"].live.ensure_started()

@@ -10,13 +10,29 @@ from tasks.errors import Conflict, InvalidRequest, NotFound
 from web.limits import check_limits
 from web.metrics import count_submitted
 from tasks.schemas import ACTIVE, TERMINAL, JobRecord, JobRequest
-from tasks.settings import env_name
+from tasks.settings import Settings, env_name
 from web.extensions import mb
+from web.openapi import BODY, EXAMPLE_MODEL, JOB_HEADERS, STORE, Ok, documented
+from web.schemas_http import JobList
 from web.util import check_model_name, not_found_model, parse_body, pin
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
+LIMIT_MAX, LIMIT_DEFAULT = 1000, 50  # GET /v1/jobs?limit=
+JOB_LINKS = ("GetJob", "CancelJob")
+LIST_QUERY = {
+    "status": {"schema": {"type": "string", "enum": sorted(ACTIVE | TERMINAL)},
+               "description": "only jobs with this status"},
+    "model": {"schema": {"type": "string"}, "description": "only jobs of this model"},
+    "limit": {"schema": {"type": "integer", "minimum": 1, "maximum": LIMIT_MAX, "default": LIMIT_DEFAULT},
+              "description": "at most this many jobs"},
+}
+
+
+def _wait_query(settings: Settings) -> dict[str, object]:
+    return {"schema": {"type": "number", "minimum": 0, "maximum": settings.max_wait_s},
+            "description": "long-poll: wait up to this many seconds for the job to end"}
 
 
 def _job(job_id: str) -> JobRecord:
@@ -42,6 +58,9 @@ def _float_arg(name: str, low: float, high: float, limit: str = "") -> float | N
 
 
 @bp.post("")
+@documented("jobs", "Submit an inference job", Ok(202, JobRecord, "queued", headers=JOB_HEADERS, links=JOB_LINKS),
+            errors=(*BODY, 404, 409), body=JobRequest, pin=True,
+            example={"model": EXAMPLE_MODEL, "task": "generate", "input": "hello there", "params": {"max_tokens": 8}})
 def submit():
     req = parse_body(JobRequest)
     check_limits(req.task, req.input_json(), req.params, mb().settings)
@@ -59,6 +78,9 @@ def submit():
 
 
 @bp.get("/<job_id>")
+@documented("jobs", "Get a job; with `wait` long-poll until it ends",
+            Ok(200, JobRecord, "the job", headers=("X-Modelbay-Node",)), errors=(400, 404, 503),
+            query={"wait": _wait_query})
 def get(job_id: str):
     record = _job(job_id)
     limit = f" seconds (the upper limit is the setting {env_name('max_wait_s')})"
@@ -73,6 +95,7 @@ def get(job_id: str):
 
 
 @bp.delete("/<job_id>")
+@documented("jobs", "Cancel an inference job", Ok(202, JobRecord, "cancelled"), errors=(404, 409, 503))
 def cancel(job_id: str):
     record = _job(job_id)
     if record.kind == "load":
@@ -86,11 +109,13 @@ def cancel(job_id: str):
 
 
 @bp.get("")
+@documented("jobs", "List recent jobs, newest first", Ok(200, JobList, "the jobs"), errors=(400, *STORE),
+            query=LIST_QUERY)
 def list_jobs():
     status = request.args.get("status")
     if status is not None and status not in ACTIVE | TERMINAL:
         raise InvalidRequest(f"status must be one of {sorted(ACTIVE | TERMINAL)}", param="status")
     model = request.args.get("model")
-    limit = _float_arg("limit", 1, 1000)
-    jobs = mb().store.list_jobs(model=model, status=status, limit=int(limit or 50))
+    limit = _float_arg("limit", 1, LIMIT_MAX)
+    jobs = mb().store.list_jobs(model=model, status=status, limit=int(limit or LIMIT_DEFAULT))
     return jsonify({"object": "list", "data": [j.public() for j in jobs]})

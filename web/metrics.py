@@ -23,6 +23,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from tasks.names import model_queue, node_queue
 from web.extensions import mb
+from web.openapi import STORE, Ok, documented
 
 bp = Blueprint("metrics", __name__)
 
@@ -58,6 +59,8 @@ class StateCollector:
 
 
 @bp.get("/metrics")
+@documented("operations", "Prometheus metrics of the web side (MODELBAY_METRICS_OPEN opens it)",
+            Ok(200, None, "the text exposition format", media="text/plain"), errors=STORE)
 def metrics():
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()

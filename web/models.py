@@ -6,15 +6,18 @@ from typing import Any
 from flask import Blueprint, jsonify
 
 from tasks.backends import check_backend
-from tasks.schemas import LoadRequest, Manifest, ModelNode
+from tasks.schemas import JobRecord, LoadRequest, Manifest, ModelNode
 from tasks.sources import check_manifest
 from web.extensions import mb
 from web.metrics import count_submitted
+from web.openapi import BODY, JOB_HEADERS, STORE, Ok, documented
+from web.schemas_http import JobList, ModelDeleted, ModelDetail, ModelList
 from web.util import check_model_name, not_found_model, parse_body, pin
 
 bp = Blueprint("models", __name__, url_prefix="/v1/models")
 
 _ORDER = ("ready", "loading", "staging", "unloading", "failed")
+MODEL_LINKS = ("GetModel", "LoadModel", "UnloadModel", "DeleteModel")
 
 
 def model_status(states: list[ModelNode]) -> str:
@@ -43,6 +46,7 @@ def _manifest(name: str) -> Manifest:
 
 
 @bp.get("")
+@documented("models", "List the catalog", Ok(200, ModelList, "the models"), errors=STORE)
 def list_models():
     store = mb().store
     nodes = store.live_nodes()
@@ -53,6 +57,10 @@ def list_models():
 
 
 @bp.put("/<path:name>")
+@documented("models", "Register or replace a model's manifest",
+            Ok(200, ModelDetail, "replaced", links=MODEL_LINKS), Ok(201, ModelDetail, "registered", links=MODEL_LINKS),
+            errors=(*BODY, 404), body=Manifest,
+            example={"backend": "echo", "options": {"dim": 16}, "memory_mb": 1})
 def put_model(name: str):
     check_model_name(name)
     manifest = parse_body(Manifest)
@@ -64,12 +72,16 @@ def put_model(name: str):
 
 
 @bp.get("/<path:name>")
+@documented("models", "Get a model, its manifest and its state on each node", Ok(200, ModelDetail, "the model"),
+            errors=(400, 404, 503))
 def get_model(name: str):
     manifest = _manifest(name)
     return jsonify(model_object(name, manifest, mb().store.model_nodes(name), full=True))
 
 
 @bp.delete("/<path:name>")
+@documented("models", "Remove a model from the catalog, unloading it everywhere", Ok(200, ModelDeleted, "deleted"),
+            errors=(400, 404, 503))
 def delete_model(name: str):
     _manifest(name)
     jobs = mb().dispatcher.unload(name)
@@ -79,6 +91,9 @@ def delete_model(name: str):
 
 
 @bp.post("/<path:name>/load")
+@documented("models", "Load a model (single-flight per model and node)", Ok(200, ModelDetail, "already ready"),
+            Ok(202, JobRecord, "the load job", headers=JOB_HEADERS, links=("GetJob",)),
+            errors=(*BODY, 404, 409), body=LoadRequest, body_required=False, pin=True)
 def load_model(name: str):
     manifest = _manifest(name)
     node = pin(parse_body(LoadRequest, optional=True).node)
@@ -91,6 +106,9 @@ def load_model(name: str):
 
 
 @bp.post("/<path:name>/unload")
+@documented("models", "Unload a model from every node that holds it (or the pinned one)",
+            Ok(200, JobList, "held nowhere: no job"), Ok(202, JobList, "one unload job per node"),
+            errors=(*BODY, 404), body=LoadRequest, body_required=False, pin=True)
 def unload_model(name: str):
     _manifest(name)
     node = pin(parse_body(LoadRequest, optional=True).node)

@@ -5,11 +5,14 @@ from flask import Blueprint, jsonify
 
 from tasks.errors import Unavailable
 from web.extensions import mb
+from web.openapi import STORE, Ok, documented
+from web.schemas_http import Health, NodeList, Ready
 
 bp = Blueprint("nodes", __name__)
 
 
 @bp.get("/v1/nodes")
+@documented("nodes", "List the live worker nodes and their models", Ok(200, NodeList, "the nodes"), errors=STORE)
 def list_nodes():
     store = mb().store
     data = []
@@ -21,11 +24,14 @@ def list_nodes():
 
 
 @bp.get("/healthz")
+@documented("health", "Liveness: the web process answers", Ok(200, Health, "alive"), open=True)
 def healthz():
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
+@documented("health", "Readiness: the store answers and a worker node is live", Ok(200, Ready, "ready"),
+            errors=(503,), open=True)
 def readyz():
     store = mb().store
     if not store.ping():

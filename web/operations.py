@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from flask import Blueprint, Response, jsonify, stream_with_context
 
 from web.extensions import mb
+from web.openapi import STORE, Ok, documented
+from web.schemas_http import Operations
 
 bp = Blueprint("operations", __name__, url_prefix="/api/operations")
 
@@ -18,11 +20,16 @@ BASELINE_POLL_S = 1.0      # Redis-side changes are looked for this often
 
 
 @bp.get("")
+@documented("operations", "Live operations: loads, unloads, staging",
+            Ok(200, Operations, "the operations, oldest first"), errors=STORE)
 def list_operations():
     return jsonify({"operations": mb().live.rows()})
 
 
 @bp.get("/stream")
+@documented("operations", "The live operations as server-sent events",
+            Ok(200, None, "`snapshot` then `operations` events (`data`: the body of GET /api/operations) and "
+                          "heartbeat comments; the stream ends after a few minutes", stream=True), errors=STORE)
 def stream():
     live = mb().live
 

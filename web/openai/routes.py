@@ -20,8 +20,14 @@ from tasks.schemas import JobRecord
 from web.openai.protocol import (ChatCompletionRequest, CompletionRequest, EmbeddingsRequest, ImageRequest,
                                  Sampling, parse)
 from web.openai.serving import Call, ClientGone, job_error
+from web.openapi import EXAMPLE_MODEL, Ok, documented
+from web.schemas_http import ChatCompletion, Completion, EmbeddingList, Images
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
+
+CALL_ERRORS = (400, 404, 409, 413, 415, 503)  # documented() adds 401
+CALL_HEADERS = ("X-Modelbay-Job", "X-Modelbay-Node")
+STREAMED = "the completion; with `stream` server-sent chunks ending with `data: [DONE]`"
 
 
 def _usage(result: dict[str, Any]) -> dict[str, int]:
@@ -31,6 +37,9 @@ def _usage(result: dict[str, Any]) -> dict[str, int]:
 
 
 @bp.post("/embeddings")
+@documented("openai", "Embeddings (OpenAI-compatible)", Ok(200, EmbeddingList, "the vectors", headers=CALL_HEADERS),
+            errors=CALL_ERRORS, body=EmbeddingsRequest, pin=True,
+            example={"model": EXAMPLE_MODEL, "input": ["hello", "world"]})
 def embeddings():
     req = parse(EmbeddingsRequest)
     call = Call(req.model, "embed", req.input, {})
@@ -46,6 +55,10 @@ def embeddings():
 
 
 @bp.post("/completions")
+@documented("openai", "Text completion (OpenAI-compatible)",
+            Ok(200, Completion, STREAMED, stream=True, headers=CALL_HEADERS), errors=CALL_ERRORS,
+            body=CompletionRequest, pin=True,
+            example={"model": EXAMPLE_MODEL, "prompt": "one two three", "max_tokens": 2})
 def completions():
     req = parse(CompletionRequest)
     call = Call(req.model, "generate", req.text(), req.params(), stream=req.stream, input_name="prompt")
@@ -53,6 +66,10 @@ def completions():
 
 
 @bp.post("/chat/completions")
+@documented("openai", "Chat completion (OpenAI-compatible)",
+            Ok(200, ChatCompletion, STREAMED, stream=True, headers=CALL_HEADERS), errors=CALL_ERRORS,
+            body=ChatCompletionRequest, pin=True,
+            example={"model": EXAMPLE_MODEL, "messages": [{"role": "user", "content": "hello there"}]})
 def chat_completions():
     req = parse(ChatCompletionRequest)
     messages = [m.as_job() for m in req.messages]
@@ -61,6 +78,9 @@ def chat_completions():
 
 
 @bp.post("/images/generations")
+@documented("openai", "Image generation (OpenAI-compatible, `b64_json`)",
+            Ok(200, Images, "the image", headers=CALL_HEADERS), errors=CALL_ERRORS, body=ImageRequest, pin=True,
+            example={"model": "tiny-sd", "prompt": "a lighthouse at dusk", "size": "256x256"})
 def images():
     req = parse(ImageRequest)
     call = Call(req.model, "image", req.prompt, req.params(), input_name="prompt",
