@@ -35,14 +35,7 @@ def main(
     ``<backend_name>[<pid>]``. In-flight calls get ``--grace-s`` seconds (default 1);
     model code still busy a second after that (a load stuck in native code) does not hold
     the process: it then leaves with ``os._exit``."""
-    parser = argparse.ArgumentParser(prog=f"python -m workers.backends.{backend_name}")
-    parser.add_argument("--socket", required=True, help="unix socket path to serve on")
-    parser.add_argument("--model", required=True, help="catalog name of the model")
-    parser.add_argument("--instance", required=True, help="unique id of this load")
-    parser.add_argument("--grace-s", type=float, default=1.0, help="seconds in-flight calls get on stop")
-    parser.add_argument("--parent-pid", type=int, default=None,
-                        help="the worker's pid (default: the parent at start); the backend stops when it is gone")
-    args = parser.parse_args(argv)
+    args = _parser(backend_name).parse_args(argv)
     # Passed by the worker, not read here: a worker SIGKILLed between spawning this process
     # and this line would otherwise leave init as the "parent", and a backend that never stops.
     parent = args.parent_pid or os.getppid()
@@ -57,33 +50,63 @@ def main(
     for sig in stop_signals:
         signal.signal(sig, on_signal)
     model = model_factory()
-    executor = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc")
-    server = grpc.server(executor, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    pb_grpc.add_BackendServicer_to_server(BackendServicer(model, args.model, args.instance), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_insecure_port(f"unix:{args.socket}")
-    # Health also on a socket of its own with its own threads: answered however busy the
-    # 16 call threads are, so the supervisor's hang detection sees load as alive.
-    health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-    health_server.add_insecure_port(f"unix:{health_socket(args.socket)}")
-    health_server.start()
-    server.start()
-    for service in ("", SERVICE_NAME):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    servers = _Servers(model, args)
     log.info("serving unix:%s for model %r instance %s", args.socket, args.model, args.instance)
     while not stop.wait(0.5):
         if os.getppid() != parent:
             log.warning("parent process %d went away; stopping", parent)
             break
-    health_servicer.enter_graceful_shutdown()
-    model.stopping.set()
-    server.stop(args.grace_s).wait()
-    health_server.stop(0).wait()
-    executor.shutdown(wait=False, cancel_futures=True)
+    servers.stop(args.grace_s)
     log.info("stopped")  # gRPC unlinks the socket file on stop (and a stale one on bind)
+    _leave_when_model_code_is_stuck()
+    return 0
+
+
+def _parser(backend_name: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m workers.backends.{backend_name}")
+    parser.add_argument("--socket", required=True, help="unix socket path to serve on")
+    parser.add_argument("--model", required=True, help="catalog name of the model")
+    parser.add_argument("--instance", required=True, help="unique id of this load")
+    parser.add_argument("--grace-s", type=float, default=1.0, help="seconds in-flight calls get on stop")
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="the worker's pid (default: the parent at start); the backend stops when it is gone")
+    return parser
+
+
+class _Servers:
+    """The Backend service (16 call threads) and grpc.health.v1, started serving."""
+
+    def __init__(self, model: BackendModel, args: argparse.Namespace) -> None:
+        self.model = model
+        self.executor = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc")
+        self.server = grpc.server(self.executor, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                                          ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        pb_grpc.add_BackendServicer_to_server(BackendServicer(model, args.model, args.instance), self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.server.add_insecure_port(f"unix:{args.socket}")
+        # Health also on a socket of its own with its own threads: answered however busy the
+        # 16 call threads are, so the supervisor's hang detection sees load as alive.
+        self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        self.health_server.add_insecure_port(f"unix:{health_socket(args.socket)}")
+        self.health_server.start()
+        self.server.start()
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace_s: float) -> None:
+        """In-flight calls get ``grace_s`` seconds."""
+        self.health.enter_graceful_shutdown()
+        self.model.stopping.set()
+        self.server.stop(grace_s).wait()
+        self.health_server.stop(0).wait()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _leave_when_model_code_is_stuck() -> None:
+    """Model code still busy a second after the stop (a load stuck in native code) must not
+    hold the process: leave with ``os._exit``."""
     others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
     deadline = time.monotonic() + 1.0
     for thread in others:
@@ -92,4 +115,3 @@ def main(
         log.warning("model code still busy; exiting anyway")
         logging.shutdown()
         os._exit(0)
-    return 0

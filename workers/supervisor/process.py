@@ -158,11 +158,7 @@ class BackendProcess(BackendClient):
     # -- start -----------------------------------------------------------------------
     def start(self) -> None:
         """Spawn the process and wait (up to ``start_timeout_s`` seconds) until healthy."""
-        module = f"workers.backends.{self.backend.replace('-', '_')}"
-        cmd = [sys.executable, "-m", module, "--socket", str(self.socket_path),
-               "--model", self.model, "--instance", self.instance, "--parent-pid", str(os.getpid())]
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        module, cmd, env = self._command()
         with self._lock:
             if self._proc is not None or self._stop_requested.is_set():
                 raise BackendStartError("this BackendProcess was already started or stopped")
@@ -209,6 +205,15 @@ class BackendProcess(BackendClient):
             raise BackendStartError(f"backend {self.backend!r} exited with code {self.returncode} right after "
                                     f"becoming healthy; log tail:\n{self.log_tail()}")
         log.info("backend pid %d healthy after %.2fs", self._proc.pid, time.monotonic() - t0)
+
+    def _command(self) -> tuple[str, list[str], dict[str, str]]:
+        """The backend's module, its command line and its environment."""
+        module = f"workers.backends.{self.backend.replace('-', '_')}"
+        cmd = [sys.executable, "-m", module, "--socket", str(self.socket_path),
+               "--model", self.model, "--instance", self.instance, "--parent-pid", str(os.getpid())]
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        return module, cmd, env
 
     def _wait_healthy(self, health_stub: health_pb2_grpc.HealthStub) -> None:
         request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
