@@ -3,17 +3,28 @@
 Every setting has exactly one default, here. Units are in the names
 (``_s`` seconds, ``_mb`` mebibytes). web/, workers/ and the CLI all read
 settings through :func:`load_settings`, so ``modelbay up`` and compose agree.
+
+:class:`Settings` is a ``pydantic-settings`` model: pydantic parses and checks each value,
+and a bad one fails at start with :class:`SettingsError`, one line per bad variable naming
+it, its value and the type it should have. ``Settings(...)`` is its arguments over the
+defaults; the environment is read by :func:`load_settings` alone, from the mapping it is
+given (``os.environ`` unless a caller passes another).
 """
 from __future__ import annotations
 
 import os
 import re
 import socket
-from dataclasses import dataclass, field, fields
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BeforeValidator, Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PREFIX = "MODELBAY_"
+NODE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 def _default_node_id() -> str:
@@ -21,23 +32,61 @@ def _default_node_id() -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:48] or "node"
 
 
-@dataclass(frozen=True)
-class Settings:
+def _env_bool(value: object) -> object:
+    """A boolean variable may be padded with spaces, and an empty one means off (``VAR=``)."""
+    if isinstance(value, str):
+        return value.strip() or False
+    return value
+
+
+# pydantic's bool (1/0, true/false, yes/no, on/off, t/f, y/n, any case), padded or blank.
+EnvBool = Annotated[bool, BeforeValidator(_env_bool)]
+
+
+class SettingsError(ValueError):
+    """Settings that do not parse; the message has one line per bad variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid settings:\n" + "\n".join(f"  {line}" for line in problems))
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError) -> SettingsError:
+        problems: list[str] = []
+        for error in exc.errors(include_url=False):
+            name = str(error["loc"][0]) if error["loc"] else ""
+            field = Settings.model_fields.get(name)
+            if field is None:  # an override that is no setting (extra="forbid")
+                problems.append(f"{name!r} is not a setting")
+                continue
+            problems.append(f"{env_name(name)}={error['input']!r}: expected {_type_name(field)} "
+                            f"({error['msg']})")
+        return cls(problems)
+
+
+def _type_name(field: FieldInfo) -> str:
+    annotation = field.annotation
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation)
+
+
+class Settings(BaseSettings):
     """Every knob of modelbay. The env var is ``MODELBAY_`` + the upper-cased field name."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="forbid")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     nats_url: str = "nats://127.0.0.1:4222"
     nats_prefix: str = "modelbay"
-    node_id: str = field(default_factory=_default_node_id)
+    node_id: str = Field(default_factory=_default_node_id, pattern=NODE_ID_PATTERN)
     models_dir: str = "./.modelbay/models"
     run_dir: str = "./.modelbay/run"
     file_roots: str = ""
     # Staging from http(s) refuses loopback, private, link-local and other non-public
     # addresses (also after redirects) unless this is on.
-    allow_private_sources: bool = False
+    allow_private_sources: EnvBool = False
     api_keys: str = ""
     # /metrics without a key even when MODELBAY_API_KEYS is set (a scraper inside the cluster)
-    metrics_open: bool = False
+    metrics_open: EnvBool = False
     # Each worker serves its Prometheus metrics on this port (0: none)
     worker_metrics_port: int = 9400
     # Jobs and records
@@ -105,6 +154,15 @@ class Settings:
     # Celery
     visibility_timeout_s: int = 7200
 
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only the arguments: :func:`load_settings` reads the environment it is given."""
+        return (init_settings,)
+
     @property
     def node_queue(self) -> str:
         from tasks.names import node_queue
@@ -142,35 +200,32 @@ def env_name(field_name: str) -> str:
     return PREFIX + field_name.upper()
 
 
-def _bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(raw)
+class _EnvironSource(PydanticBaseSettingsSource):
+    """The ``MODELBAY_*`` variables of one environment mapping, as raw strings for pydantic
+    to parse. (pydantic-settings' own ``EnvSettingsSource`` reads only ``os.environ``;
+    callers and tests pass a mapping of their own.) Names are matched exactly."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.environ = environ
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[str | None, str, bool]:
+        return self.environ.get(env_name(field_name)), field_name, False
+
+    def __call__(self) -> dict[str, str]:
+        return {name: self.environ[env_name(name)] for name in self.settings_cls.model_fields
+                if env_name(name) in self.environ}
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
-    """Build :class:`Settings` from ``environ`` (default ``os.environ``), then ``overrides``.
+    """Build :class:`Settings` from ``environ`` (default ``os.environ``), then ``overrides``
+    (typed values, checked like the variables).
 
-    A value that does not parse as the field's type raises ``ValueError`` naming the variable.
+    Raises :class:`SettingsError` (a ``ValueError``) naming every variable that does not parse.
     """
-    env = os.environ if environ is None else environ
-    values: dict[str, object] = {}
-    for f in fields(Settings):
-        name = env_name(f.name)
-        if f.name in overrides:
-            values[f.name] = overrides[f.name]
-        elif name in env:
-            raw = env[name]
-            kind = f.type if isinstance(f.type, str) else f.type.__name__
-            try:
-                values[f.name] = int(raw) if kind == "int" else float(raw) if kind == "float" else \
-                    _bool(raw) if kind == "bool" else raw
-            except ValueError as exc:
-                raise ValueError(f"{name}={raw!r} is not a valid {kind}") from exc
-    settings = Settings(**values)  # type: ignore[arg-type]
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", settings.node_id):
-        raise ValueError(f"MODELBAY_NODE_ID={settings.node_id!r} must match [A-Za-z0-9_-]{{1,64}}")
-    return settings
+    values: dict[str, object] = {**_EnvironSource(Settings, os.environ if environ is None else environ)(),
+                                 **overrides}
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise SettingsError.from_validation(exc) from None

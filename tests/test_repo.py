@@ -10,7 +10,6 @@ import filecmp
 import shutil
 import subprocess
 import sys
-from dataclasses import fields
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
@@ -67,7 +66,7 @@ def test_compose_lb_flower_and_healthchecks():
 
 
 def test_compose_env_vars_are_settings():
-    known = {env_name(f.name) for f in fields(Settings)}
+    known = {env_name(name) for name in Settings.model_fields}
     for name, service in compose()["services"].items():
         env = service.get("environment") or {}
         unknown = {k for k in env if k.startswith("MODELBAY_")} - known

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tasks.settings import load_settings
+
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -21,7 +23,7 @@ def on_starting(server: Any) -> None:
         path = Path(os.environ[ENV])
         shutil.rmtree(path, ignore_errors=True)
     else:
-        base = Path(os.environ.get("MODELBAY_RUN_DIR", "./.modelbay/run")) / "prometheus"
+        base = Path(load_settings().run_dir) / "prometheus"
         base.mkdir(parents=True, exist_ok=True)
         path = Path(tempfile.mkdtemp(prefix=f"web-{os.getpid()}-", dir=base))
     path.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import fields
 from typing import Any
 
 import grpc
@@ -35,12 +34,12 @@ from tasks.settings import Settings
 
 log = logging.getLogger("modelbay.health")
 
-_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Settings)}
-DEFAULT_INTERVAL_S: float = float(_DEFAULTS["backend_health_interval_s"])
+_FIELDS = Settings.model_fields
+DEFAULT_INTERVAL_S: float = _FIELDS["backend_health_interval_s"].default
 """Seconds between two health checks (0 disables monitoring)."""
-DEFAULT_TIMEOUT_S: float = float(_DEFAULTS["backend_health_timeout_s"])
+DEFAULT_TIMEOUT_S: float = _FIELDS["backend_health_timeout_s"].default
 """Deadline of one health check, in seconds."""
-DEFAULT_FAILURES: int = int(_DEFAULTS["backend_health_failures"])
+DEFAULT_FAILURES: int = _FIELDS["backend_health_failures"].default
 """Consecutive failed checks after which the backend counts as hung."""
 
 
