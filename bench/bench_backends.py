@@ -120,7 +120,7 @@ def backend_stats(stack: Stack, name: str) -> dict:
     from workers.backends.proto.modelbay.backend.v1 import backend_pb2 as pb
     from workers.backends.proto.modelbay.backend.v1 import backend_pb2_grpc as pb_grpc
 
-    node = stack.session().get(f"{stack.base}/v1/models/{name}").json()["nodes"][0]
+    node = stack.client.call("GET", f"/v1/models/{name}")["nodes"][0]
     with grpc.insecure_channel(f"unix:{node['socket']}") as channel:
         ref = pb.ModelRef(name=name, instance=node["instance"])
         return json.loads(pb_grpc.BackendStub(channel).Status(pb.StatusRequest(model=ref), timeout=5).stats_json)

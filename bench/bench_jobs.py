@@ -17,7 +17,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from bench.stack import running_stack
-from modelbay.services import spawn
 
 
 def summarize(samples_s: list[float]) -> dict[str, float]:
@@ -46,10 +45,11 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
     with running_stack(concurrency=8) as stack:
-        raw_env = {"BENCH_REDIS_URL": stack.valkey.url.rsplit("/", 1)[0] + "/2", "PYTHONPATH": os.getcwd()}
-        stack.procs.append(spawn([sys.executable, "-m", "celery", "-A", "bench.raw_celery", "worker", "-P",
+        raw_env = {"BENCH_REDIS_URL": stack.local.env["MODELBAY_REDIS_URL"].rsplit("/", 1)[0] + "/2",
+                   "PYTHONPATH": os.getcwd()}
+        stack.local.spawn("raw", [sys.executable, "-m", "celery", "-A", "bench.raw_celery", "worker", "-P",
                                   "threads", "-c", "8", "--without-gossip", "--without-mingle", "-l", "WARNING"],
-                                 raw_env, stack.tmp / "raw.log"))
+                          raw_env)
         stack.register("echo", {"backend": "echo", "options": {"dim": 8}})
         stack.load("echo")
 

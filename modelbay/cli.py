@@ -11,17 +11,16 @@ import json
 import os
 import signal
 import sys
-import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 from collections.abc import Sequence
 
 from modelbay import services
 from modelbay.commands import add_commands
-from modelbay.client import ApiError, Client, quote_name
+from modelbay.client import ApiError, Client
+from modelbay.stack import LocalStack
 from tasks.names import node_queue
-from tasks.settings import env_name, load_settings
+from tasks.settings import Settings, env_name, load_settings
 
 DEMO_CATALOG = Path(__file__).with_name("demo_catalog.json")
 
@@ -42,15 +41,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def register_catalog(base_url: str, catalog: dict[str, dict], api_key: str | None) -> None:
     client = Client(base_url, api_key, timeout_s=10)
     for name, manifest in catalog.items():
-        client.call("PUT", f"/v1/models/{quote_name(name)}", manifest)
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+        client.register(name, manifest)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -59,66 +50,56 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     data = Path(args.data_dir).resolve()
-    (data / "logs").mkdir(parents=True, exist_ok=True)
-    env: dict[str, str] = {env_name("models_dir"): str(data / "models"),
-                           env_name("run_dir"): str(data / "run")}
-    started: list[services.Started] = []
-    stopping = False
-
-    def stop_all(*_: object) -> None:
-        nonlocal stopping
-        if stopping:
-            return
-        stopping = True
-        print("\nmodelbay: stopping...", flush=True)
-        for one in reversed(started):
-            how = services.stop_process(one.proc, grace_s=15)
-            print(f"  {one.name}: {how}", flush=True)
-
+    stack = LocalStack(data / "logs", data, {env_name("models_dir"): str(data / "models"),
+                                             env_name("run_dir"): str(data / "run")})
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)  # also when started with SIGINT ignored (a background job)
     try:
-        if env_name("redis_url") not in os.environ:
-            valkey = services.start_valkey(data / "valkey", args.redis_port, log_path=data / "logs/valkey.log")
-            started.append(services.Started("valkey", valkey.proc, data / "logs/valkey.log"))
-            env[env_name("redis_url")] = valkey.url
-        if env_name("nats_url") not in os.environ:
-            nats = services.start_nats(args.nats_port, log_path=data / "logs/nats.log")
-            started.append(services.Started("nats", nats.proc, data / "logs/nats.log"))
-            env[env_name("nats_url")] = nats.url
-        settings = load_settings({**os.environ, **env})
-        for i in range(1, args.workers + 1):
-            node = f"{settings.node_id}-{i}" if args.workers > 1 else settings.node_id
-            port = settings.worker_metrics_port + i - 1 if settings.worker_metrics_port else 0
-            log_path = data / f"logs/worker-{node}.log"
-            proc = services.spawn(services.worker_command(node_queue(node), node, settings.worker_concurrency),
-                                  {**env, env_name("node_id"): node, env_name("worker_metrics_port"): str(port)},
-                                  log_path)
-            started.append(services.Started(f"worker {node}", proc, log_path))
-        web = services.spawn(services.web_command(args.host, args.port, args.web), env, data / "logs/web.log")
-        started.append(services.Started("web", web, data / "logs/web.log"))
-        base = f"http://{args.host}:{args.port}"
-        services.wait_until(lambda: services.raise_if_exited(started) or _ready(f"{base}/readyz"), 120,
-                            "modelbay web and workers (/readyz)")
-        catalog = json.loads(Path(args.catalog).read_text()) if args.catalog else json.loads(DEMO_CATALOG.read_text())
-        keys = settings.api_key_list
-        register_catalog(base, catalog, keys[0] if keys else None)
-        print(f"modelbay is up at {base}  (models: {', '.join(catalog)}; logs: {data / 'logs'})", flush=True)
-        if not keys:
-            print(f"no MODELBAY_API_KEYS set: listening on {args.host} only", flush=True)
-        while True:
-            services.raise_if_exited(started)
-            time.sleep(0.5)
+        serve(stack, args)
     except KeyboardInterrupt:
         return 0
     except services.ProcessExited as exc:
         print(f"modelbay: {exc}", file=sys.stderr, flush=True)
         return 1
     except TimeoutError as exc:
-        print(f"modelbay: {exc} (see {data / 'logs'})", file=sys.stderr, flush=True)
+        print(f"modelbay: {exc} (see {stack.log_dir})", file=sys.stderr, flush=True)
         return 1
     finally:
-        stop_all()
+        print("\nmodelbay: stopping...", flush=True)
+        stack.close(15, report=lambda name, how: print(f"  {name}: {how}", flush=True))
+    return 0
+
+
+def serve(stack: LocalStack, args: argparse.Namespace) -> None:
+    """Start the stack, register the catalog and watch the processes; returns never (it
+    raises ``ProcessExited`` when one ends)."""
+    settings = start_stack(stack, args)
+    base = f"http://{args.host}:{args.port}"
+    stack.wait_http(f"{base}/readyz", 120, "modelbay web and workers (/readyz)")
+    catalog = json.loads(Path(args.catalog).read_text() if args.catalog else DEMO_CATALOG.read_text())
+    keys = settings.api_key_list
+    register_catalog(base, catalog, keys[0] if keys else None)
+    print(f"modelbay is up at {base}  (models: {', '.join(catalog)}; logs: {stack.log_dir})", flush=True)
+    if not keys:
+        print(f"no MODELBAY_API_KEYS set: listening on {args.host} only", flush=True)
+    stack.watch()
+
+
+def start_stack(stack: LocalStack, args: argparse.Namespace) -> Settings:
+    """Valkey and NATS (unless ``MODELBAY_REDIS_URL`` / ``MODELBAY_NATS_URL`` name running
+    ones), ``args.workers`` worker nodes (``<node id>-<n>`` when more than one, each with its own
+    metrics port), then web; the settings they run with."""
+    if env_name("redis_url") not in os.environ:
+        stack.start_valkey(args.redis_port)
+    if env_name("nats_url") not in os.environ:
+        stack.start_nats(args.nats_port)
+    settings = load_settings({**os.environ, **stack.env})
+    for i in range(1, args.workers + 1):
+        node = f"{settings.node_id}-{i}" if args.workers > 1 else settings.node_id
+        port = settings.worker_metrics_port + i - 1 if settings.worker_metrics_port else 0
+        stack.start_worker(node, settings.worker_concurrency, {env_name("worker_metrics_port"): str(port)})
+    stack.start_web(args.port, args.host, args.web, ready_path=None)
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,9 @@
-"""A small HTTP client of the modelbay API for the CLI: JSON calls and the operations stream.
+"""The HTTP client of the modelbay API, for the CLI, ``modelbay up`` and the benchmarks: JSON
+calls, jobs followed to their end, models registered, loaded and unloaded, and the operations
+stream.
 
-Standard library only (``urllib``), so the CLI needs nothing the server does not. Errors come
-back as :class:`ApiError` carrying the envelope's status, code and message.
+It speaks HTTP with the standard library (``urllib``), so the CLI needs nothing the server
+does not. Errors come back as :class:`ApiError` carrying the envelope's status, code and message.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
+
+from tasks.schemas import TERMINAL
 
 
 class ApiError(Exception):
@@ -57,6 +61,27 @@ class Client:
     def job(self, job_id: str, wait_s: float = 0) -> dict[str, Any]:
         query = f"?wait={wait_s:g}" if wait_s else ""
         return self.call("GET", f"/v1/jobs/{job_id}{query}", timeout_s=wait_s + self.timeout_s)
+
+    def wait(self, job: dict[str, Any], wait_s: float = 30) -> dict[str, Any]:
+        """``job`` (a job record) long-polled until its status is terminal; the last record."""
+        while job["status"] not in TERMINAL:
+            job = self.job(job["id"], wait_s)
+        return job
+
+    def register(self, name: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        """``PUT /v1/models/{name}``: register (or replace) a manifest."""
+        return self.call("PUT", f"/v1/models/{quote_name(name)}", manifest)
+
+    def load(self, name: str, node: str | None = None) -> dict[str, Any] | None:
+        """Ask for ``name`` to be loaded (on ``node``, when given): the load job, or None when
+        the model is ready already."""
+        body = self.call("POST", f"/v1/models/{quote_name(name)}/load", {"node": node} if node else None)
+        return body if body.get("kind") == "load" else None
+
+    def unload(self, name: str) -> list[dict[str, Any]]:
+        """Ask for ``name`` to be unloaded from every node: the unload jobs (none where it is
+        held nowhere)."""
+        return self.call("POST", f"/v1/models/{quote_name(name)}/unload")["data"]
 
     def operations(self, timeout_s: float = 20.0) -> Iterator[list[dict[str, Any]]]:
         """The rows of ``/api/operations/stream``, one list per event (the snapshot first);

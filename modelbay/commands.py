@@ -15,10 +15,8 @@ import sys
 import threading
 from typing import Any
 
-from modelbay.client import ApiError, Client, quote_name
+from modelbay.client import ApiError, Client
 from tasks.settings import load_settings
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -79,9 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         value = json.loads(args.input)
     body = {"model": args.name, "task": args.task, "input": value, "params": json.loads(args.params or "{}")}
     headers = {"X-Modelbay-Node": args.node} if args.node else None
-    job = client.call("POST", "/v1/jobs", body, headers)
-    while job["status"] not in TERMINAL:
-        job = client.job(job["id"], wait_s=30)
+    job = client.wait(client.call("POST", "/v1/jobs", body, headers), wait_s=30)
     if job["status"] == "succeeded":
         print(json.dumps(job["result"], indent=2))
         return 0
@@ -100,9 +96,8 @@ def job_error(job: dict[str, Any]) -> str:
 
 def cmd_load(args: argparse.Namespace) -> int:
     client = _client(args)
-    path = f"/v1/models/{quote_name(args.name)}/load"
-    job = client.call("POST", path, {"node": args.node} if args.node else None)
-    if job.get("kind") != "load":  # 200: already loaded
+    job = client.load(args.name, args.node)
+    if job is None:  # 200: already loaded
         print(f"{args.name} is ready")
         return 0
     print(f"load {job['id']} of {args.name} on {job.get('node')}: {job['status']}", flush=True)
@@ -140,9 +135,7 @@ def follow(client: Client, job_id: str, name: str) -> dict[str, Any]:
 
     threading.Thread(target=read_stream, name="modelbay-cli-ops", daemon=True).start()
     try:
-        job = client.job(job_id)
-        while job["status"] not in TERMINAL:
-            job = client.job(job_id, wait_s=10)
+        job = client.wait(client.job(job_id), wait_s=10)
     finally:
         with lock:
             stop.set()

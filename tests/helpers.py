@@ -1,22 +1,19 @@
-"""Test helpers: real processes, polling with deadlines (never fixed sleeps)."""
+"""Test helpers: real processes (started by :mod:`modelbay.stack`, the one launcher), polling
+with deadlines (never fixed sleeps)."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import requests
-
-from tasks.names import node_queue
-from modelbay.services import free_port, spawn, stop_process, web_command, worker_command
+from modelbay.stack import Worker, http_ok, launch_web, launch_worker, ready_or_stop
+from tasks.schemas import TERMINAL
 from tasks.store import Store
 
 
@@ -74,39 +71,18 @@ def unique(prefix: str = "echo") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-@dataclass
-class Worker:
-    node_id: str
-    proc: subprocess.Popen
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, grace_s: float = 20.0) -> str:
-        return stop_process(self.proc, grace_s)
-
-
 def start_worker(env: dict[str, str], node_id: str, log_dir: Path, store: Store,
                  concurrency: int = 8, timeout_s: float = 60) -> Worker:
-    log_path = log_dir / f"worker-{node_id}.log"
-    env = {"MODELBAY_WORKER_METRICS_PORT": "0", **env}  # many workers on one host: metrics only when asked
-    proc = spawn(worker_command(node_queue(node_id), node_id, concurrency),
-                 {**env, "MODELBAY_NODE_ID": node_id}, log_path)
-    worker = Worker(node_id, proc, log_path)
-    try:
-        poll(lambda: proc.poll() is not None or store.get_node(node_id), timeout_s, f"node {node_id}")
-        if proc.poll() is not None:
-            raise AssertionError(f"worker exited {proc.returncode}:\n{worker.log()[-3000:]}")
-    except BaseException:
-        worker.stop(5)
-        raise
+    """A worker node that the caller owns (stop it), up once its record is in ``store``.
+    Its metrics port is 0 (many workers on one host: metrics only when ``env`` asks)."""
+    worker = launch_worker(env, node_id, log_dir, concurrency)
+    ready_or_stop(worker, lambda: store.get_node(node_id), timeout_s, f"node {node_id}")
     return worker
 
 
 def wait_job(client: Any, job_id: str, timeout_s: float = 30, statuses: set[str] | None = None) -> dict:
     """Long-poll a job until its status is in ``statuses`` (default: terminal)."""
-    want = statuses or {"succeeded", "failed", "cancelled"}
+    want = statuses or TERMINAL
 
     def check() -> dict | None:
         body = client.get(f"/v1/jobs/{job_id}?wait=1").get_json()
@@ -128,28 +104,16 @@ def backend_status(state: dict, name: str) -> Any:
         return stub.Status(pb.StatusRequest(model=pb.ModelRef(name=name, instance=state["instance"])), timeout=5)
 
 
-def http_ok(url: str) -> bool:
-    """True when ``url`` answers 200 (False while nothing listens yet)."""
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
-
-
 @contextlib.contextmanager
 def gunicorn(env: dict[str, str], log_path: Path, workers: int = 1, threads: int = 16) -> Iterator[str]:
     """gunicorn serving the app with ``env`` on a free port; yields its base URL and stops it
     (gunicorn's graceful timeout is 10 s: it gets 20)."""
-    port = free_port()
-    proc = spawn(web_command("127.0.0.1", port, workers, threads), env, log_path)
-    url = f"http://127.0.0.1:{port}"
+    web = launch_web(env, log_path, workers=workers, threads=threads)
+    ready_or_stop(web, lambda: http_ok(f"{web.url}/healthz"), 30, "gunicorn")
     try:
-        poll(lambda: proc.poll() is not None or http_ok(f"{url}/healthz"), 30, "gunicorn")
-        if proc.poll() is not None:
-            raise AssertionError(f"gunicorn exited {proc.returncode}: see {log_path}")
-        yield url
+        yield web.url
     finally:
-        stop_process(proc, 20)
+        web.stop(20)
 
 
 @contextlib.contextmanager

@@ -12,10 +12,9 @@ import requests
 
 from conftest import NODE
 from helpers import poll, unique
+from tasks.schemas import TERMINAL
 
 pytestmark = pytest.mark.usefixtures("worker")
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def register(url: str, manifest: dict[str, Any]) -> str:
