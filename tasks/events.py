@@ -17,10 +17,22 @@ from pydantic import BaseModel, ConfigDict, Field
 DETAIL_FIELDS = ("file", "file_index", "files_total", "bytes_done", "bytes_total", "rate_bps", "eta_s", "step",
                  "steps", "message")
 
+class Transfer(BaseModel):
+    """Where a staging is: the file being copied and the bytes so far (both an event and a row)."""
+
+    file: str | None = None
+    file_index: int | None = None
+    files_total: int | None = None
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+    rate_bps: float | None = Field(default=None, description="bytes/s over the last few seconds (live only)")
+    eta_s: float | None = Field(default=None, description="seconds left at that rate (live only)")
+
+
 EventStatus = Literal["start", "progress", "file_complete", "complete", "error", "keepalive"]
 
 
-class ProgressEvent(BaseModel):
+class ProgressEvent(Transfer):
     """Version 1 of a live-progress event. ``seq`` only grows per operation and ``origin``
     names the publishing process, which is authoritative for its operation."""
 
@@ -36,13 +48,6 @@ class ProgressEvent(BaseModel):
     node: str
     job: str | None = None
     phase: str
-    file: str | None = None
-    file_index: int | None = None
-    files_total: int | None = None
-    bytes_done: int | None = None
-    bytes_total: int | None = None
-    rate_bps: float | None = Field(default=None, description="bytes/s")
-    eta_s: float | None = Field(default=None, description="seconds")
     step: int | None = None
     steps: int | None = None
     message: str | None = None
@@ -55,7 +60,7 @@ class ProgressEvent(BaseModel):
         return self.model_dump_json().encode()
 
 
-class OperationRow(BaseModel):
+class OperationRow(Transfer):
     """A live operation (a load, an unload, a staging, a streamed inference)."""
 
     id: str
@@ -64,13 +69,6 @@ class OperationRow(BaseModel):
     node: str | None = None
     job: str | None = None
     phase: str | None = None
-    file: str | None = None
-    file_index: int | None = None
-    files_total: int | None = None
-    bytes_done: int | None = None
-    bytes_total: int | None = None
-    rate_bps: float | None = Field(default=None, description="bytes/s over the last few seconds (live only)")
-    eta_s: float | None = Field(default=None, description="seconds left at that rate (live only)")
     progress: float | None = None
     message: str | None = None
     error: str | None = None
