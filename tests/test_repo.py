@@ -133,7 +133,7 @@ def test_every_import_is_declared():
     core = {_dist(r) for r in project["dependencies"]}
     extras = {name: {_dist(r) for r in reqs} for name, reqs in project["optional-dependencies"].items()}
     owners = packages_distributions()
-    local = {"tasks", "web", "workers"}
+    local = {"modelbay", "tasks", "web", "workers"}
     problems = []
     for package in sorted(local):
         for path in sorted((ROOT / package).rglob("*.py")):
