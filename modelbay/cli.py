@@ -20,7 +20,7 @@ from modelbay.commands import add_commands
 from modelbay.client import ApiError, Client
 from modelbay.stack import LocalStack
 from tasks.names import node_queue
-from tasks.settings import Settings, env_name, load_settings
+from tasks.settings import Settings, SettingsError, env_name, load_settings
 
 DEMO_CATALOG = Path(__file__).with_name("demo_catalog.json")
 
@@ -132,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ApiError as exc:
+        print(f"modelbay: {exc}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:
         print(f"modelbay: {exc}", file=sys.stderr)
         return 2
     except (urllib.error.URLError, OSError) as exc:

@@ -124,3 +124,12 @@ def test_health_and_gunicorn_defaults_are_the_settings(monkeypatch: pytest.Monke
     gunicorn_conf.on_starting(None)
     made = Path(os.environ[gunicorn_conf.ENV])
     assert made.parent == tmp_path / "prometheus" and made.is_dir()
+
+
+def test_the_cli_names_a_bad_setting_and_exits_2(monkeypatch, capsys):
+    from modelbay.cli import main
+
+    monkeypatch.setenv("MODELBAY_WORKER_CONCURRENCY", "many")
+    assert main(["worker"]) == 2  # before any process is started
+    err = capsys.readouterr().err
+    assert "MODELBAY_WORKER_CONCURRENCY='many'" in err and "expected int" in err and "Traceback" not in err
