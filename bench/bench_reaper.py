@@ -20,16 +20,19 @@ from pathlib import Path
 
 from tasks.celery_app import make_celery
 from tasks.dispatch import Dispatcher
-from workers.node.reaper import LOCK_KEY, Reaper
+from tasks.keys import REAPER_LOCK
+from workers.node.reaper import Reaper
 from tasks.schemas import JobRecord, Manifest, ModelNode, NodeRecord, utcnow
 from modelbay.services import start_valkey
 from tasks.settings import load_settings
 from tasks.store import Store
 from workers.node.stranded import mark_orphaned
 
+# ``store._r``: the store's private Redis client, for the keys and command counts this bench reads directly.
+
 
 def commands(store: Store) -> dict[str, int]:
-    stats = store.r.info("commandstats")
+    stats = store._r.info("commandstats")
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
 
 
@@ -37,7 +40,7 @@ def measure(store: Store, reaper: Reaper, rounds: int, before_round: object = No
     times_s: list[float] = []
     start = commands(store)
     for _ in range(rounds):
-        store.r.delete(LOCK_KEY)
+        store._r.delete(REAPER_LOCK)
         if callable(before_round):
             before_round()
         began = time.perf_counter()
@@ -81,7 +84,7 @@ def main() -> None:
         reaper = Reaper(store, Dispatcher(store, make_celery(settings)), settings, "bench")
         quiet = measure(store, reaper, args.rounds)
         swept = measure(store, reaper, args.rounds,
-                        lambda: mark_orphaned(store.r, names[:args.orphans], time.time() - 1))
+                        lambda: mark_orphaned(store, names[:args.orphans], time.time() - 1))
         interval_s = load_settings({}).reaper_interval_s
         print(json.dumps({"models": args.models, "nodes": args.nodes, "running_jobs": args.jobs,
                           "reaper_interval_s": interval_s, "rounds_per_minute": 60 / interval_s,

@@ -1,23 +1,8 @@
 """The Redis store: job records with atomic transitions, the catalog, nodes and model states.
 
-Keys (all under ``mb:``):
-
-- ``mb:job:<id>``             job record JSON; terminal records expire after ``job_ttl_s``
-- ``mb:jobev:<id>``           pub/sub channel, one message per transition (the new status)
-- ``mb:jobs``                 sorted set of job ids by creation time (seconds)
-- ``mb:catalog``              hash model name → manifest JSON
-- ``mb:catalog:created``      hash model name → first registration time (epoch seconds)
-- ``mb:node:*``, ``mb:nodes``, ``mb:nodemodels:*``: nodes and their models (:mod:`tasks.nodestore`)
-- ``mb:sf:load:<node>:<tok>`` single-flight: the id of the load in flight for (model, node)
-- ``mb:waiters:<load id>``    set of inference job ids waiting for that load
-- ``mb:ops``                  set of load and unload job ids not yet terminal (the operations
-                              baseline of ``GET /api/operations``)
-- ``mb:ops:ver``              counter bumped whenever ``mb:ops`` gains or loses a member
-- ``mb:tok:<id>``             the token stream of a streaming job (:mod:`tasks.tokens`)
-- ``mb:inflight``             set of inference job ids in ``running`` (the reaper's index)
-- ``mb:reaper``               lock: the one worker that reaps this round (:mod:`workers.node.reaper`)
-- ``mb:orphans``, ``mb:rescue``, ``mb:gone``: queues that lost a holder, lost workers' taken
-  messages, gone nodes (:mod:`workers.node.stranded`)
+Its Redis keys are named in :mod:`tasks.keys`; its client is private, so every command on
+them is here, in :mod:`tasks.nodestore` (nodes), :mod:`tasks.tokens` (token streams) and
+:mod:`tasks.queues` (the broker's queues and the reaper's marks, ``store.queues``).
 
 Transitions use WATCH/MULTI: a terminal record is never overwritten, so a ``cancelled``
 job never turns ``succeeded``.
@@ -32,31 +17,21 @@ from collections.abc import Callable, Iterable
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.client import PubSub
 from redis.retry import Retry
 
-from tasks.names import model_token
+from tasks.keys import (CATALOG, CATALOG_CREATED, INFLIGHT, JOB_CHANNEL_PATTERN, JOBS, OPS, OPS_VER,
+                        cooldown_key, crashes_key, job_channel, job_key, load_flight_key, waiters_key)
 from tasks.schemas import (ACTIVE, TERMINAL, JobErrorInfo, JobProgress, JobRecord, Manifest,
                            utcnow)
 from tasks.settings import Settings
 from tasks.nodestore import NodeStore
+from tasks.queues import QueueStore
 from tasks.tokens import TokenStream
-
-P = "mb:"
 
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
-
-
-def job_key(job_id: str) -> str:
-    return f"{P}job:{job_id}"
-
-
-def job_channel(job_id: str) -> str:
-    return f"{P}jobev:{job_id}"
-
-
-JOB_CHANNEL_PATTERN = f"{P}jobev:*"
 
 
 @dataclass
@@ -71,9 +46,10 @@ class Store(NodeStore):
     """All of modelbay's state in Redis. Thread-safe (redis-py pools connections)."""
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
-        self.r = client
+        self._r = client
         self.settings = settings
         self.tokens = TokenStream(client, settings.job_ttl_s)
+        self.queues = QueueStore(client)
 
     @classmethod
     def from_settings(cls, settings: Settings, outage_s: float = 1.0) -> Store:
@@ -93,26 +69,26 @@ class Store(NodeStore):
     # ---- jobs -------------------------------------------------------------------------
 
     def create_job(self, record: JobRecord) -> JobRecord:
-        with self.r.pipeline() as pipe:
+        with self._r.pipeline() as pipe:
             pipe.set(job_key(record.id), record.model_dump_json(), nx=True,
                      ex=self._ttl_for(record))
-            pipe.zadd(f"{P}jobs", {record.id: time.time()})
+            pipe.zadd(JOBS, {record.id: time.time()})
             if record.kind != "inference":
-                pipe.sadd(f"{P}ops", record.id)
-                pipe.incr(f"{P}ops:ver")
-            pipe.zremrangebyrank(f"{P}jobs", 0, -self.settings.jobs_recent_max - 1)
+                pipe.sadd(OPS, record.id)
+                pipe.incr(OPS_VER)
+            pipe.zremrangebyrank(JOBS, 0, -self.settings.jobs_recent_max - 1)
             pipe.execute()
         return record
 
     def get_job(self, job_id: str) -> JobRecord | None:
-        raw = self.r.get(job_key(job_id))
+        raw = self._r.get(job_key(job_id))
         return JobRecord.model_validate_json(raw) if raw else None
 
     def mutate(self, job_id: str, fn: Callable[[JobRecord], JobRecord | None]) -> Change:
         """Apply ``fn`` to the record atomically. ``fn`` returns the new record or None (no
         change). A terminal record is never passed to ``fn``: it is returned unchanged."""
         key = job_key(job_id)
-        with self.r.pipeline() as pipe:
+        with self._r.pipeline() as pipe:
             while True:
                 try:
                     pipe.watch(key)
@@ -128,12 +104,12 @@ class Store(NodeStore):
                     pipe.multi()
                     pipe.set(key, new.model_dump_json(), ex=self._ttl_for(new))
                     if new.terminal and new.kind != "inference":
-                        pipe.srem(f"{P}ops", job_id)
-                        pipe.incr(f"{P}ops:ver")
+                        pipe.srem(OPS, job_id)
+                        pipe.incr(OPS_VER)
                     if new.kind == "inference" and new.status == "running":
-                        pipe.sadd(f"{P}inflight", job_id)
+                        pipe.sadd(INFLIGHT, job_id)
                     elif new.kind == "inference" and current.status == "running":
-                        pipe.srem(f"{P}inflight", job_id)
+                        pipe.srem(INFLIGHT, job_id)
                     if new.status != current.status:
                         pipe.publish(job_channel(job_id), new.status)
                     pipe.execute()
@@ -189,11 +165,11 @@ class Store(NodeStore):
                   limit: int = 50) -> list[JobRecord]:
         """Newest first. Scans at most 20 × ``limit`` recent ids."""
         out: list[JobRecord] = []
-        ids = self.r.zrevrange(f"{P}jobs", 0, max(limit * 20, 100) - 1)
+        ids = self._r.zrevrange(JOBS, 0, max(limit * 20, 100) - 1)
         gone: list[str] = []
         for i in range(0, len(ids), 200):
             chunk = ids[i:i + 200]
-            for job_id, raw in zip(chunk, self.r.mget([job_key(j) for j in chunk])):
+            for job_id, raw in zip(chunk, self._r.mget([job_key(j) for j in chunk])):
                 if raw is None:
                     gone.append(job_id)
                     continue
@@ -203,7 +179,7 @@ class Store(NodeStore):
                     if len(out) >= limit:
                         return out
         if gone:
-            self.r.zrem(f"{P}jobs", *gone)
+            self._r.zrem(JOBS, *gone)
         return out
 
     def _ttl_for(self, record: JobRecord) -> int:
@@ -212,76 +188,83 @@ class Store(NodeStore):
 
     def active_ops(self) -> list[JobRecord]:
         """Load and unload jobs that are queued or running, whatever their node's state."""
-        ids = sorted(self.r.smembers(f"{P}ops"))
+        ids = sorted(self._r.smembers(OPS))
         out, gone = [], []
-        for job_id, raw in zip(ids, self.r.mget([job_key(i) for i in ids]) if ids else []):
+        for job_id, raw in zip(ids, self._r.mget([job_key(i) for i in ids]) if ids else []):
             rec = JobRecord.model_validate_json(raw) if raw else None
             if rec is None or rec.terminal:
                 gone.append(job_id)
             else:
                 out.append(rec)
         if gone:
-            self.r.srem(f"{P}ops", *gone)
-            self.r.incr(f"{P}ops:ver")
+            self._r.srem(OPS, *gone)
+            self._r.incr(OPS_VER)
         return out
 
     def ops_version(self) -> int:
         """Changes whenever the set of active operations does (see ``mb:ops:ver``)."""
-        return int(self.r.get(f"{P}ops:ver") or 0)
+        return int(self._r.get(OPS_VER) or 0)
 
     def jobs(self, ids: list[str]) -> dict[str, JobRecord]:
         """The records of ``ids`` that exist, in one round trip."""
         if not ids:
             return {}
-        raws = self.r.mget([job_key(i) for i in ids])
+        raws = self._r.mget([job_key(i) for i in ids])
         return {i: JobRecord.model_validate_json(r) for i, r in zip(ids, raws) if r}
+
+    def job_events(self) -> PubSub:
+        """A pub/sub connection subscribed to every job's transitions (``mb:jobev:*``): each
+        message's channel ends with the job id, its data is the new status."""
+        pubsub = self._r.pubsub(ignore_subscribe_messages=True)
+        pubsub.psubscribe(JOB_CHANNEL_PATTERN)
+        return pubsub
 
     def inflight_ids(self) -> list[str]:
         """Inference jobs in ``running`` (``mb:inflight``), for the reaper."""
-        return sorted(self.r.smembers(f"{P}inflight"))
+        return sorted(self._r.smembers(INFLIGHT))
 
     def forget_inflight(self, job_ids: list[str]) -> None:
         if job_ids:
-            self.r.srem(f"{P}inflight", *job_ids)
+            self._r.srem(INFLIGHT, *job_ids)
 
     # ---- catalog ----------------------------------------------------------------------
 
     def put_manifest(self, name: str, manifest: Manifest) -> bool:
         """Store a manifest. True when it is new, False when it replaced one. The first
         registration time (epoch seconds) is kept in ``mb:catalog:created``."""
-        with self.r.pipeline() as pipe:
-            pipe.hset(f"{P}catalog", name, manifest.model_dump_json())
-            pipe.hsetnx(f"{P}catalog:created", name, int(time.time()))
+        with self._r.pipeline() as pipe:
+            pipe.hset(CATALOG, name, manifest.model_dump_json())
+            pipe.hsetnx(CATALOG_CREATED, name, int(time.time()))
             new, _ = pipe.execute()
         return bool(new)
 
     def created_at(self, names: list[str]) -> dict[str, int]:
         """Registration times (epoch seconds) of ``names``; 0 when unknown."""
-        values = self.r.hmget(f"{P}catalog:created", names) if names else []
+        values = self._r.hmget(CATALOG_CREATED, names) if names else []
         return {n: int(v or 0) for n, v in zip(names, values, strict=True)}
 
     def get_manifest(self, name: str) -> Manifest | None:
-        raw = self.r.hget(f"{P}catalog", name)
+        raw = self._r.hget(CATALOG, name)
         return Manifest.model_validate_json(raw) if raw else None
 
     def delete_manifest(self, name: str) -> bool:
-        with self.r.pipeline() as pipe:
-            pipe.hdel(f"{P}catalog", name)
-            pipe.hdel(f"{P}catalog:created", name)
+        with self._r.pipeline() as pipe:
+            pipe.hdel(CATALOG, name)
+            pipe.hdel(CATALOG_CREATED, name)
             deleted, _ = pipe.execute()
         return bool(deleted)
 
     def manifests(self) -> dict[str, Manifest]:
         return {k: Manifest.model_validate_json(v)
-                for k, v in sorted(self.r.hgetall(f"{P}catalog").items())}
+                for k, v in sorted(self._r.hgetall(CATALOG).items())}
 
     # ---- single-flight loads and their waiters ---------------------------------------
 
     def claim_load(self, node_id: str, model: str, candidate: JobRecord) -> tuple[JobRecord, bool]:
         """Single-flight per (model, node): return the active load job for the pair, or store
         ``candidate`` as the new one. The bool is True when ``candidate`` was created."""
-        sf = f"{P}sf:load:{node_id}:{model_token(model)}"
-        with self.r.pipeline() as pipe:
+        sf = load_flight_key(node_id, model)
+        with self._r.pipeline() as pipe:
             while True:
                 try:
                     pipe.watch(sf)
@@ -295,23 +278,23 @@ class Store(NodeStore):
                     pipe.set(sf, candidate.id, ex=self.settings.job_ttl_s)
                     pipe.set(job_key(candidate.id), candidate.model_dump_json(),
                              ex=self._ttl_for(candidate))
-                    pipe.zadd(f"{P}jobs", {candidate.id: time.time()})
-                    pipe.sadd(f"{P}ops", candidate.id)
-                    pipe.incr(f"{P}ops:ver")
+                    pipe.zadd(JOBS, {candidate.id: time.time()})
+                    pipe.sadd(OPS, candidate.id)
+                    pipe.incr(OPS_VER)
                     pipe.execute()
                     return candidate, True
                 except redis.WatchError:
                     continue
 
     def active_load(self, node_id: str, model: str) -> JobRecord | None:
-        job_id = self.r.get(f"{P}sf:load:{node_id}:{model_token(model)}")
+        job_id = self._r.get(load_flight_key(node_id, model))
         rec = self.get_job(job_id) if job_id else None
         return rec if rec is not None and not rec.terminal else None
 
     def release_load(self, node_id: str, model: str, job_id: str) -> None:
         """Clear the single-flight key if it still names ``job_id``."""
-        sf = f"{P}sf:load:{node_id}:{model_token(model)}"
-        with self.r.pipeline() as pipe:
+        sf = load_flight_key(node_id, model)
+        with self._r.pipeline() as pipe:
             try:
                 pipe.watch(sf)
                 if pipe.get(sf) == job_id:
@@ -324,15 +307,15 @@ class Store(NodeStore):
                 pass  # someone else changed it: it no longer names our job
 
     def add_waiter(self, load_job_id: str, job_id: str) -> None:
-        key = f"{P}waiters:{load_job_id}"
-        with self.r.pipeline() as pipe:
+        key = waiters_key(load_job_id)
+        with self._r.pipeline() as pipe:
             pipe.sadd(key, job_id)
             pipe.expire(key, self.settings.job_ttl_s)
             pipe.execute()
 
     def pop_waiters(self, load_job_id: str) -> list[str]:
-        key = f"{P}waiters:{load_job_id}"
-        with self.r.pipeline() as pipe:
+        key = waiters_key(load_job_id)
+        with self._r.pipeline() as pipe:
             pipe.smembers(key)
             pipe.delete(key)
             members, _ = pipe.execute()
@@ -343,21 +326,33 @@ class Store(NodeStore):
     def note_load_failure(self, model: str, message: str, minimum_s: float = 0.0) -> float:
         """Record a failed load; returns the cooldown in seconds (base, doubling, capped; at
         least ``minimum_s``)."""
-        key = f"{P}cooldown:{model_token(model)}"
-        raw = self.r.get(key)
+        key = cooldown_key(model)
+        raw = self._r.get(key)
         failures = (json.loads(raw)["failures"] if raw else 0) + 1
         base, cap = self.settings.load_cooldown_base_s, self.settings.load_cooldown_max_s
         cooldown_s = max(minimum_s, min(base * 2 ** (failures - 1), cap))
         record = {"failures": failures, "until": time.time() + cooldown_s, "error": message}
-        self.r.set(key, json.dumps(record), ex=int(cap * 4) + 1)
+        self._r.set(key, json.dumps(record), ex=int(cap * 4) + 1)
         return cooldown_s
 
+    def count_crash(self, model: str, at_s: float, window_s: float) -> int:
+        """Note a crash of ``model``'s backend at ``at_s`` (epoch seconds); returns the crashes
+        in the last ``window_s`` seconds, this one included (one MULTI)."""
+        key = crashes_key(model)
+        with self._r.pipeline() as pipe:
+            pipe.zadd(key, {f"{at_s:.6f}:{uuid.uuid4().hex[:8]}": at_s})
+            pipe.zremrangebyscore(key, 0, at_s - window_s)
+            pipe.zcard(key)
+            pipe.expire(key, int(window_s) + 1)
+            _, _, count, _ = pipe.execute()
+        return int(count)
+
     def clear_cooldown(self, model: str) -> None:
-        self.r.delete(f"{P}cooldown:{model_token(model)}")
+        self._r.delete(cooldown_key(model))
 
     def cooldown(self, model: str) -> tuple[float, str] | None:
         """(seconds left, last error) while loads of ``model`` are cooling down, else None."""
-        raw = self.r.get(f"{P}cooldown:{model_token(model)}")
+        raw = self._r.get(cooldown_key(model))
         if not raw:
             return None
         record = json.loads(raw)
@@ -368,6 +363,6 @@ class Store(NodeStore):
 
     def ping(self) -> bool:
         try:
-            return bool(self.r.ping())
+            return bool(self._r.ping())
         except redis.RedisError:
             return False

@@ -14,11 +14,7 @@ from dataclasses import dataclass
 
 import redis
 
-P = "mb:tok:"
-
-
-def stream_key(job_id: str) -> str:
-    return f"{P}{job_id}"
+from tasks.keys import stream_key
 
 
 @dataclass(frozen=True)
@@ -35,19 +31,19 @@ class TokenStream:
     """Writer (worker) and reader (web) of the per-job token streams."""
 
     def __init__(self, client: redis.Redis, ttl_s: int = 3600) -> None:
-        self.r = client
+        self._r = client
         self.ttl_s = ttl_s
 
     def append(self, job_id: str, text: str) -> None:
         key = stream_key(job_id)
-        with self.r.pipeline(transaction=False) as pipe:
+        with self._r.pipeline(transaction=False) as pipe:
             pipe.xadd(key, {"t": text})
             pipe.expire(key, self.ttl_s)
             pipe.execute()
 
     def end(self, job_id: str) -> None:
         key = stream_key(job_id)
-        with self.r.pipeline(transaction=False) as pipe:
+        with self._r.pipeline(transaction=False) as pipe:
             pipe.xadd(key, {"end": "1"})
             pipe.expire(key, self.ttl_s)
             pipe.execute()
@@ -56,7 +52,7 @@ class TokenStream:
         """Entries after id ``after``, waiting up to ``block_s`` seconds for the first one
         (0: do not wait)."""
         block = int(block_s * 1000) if block_s > 0 else None
-        reply = self.r.xread({stream_key(job_id): after}, block=block, count=512)
+        reply = self._r.xread({stream_key(job_id): after}, block=block, count=512)
         pieces: list[str] = []
         ended = False
         last = after

@@ -11,6 +11,8 @@ from helpers import poll, wait_job
 from workers.supervisor.exits import describe_exit
 from tasks.names import model_token
 
+# ``store._r``: the store's private Redis client, for the keys these tests look at directly.
+
 
 def test_exits_name_the_signal():
     assert describe_exit(-11) == "was killed by SIGSEGV (signal 11)"
@@ -41,7 +43,7 @@ def test_a_model_that_crashes_in_its_warm_up_fails_its_load(client, register, st
     assert "killed by SIGSEGV (signal 11)" in message and "during the load" in message, message
     assert "code -11" not in message
     # The load failed, so its cooldown started (not a ready model whose every job fails).
-    cooldown = json.loads(store.r.get(f"mb:cooldown:{model_token(name)}"))
+    cooldown = json.loads(store._r.get(f"mb:cooldown:{model_token(name)}"))
     assert cooldown["failures"] == 1 and "SIGSEGV" in cooldown["error"]
     assert all(n["state"] != "ready" for n in client.get(f"/v1/models/{name}").get_json()["nodes"])
 

@@ -19,6 +19,8 @@ from modelbay.services import Service, free_port, start_valkey
 from tasks.settings import load_settings
 from tasks.store import Store
 
+# ``store._r``: the store's private Redis client, for the keys these tests look at directly.
+
 
 @pytest.fixture(scope="module")
 def faults(nats: Service, artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
@@ -78,7 +80,7 @@ def test_100_jobs_survive_three_worker_kills(faults) -> None:
     name = register(client, token_delay_s=0.15)
     loads_asked = sum(load_on(client, name, node) for node in (a, b))
     counts: Counter[str] = Counter()
-    pubsub = store.r.pubsub(ignore_subscribe_messages=True)
+    pubsub = store._r.pubsub(ignore_subscribe_messages=True)
     pubsub.psubscribe(**{"mb:jobev:*": lambda m: m["data"] == "succeeded" and counts.update([m["channel"][9:]])})
     listener = pubsub.run_in_thread(sleep_time=0.05, daemon=True)
     try:

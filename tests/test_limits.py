@@ -15,6 +15,8 @@ import requests
 
 from helpers import gunicorn, unique
 
+# ``store._r``: the store's private Redis client, for the keys these tests look at directly.
+
 pytestmark = pytest.mark.usefixtures("worker")
 
 LIMITS = {"MODELBAY_MAX_INPUTS": "3", "MODELBAY_MAX_INPUT_CHARS": "50", "MODELBAY_MAX_TOKENS_LIMIT": "10",
@@ -48,7 +50,7 @@ def broker_state(store, name: str) -> tuple[int, int]:
     from conftest import NODE
     from tasks.names import model_queue, node_queue
 
-    return store.r.llen(model_queue(name)), store.r.llen(node_queue(NODE))
+    return store._r.llen(model_queue(name)), store._r.llen(node_queue(NODE))
 
 
 def user(text: str) -> dict:

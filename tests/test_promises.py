@@ -23,6 +23,8 @@ from modelbay.services import Service, start_valkey
 from tasks.settings import load_settings
 from tasks.store import Store
 
+# ``store._r``: the store's private Redis client, for the keys these tests look at directly.
+
 
 class SentTasks:
     def __init__(self) -> None:
@@ -159,7 +161,7 @@ def test_a_duplicate_task_message_does_nothing(client, register, store, app, wor
     done = wait_job(client, job_id)
     assert done["status"] == "succeeded" and done["attempts"] == 1
     events: Counter[str] = Counter()
-    pubsub = store.r.pubsub(ignore_subscribe_messages=True)
+    pubsub = store._r.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(**{f"mb:jobev:{job_id}": lambda m: events.update([m["data"]]),
                         f"mb:jobev:{load['id']}": lambda m: events.update(["load:" + m["data"]])})
     listener = pubsub.run_in_thread(sleep_time=0.02, daemon=True)

@@ -25,6 +25,8 @@ from tasks.settings import load_settings
 from tasks.store import Store
 from workers.node.stranded import parse_message
 
+# ``store._r``: the store's private Redis client, for the keys these tests look at directly.
+
 STRANDED_S = 2.0
 NODE_TTL_S = 2.0
 # A worker restarted under its node id comes back well within this: its predecessor's record
@@ -223,7 +225,7 @@ def test_100_jobs_in_flight_through_a_restart_succeed_once_each(stack) -> None:
     name = register(client, options={"token_delay_s": 0.05})
     load_on(client, name, a)  # the only holder: its queue loses its last consumer
     counts: Counter[str] = Counter()
-    pubsub = store.r.pubsub(ignore_subscribe_messages=True)
+    pubsub = store._r.pubsub(ignore_subscribe_messages=True)
     pubsub.psubscribe(**{"mb:jobev:*": lambda m: m["data"] == "succeeded" and counts.update([m["channel"][9:]])})
     listener = pubsub.run_in_thread(sleep_time=0.05, daemon=True)
     try:
@@ -268,8 +270,8 @@ def test_a_load_taken_but_not_started_by_a_killed_worker_is_placed_again(stack) 
     assert created and load is not None
 
     def taken() -> bool:  # in the broker's unacked hash, no longer in a's queue
-        held = [parse_message(json.dumps(json.loads(v)[0])) for v in store.r.hvals("unacked")]
-        return any(m is not None and m.job_id == load.id for m in held) and not store.r.llen(node_queue(a))
+        held = [parse_message(json.dumps(json.loads(v)[0])) for v in store._r.hvals("unacked")]
+        return any(m is not None and m.job_id == load.id for m in held) and not store._r.llen(node_queue(a))
 
     poll(taken, 20, "worker a to take the load message")
     waiter = submit(client, name, "served anyway")

@@ -11,6 +11,8 @@ from tasks.settings import load_settings
 from tasks.store import Store
 from test_unit_tasks import FakeCelery, node
 
+# ``store._r``: the store's private Redis client, for the keys these tests look at directly.
+
 
 @pytest.fixture
 def world() -> tuple[Store, FakeCelery, Reaper]:
@@ -67,7 +69,7 @@ def test_no_node_is_judged_lost_right_after_redis_was_out_of_reach(world, monkey
     for step in range(1, 40):  # a round every second, as the reaper's loop runs them
         now = 110.0 + step
         monkeypatch.setattr("workers.node.reaper.time.monotonic", lambda now=now: now)
-        store.r.delete("mb:reaper")
+        store._r.delete("mb:reaper")
         if reaper.run_once().get("requeued"):
             reaped_at = now
             break

@@ -16,8 +16,11 @@ from workers.node.reaper import Reaper
 from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode
 from tasks.settings import load_settings
 from tasks.store import Store
-from workers.node.stranded import ORPHANS, UNACKED, UNACKED_INDEX, mark_orphaned, parse_message
+from tasks.keys import ORPHANS, UNACKED, UNACKED_INDEX
+from workers.node.stranded import mark_orphaned, parse_message
 from test_unit_tasks import node
+
+# ``store._r``: the store's private Redis client, for the keys these tests look at directly.
 
 
 class Broker:
@@ -64,7 +67,7 @@ def test_a_message_carries_the_route_and_only_one_reroute_wins(world) -> None:
     store, broker, _ = world
     job = queued_job(store, broker)
     assert job.routed == 1 and broker.sent[-1][2] == {"route": 1}
-    message = parse_message(store.r.lindex(model_queue("m"), 0))
+    message = parse_message(store._r.lindex(model_queue("m"), 0))
     assert message is not None and (message.task, message.job_id, message.route) == (TASK_INFER, job.id, 1)
     dispatcher = Dispatcher(store, broker)
     dispatcher.route(job, store.get_manifest("m"))
@@ -76,26 +79,26 @@ def test_a_message_carries_the_route_and_only_one_reroute_wins(world) -> None:
 def test_a_queue_without_holder_is_swept_after_stranded_s(world) -> None:
     store, broker, reaper = world
     job = queued_job(store, broker)
-    mark_orphaned(store.r, ["m"])
+    mark_orphaned(store, ["m"])
     assert "rerouted" not in reaper.run_once()  # not yet: stranded_s has not passed
-    store.r.delete("mb:reaper")
-    mark_orphaned(store.r, ["m"], time.time() - 6)  # ZADD GT: an older time does not move it back
-    store.r.zadd(ORPHANS, {"m": time.time() - 6})
+    store._r.delete("mb:reaper")
+    mark_orphaned(store, ["m"], time.time() - 6)  # ZADD GT: an older time does not move it back
+    store._r.zadd(ORPHANS, {"m": time.time() - 6})
     assert reaper.run_once()["rerouted"] == 1
     after = store.get_job(job.id)
     assert after.status == "loading" and after.routed == 2 and after.load_job is not None
-    assert [parse_message(m).route for m in store.r.lrange(model_queue("m"), 0, -1)] == [2]  # the old one went
-    assert store.r.zscore(ORPHANS, "m") is None
+    assert [parse_message(m).route for m in store._r.lrange(model_queue("m"), 0, -1)] == [2]  # the old one went
+    assert store._r.zscore(ORPHANS, "m") is None
 
 
 def test_a_queue_with_a_holder_is_left_alone(world) -> None:
     store, broker, reaper = world
     job = queued_job(store, broker)
     store.set_model_state(ModelNode(model="m", node="alive", state="ready"))
-    store.r.zadd(ORPHANS, {"m": time.time() - 6})
+    store._r.zadd(ORPHANS, {"m": time.time() - 6})
     counts = reaper.run_once()
     assert "rerouted" not in counts and store.get_job(job.id).routed == 1
-    assert store.r.llen(model_queue("m")) == 1 and store.r.zscore(ORPHANS, "m") is None
+    assert store._r.llen(model_queue("m")) == 1 and store._r.zscore(ORPHANS, "m") is None
 
 
 def test_a_gone_node_fails_its_pinned_jobs_once(world) -> None:
@@ -103,14 +106,14 @@ def test_a_gone_node_fails_its_pinned_jobs_once(world) -> None:
     store.set_model_state(ModelNode(model="m", node="alive", state="ready"))
     job = Dispatcher(store, broker).submit(JobRequest(model="m", task="generate", input="x", node="alive"),
                                            store.get_manifest("m"))
-    store.r.delete("mb:node:alive")  # its heartbeat expired
+    store._r.delete("mb:node:alive")  # its heartbeat expired
     assert "pinned_failed" not in reaper.run_once()  # not yet: it may come back within stranded_s
-    store.r.delete("mb:reaper")
-    store.r.hset("mb:gone", "alive", time.time() - 6)
+    store._r.delete("mb:reaper")
+    store._r.hset("mb:gone", "alive", time.time() - 6)
     assert reaper.run_once()["pinned_failed"] == 1
     assert store.get_job(job.id).error.type == "node_lost"
-    assert store.r.llen(node_queue("alive")) == 0 and "alive" not in store.r.smembers("mb:nodes")
-    assert store.r.zscore(ORPHANS, "m") is not None  # the model it held: its queue is checked later
+    assert store._r.llen(node_queue("alive")) == 0 and "alive" not in store._r.smembers("mb:nodes")
+    assert store._r.zscore(ORPHANS, "m") is not None  # the model it held: its queue is checked later
 
 
 def test_a_queued_load_given_to_a_process_that_restarted_is_placed_again(world) -> None:
@@ -130,11 +133,11 @@ def test_a_queued_load_given_to_a_process_that_restarted_is_placed_again(world) 
 def test_a_message_taken_by_a_lost_worker_is_rescued(world) -> None:
     store, broker, reaper = world
     job = queued_job(store, broker)
-    raw = store.r.rpop(model_queue("m"))  # a worker took it (BRPOP) ...
-    store.r.hset(UNACKED, "tag1", json.dumps([json.loads(raw), "", model_queue("m")]))
-    store.r.zadd(UNACKED_INDEX, {"tag1": time.time() - 6})  # ... 6 s ago, and never started it
+    raw = store._r.rpop(model_queue("m"))  # a worker took it (BRPOP) ...
+    store._r.hset(UNACKED, "tag1", json.dumps([json.loads(raw), "", model_queue("m")]))
+    store._r.zadd(UNACKED_INDEX, {"tag1": time.time() - 6})  # ... 6 s ago, and never started it
     assert "rerouted" not in reaper.run_once()  # no worker was lost: nothing is looked at
-    store.r.delete("mb:reaper")
+    store._r.delete("mb:reaper")
     reaper.sweeper.lost_worker()
     assert reaper.run_once()["rerouted"] == 1
-    assert store.get_job(job.id).routed == 2 and not store.r.hexists(UNACKED, "tag1")
+    assert store.get_job(job.id).routed == 2 and not store._r.hexists(UNACKED, "tag1")

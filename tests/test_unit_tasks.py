@@ -15,6 +15,8 @@ from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode, NodeRecord
 from tasks.settings import load_settings
 from tasks.store import Store, job_channel, new_job_id
 
+# ``store._r``: the store's private Redis client, for the keys these tests look at directly.
+
 
 @pytest.fixture
 def store() -> Store:
@@ -88,7 +90,7 @@ def test_terminal_state_is_never_overwritten(store: Store) -> None:
     late = store.finish(job.id, "succeeded", result={"x": 1})
     assert not late.applied and late.record.status == "cancelled"
     assert store.get_job(job.id).result is None
-    assert store.r.ttl(f"mb:job:{job.id}") > 0  # terminal records expire
+    assert store._r.ttl(f"mb:job:{job.id}") > 0  # terminal records expire
 
 
 def test_transition_respects_allowed_from(store: Store) -> None:
@@ -147,7 +149,7 @@ def valkey_store(stack_env: dict[str, str]) -> Store:
 def _race_and_check(valkey_store: Store, run) -> None:
     jobs = [valkey_store.create_job(JobRecord(id=new_job_id(), kind="inference", model="m", task="embed")).id
             for _ in range(JOBS)]
-    sub = valkey_store.r.pubsub()
+    sub = valkey_store._r.pubsub()
     try:
         sub.subscribe(*[job_channel(j) for j in jobs])
         confirmed = 0
@@ -160,7 +162,7 @@ def _race_and_check(valkey_store: Store, run) -> None:
         # Redis runs commands one at a time: a sentinel published now arrives after every
         # event the finishers published.
         for j in jobs:
-            valkey_store.r.publish(job_channel(j), "sentinel")
+            valkey_store._r.publish(job_channel(j), "sentinel")
         events: dict[str, list[str]] = {j: [] for j in jobs}
         done = 0
         deadline = time.monotonic() + 10
@@ -235,7 +237,7 @@ def test_list_jobs_filters_and_skips_expired(store: Store) -> None:
         rec = store.create_job(JobRecord(id=new_job_id(), kind="inference", model=f"m{i % 2}", task="embed"))
         ids.append(rec.id)
     store.cancel(ids[0])
-    store.r.delete(f"mb:job:{ids[1]}")
+    store._r.delete(f"mb:job:{ids[1]}")
     assert [j.id for j in store.list_jobs(limit=10)] == [ids[4], ids[3], ids[2], ids[0]]
     assert {j.model for j in store.list_jobs(model="m0")} == {"m0"}
     assert [j.id for j in store.list_jobs(status="cancelled")] == [ids[0]]

@@ -13,7 +13,7 @@ from tasks.celery_app import make_celery
 from tasks.dispatch import Dispatcher
 from tasks.schemas import JobRecord
 from tasks.settings import Settings
-from tasks.store import JOB_CHANNEL_PATTERN, Store
+from tasks.store import Store
 from web.live import Live
 from web.perprocess import PerProcess
 
@@ -61,8 +61,7 @@ class JobWaiter:
         backoff_s = 0.1
         while True:
             try:
-                pubsub = self.store.r.pubsub(ignore_subscribe_messages=True)
-                pubsub.psubscribe(JOB_CHANNEL_PATTERN)
+                pubsub = self.store.job_events()
                 backoff_s = 0.1
                 for message in pubsub.listen():
                     job_id = str(message.get("channel", "")).rsplit(":", 1)[-1]

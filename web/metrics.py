@@ -45,10 +45,7 @@ class StateCollector:
         up.add_metric(["true"], sum(1 for n in nodes if n.draining))
         yield up
         queues = [node_queue(n.id) for n in nodes] + [model_queue(name) for name in store.manifests()]
-        with store.r.pipeline(transaction=False) as pipe:
-            for queue in queues:
-                pipe.llen(queue)
-            lengths = pipe.execute() if queues else []
+        lengths = store.queues.depths(queues)
         depth = GaugeMetricFamily("modelbay_queue_depth", "Messages waiting in a Celery queue", labels=["queue"])
         for queue, length in zip(queues, lengths, strict=True):
             depth.add_metric([queue], length)

@@ -101,7 +101,7 @@ class NodeAgent:
     def _withdraw_models(self) -> list[str]:
         previous = list(self.store.node_models(self.settings.node_id))
         self.store.clear_node_models(self.settings.node_id)
-        mark_orphaned(self.store.r, previous)
+        mark_orphaned(self.store, previous)
         return previous
 
     def drain(self) -> None:

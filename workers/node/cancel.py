@@ -7,8 +7,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from tasks.schemas import JobRecord
-from tasks.store import Store, job_key
+from tasks.store import Store
 
 log = logging.getLogger("modelbay.worker")
 
@@ -67,13 +66,14 @@ class CancelWatcher:
                 self._wake.clear()
                 continue
             try:
-                raws = self.store.r.mget([job_key(i) for i in ids])
+                records = self.store.jobs(ids)
             except Exception as exc:  # Redis blips must not kill the watcher
                 log.warning("cancel watcher: %s", exc)
                 self._stop.wait(self.poll_s * 10)
                 continue
-            for job_id, raw in zip(ids, raws):
-                if raw is None or JobRecord.model_validate_json(raw).status == "cancelled":
+            for job_id in ids:
+                record = records.get(job_id)
+                if record is None or record.status == "cancelled":
                     with self._lock:
                         callback = self._watched.pop(job_id, None)
                         self._cancelled.add(job_id)

@@ -12,12 +12,8 @@ Crashes during a load are not counted here: the failed load already starts a coo
 from __future__ import annotations
 
 import time
-import uuid
 
-from tasks.names import model_token
 from tasks.store import Store
-
-P = "mb:crashes:"
 
 
 def note_crash(store: Store, model: str, reason: str) -> float | None:
@@ -25,15 +21,8 @@ def note_crash(store: Store, model: str, reason: str) -> float | None:
     SIGSEGV (signal 11)"). Returns the cooldown in seconds it started, or None while the
     model is under the limit."""
     settings = store.settings
-    key = f"{P}{model_token(model)}"
-    now = time.time()
     window_s = settings.backend_crash_window_s
-    with store.r.pipeline() as pipe:
-        pipe.zadd(key, {f"{now:.6f}:{uuid.uuid4().hex[:8]}": now})
-        pipe.zremrangebyscore(key, 0, now - window_s)
-        pipe.zcard(key)
-        pipe.expire(key, int(window_s) + 1)
-        _, _, count, _ = pipe.execute()
+    count = store.count_crash(model, time.time(), window_s)
     if count < settings.backend_crash_limit:
         return None
     return store.note_load_failure(

@@ -382,5 +382,5 @@ class ModelManager:
         A model queue that loses this consumer may have none left: it is noted for the sweep
         (:mod:`workers.node.stranded`)."""
         if not start and queue.startswith("model."):
-            mark_orphaned(self.store.r, [model_from_token(queue[len("model."):])], quiet=True)
+            mark_orphaned(self.store, [model_from_token(queue[len("model."):])], quiet=True)
         set_consuming(self.celery, self.hostname, queue, start, self.settings.redis_outage_s)

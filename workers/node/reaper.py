@@ -3,7 +3,8 @@
 Celery's Redis transport redelivers an unacknowledged message only after its visibility
 timeout (hours, since a job may run that long), so a dead node's work is found from the job
 records instead. Every worker runs :class:`Reaper` every ``reaper_interval_s`` seconds; one
-of them per round holds the ``mb:reaper`` lock and does the work:
+of them per round holds the ``mb:reaper`` lock (:meth:`tasks.queues.QueueStore.claim_round`) and
+does the work:
 
 - an inference job ``running`` (``mb:inflight``) on a node whose heartbeat expired, or whose
   worker came back as a new process (the job's ``runner`` is not the node's ``instance``), goes back
@@ -39,8 +40,6 @@ from tasks.store import Store
 from workers.node.stranded import Sweeper
 
 log = logging.getLogger("modelbay.reaper")
-
-LOCK_KEY = "mb:reaper"
 
 
 def requeue(store: Store, dispatcher: Dispatcher, job: JobRecord, reason: str, max_attempts: int) -> str:
@@ -87,7 +86,7 @@ class Reaper:
         """Reap if this process wins the round's lock; counts of what was done."""
         lock_s = max(1, round(self.settings.reaper_interval_s))
         asked = time.monotonic()
-        won = self.store.r.set(LOCK_KEY, self.settings.node_id, nx=True, ex=lock_s)
+        won = self.store.queues.claim_round(self.settings.node_id, lock_s)
         # Since the last reply, or (a first round) since this call was sent: a first round
         # blocked by an outage must not judge the nodes whose records expired meanwhile either.
         now = self._replied(asked if self._last_reply is None else self._last_reply)

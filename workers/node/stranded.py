@@ -32,7 +32,8 @@ an inference job still ``queued``/``loading`` under a message delivered more tha
 ``stranded_s`` seconds ago (a live worker starts a message within milliseconds of taking it),
 and not waiting for a load still in flight, is routed again and its old message dropped.
 
-Keys: ``mb:orphans``, a sorted set of model name → the epoch seconds at which a node last
+Keys (:mod:`tasks.keys`, written through ``store.queues``, :mod:`tasks.queues`):
+``mb:orphans``, a sorted set of model name → the epoch seconds at which a node last
 stopped holding it (ZADD GT: it only moves later); ``mb:rescue``, set (with an expiry) while
 taken messages are looked at; ``mb:gone``, a hash of node id → when it was first found gone.
 
@@ -59,13 +60,8 @@ from tasks.store import Store
 
 log = logging.getLogger("modelbay.reaper")
 
-ORPHANS = "mb:orphans"
-RESCUE = "mb:rescue"
-GONE = "mb:gone"  # node id → epoch seconds when the reaper first found it gone (a heartbeat clears it)
-UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's Redis transport (its defaults)
 
-
-def mark_orphaned(r: redis.Redis, models: Iterable[str], at_s: float | None = None, *, quiet: bool = False) -> None:
+def mark_orphaned(store: Store, models: Iterable[str], at_s: float | None = None, *, quiet: bool = False) -> None:
     """Note that a node stopped holding ``models`` at ``at_s`` (epoch seconds, default now).
     With ``quiet`` a Redis error is logged, not raised (an unload must go on)."""
     names = list(models)
@@ -73,7 +69,7 @@ def mark_orphaned(r: redis.Redis, models: Iterable[str], at_s: float | None = No
         return
     when = time.time() if at_s is None else at_s
     try:
-        r.zadd(ORPHANS, {m: when for m in names}, gt=True)
+        store.queues.mark_orphaned(names, when)
     except redis.RedisError as exc:
         if not quiet:
             raise
@@ -105,9 +101,9 @@ def parse_message(raw: str) -> Message | None:
         return None
 
 
-def read_queue(r: redis.Redis, queue: str) -> list[Message]:
+def read_queue(store: Store, queue: str) -> list[Message]:
     """The messages waiting in ``queue``, oldest first (one LRANGE)."""
-    raws: list[str] = r.lrange(queue, 0, -1)
+    raws = store.queues.messages(queue)
     return [m for raw in reversed(raws) if (m := parse_message(raw)) is not None]
 
 
@@ -128,9 +124,7 @@ class Sweeper:
     def due(self, now_s: float | None = None, limit: int = 100) -> list[tuple[str, float]]:
         """Entries older than ``stranded_s`` (model, epoch seconds), oldest first."""
         now = time.time() if now_s is None else now_s
-        return [(str(m), float(s)) for m, s in
-                self.store.r.zrangebyscore(ORPHANS, "-inf", now - self.settings.stranded_s,
-                                           start=0, num=limit, withscores=True)]
+        return self.store.queues.orphaned_before(now - self.settings.stranded_s, limit)
 
     def sweep(self, entries: list[tuple[str, float]], nodes: list[NodeRecord], *,
               keep: bool = False) -> dict[str, int]:
@@ -144,42 +138,27 @@ class Sweeper:
                 if any(s.state in ("staging", "loading") and self.store.active_load(s.node, model) is not None
                        for s in states):
                     if not keep:  # its holder will consume the queue; look again stranded_s later
-                        self.store.r.zadd(ORPHANS, {model: time.time()}, xx=True, gt=True)
+                        self.store.queues.postpone_orphan(model, time.time())
                     continue
                 for key, value in self._reroute_queue(model).items():
                     counts[key] += value
             if not keep:
-                self._forget(model, marked_s)
+                self.store.queues.forget_orphan(model, marked_s)
         if counts["rerouted"] or counts["failed"]:
             log.warning("stranded jobs routed again: %s", counts)
         return counts
 
-    def _forget(self, model: str, marked_s: float) -> None:
-        """Remove ``model``'s entry unless an event re-marked it after ``marked_s``."""
-        with self.store.r.pipeline() as pipe:
-            try:
-                pipe.watch(ORPHANS)
-                score = pipe.zscore(ORPHANS, model)
-                if score is not None and float(score) <= marked_s:
-                    pipe.multi()
-                    pipe.zrem(ORPHANS, model)
-                    pipe.execute()
-                else:
-                    pipe.unwatch()
-            except redis.WatchError:
-                pass  # the set changed meanwhile: keep the entry, the next round looks again
-
     def _reroute_queue(self, model: str) -> dict[str, int]:
         queue = model_queue(model)
         counts = {"rerouted": 0, "failed": 0, "dropped": 0}
-        for message in read_queue(self.store.r, queue):
+        for message in read_queue(self.store, queue):
             if message.task == TASK_INFER:
                 job = self.store.get_job(message.job_id)
                 if waiting(job, message) and job is not None:
                     counts[self._reroute(job)] += 1
                 else:
                     counts["dropped"] += 1
-                self.store.r.lrem(queue, 1, message.raw)  # after the new message is out
+                self.store.queues.remove_message(queue, message.raw)  # after the new message is out
         return counts
 
     def _reroute(self, job: JobRecord, reason: str = "") -> str:
@@ -198,19 +177,17 @@ class Sweeper:
 
     def lost_worker(self) -> None:
         """A worker process was found lost: look at taken messages for ``2 × stranded_s``."""
-        self.store.r.set(RESCUE, "1", px=int(self.settings.stranded_s * 2000) + 1)
+        self.store.queues.open_rescue(int(self.settings.stranded_s * 2000) + 1)
 
     def rescue_taken(self, now_s: float | None = None) -> dict[str, int]:
         """While ``mb:rescue`` is set: route again the inference jobs whose message was taken
         more than ``stranded_s`` ago and not started (see the module)."""
         counts = {"rerouted": 0, "failed": 0}
-        r = self.store.r
-        if not r.exists(RESCUE):
+        if not self.store.queues.rescuing():
             return counts
         cutoff = (time.time() if now_s is None else now_s) - self.settings.stranded_s
-        tags: list[str] = r.zrangebyscore(UNACKED_INDEX, "-inf", cutoff)
         taken: list[tuple[str, Message]] = []
-        for tag, raw in zip(tags, r.hmget(UNACKED, tags) if tags else []):
+        for tag, raw in self.store.queues.taken_before(cutoff):
             try:
                 message = parse_message(json.dumps(json.loads(raw)[0])) if raw else None
             except (ValueError, TypeError, IndexError, KeyError):
@@ -226,10 +203,7 @@ class Sweeper:
             if load is not None and not load.terminal:
                 continue  # it waits for a load: the load's end decides (the reaper fails a lost one)
             counts[self._reroute(job, "its message was taken by a worker that was lost before starting it")] += 1
-            with r.pipeline() as pipe:  # the old message does nothing now: keep kombu from restoring it
-                pipe.hdel(UNACKED, tag)
-                pipe.zrem(UNACKED_INDEX, tag)
-                pipe.execute()
+            self.store.queues.drop_taken(tag)  # the old message does nothing now: keep kombu from restoring it
         return counts
 
     def gone_long(self, node_ids: list[str], now_s: float | None = None) -> list[str]:
@@ -238,14 +212,10 @@ class Sweeper:
         if not node_ids:
             return []
         now = time.time() if now_s is None else now_s
-        with self.store.r.pipeline() as pipe:
-            for node_id in node_ids:
-                pipe.hsetnx(GONE, node_id, now)
-            pipe.hmget(GONE, node_ids)
-            *new, since = pipe.execute()
+        new, since = self.store.queues.note_gone(node_ids, now)
         for node_id, first in zip(node_ids, new):
             if first:  # just found gone: the queues of the models it held lose a consumer now
-                mark_orphaned(self.store.r, self.store.node_models(node_id), now)
+                mark_orphaned(self.store, self.store.node_models(node_id), now)
         return [n for n, s in zip(node_ids, since) if s is not None and now - float(s) >= self.settings.stranded_s]
 
     def bury(self, node_id: str) -> int:
@@ -254,10 +224,10 @@ class Sweeper:
         (``node_lost``), and forget it. Its loads and unloads are the reaper's (they fail with ``node_lost``).
         Returns the number of jobs failed."""
         held = self.store.node_models(node_id)
-        mark_orphaned(self.store.r, held)
+        mark_orphaned(self.store, held)
         failed = 0
         queue = node_queue(node_id)
-        for message in read_queue(self.store.r, queue):
+        for message in read_queue(self.store, queue):
             if message.task != TASK_INFER:
                 continue  # loads and unloads: their records fail in the reaper's round
             if self.store.get_node(node_id) is not None:
@@ -266,11 +236,11 @@ class Sweeper:
             why = f"the job is pinned to node {node_id}, whose heartbeat expired"
             if waiting(job, message) and self.store.fail(message.job_id, "node_lost", why).applied:
                 failed += 1
-            self.store.r.lrem(queue, 1, message.raw)
+            self.store.queues.remove_message(queue, message.raw)
         if self.store.get_node(node_id) is not None:
             return failed
         self.store.forget_node(node_id)
-        self.store.r.hdel(GONE, node_id)
+        self.store.queues.forget_gone(node_id)
         self.lost_worker()
         log.warning("node %s is gone: %d model(s) marked, %d pinned job(s) failed", node_id, len(held), failed)
         return failed

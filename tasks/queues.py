@@ -1,0 +1,120 @@
+"""The broker's queues as the reaper sees them: the part of :class:`tasks.store.Store` reached
+as ``store.queues``.
+
+Celery's queues are lists of kombu's Redis transport (LPUSH to send, BRPOP to take), and a
+message taken but not acknowledged waits in ``unacked`` (:mod:`tasks.keys`). Here are their
+depths and messages, and the reaper's own marks next to them: the models whose queue may
+have lost its last consumer (``mb:orphans``), the window in which taken messages are looked
+at (``mb:rescue``), the nodes found gone (``mb:gone``) and the round's lock (``mb:reaper``).
+What the marks mean, and when they are written, is :mod:`workers.node.stranded`'s.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import redis
+
+from tasks.keys import GONE, ORPHANS, REAPER_LOCK, RESCUE, UNACKED, UNACKED_INDEX
+
+
+class QueueStore:
+    """Reads and surgery on the broker's queues, and the reaper's marks."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._r = client
+
+    # ---- the queues -------------------------------------------------------------------
+
+    def depths(self, queues: list[str]) -> list[int]:
+        """The number of messages waiting in each of ``queues``, in one round trip."""
+        if not queues:
+            return []
+        with self._r.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.llen(queue)
+            return [int(n) for n in pipe.execute()]
+
+    def messages(self, queue: str) -> list[str]:
+        """The raw messages waiting in ``queue``, newest first, as stored (one LRANGE)."""
+        raws: list[str] = self._r.lrange(queue, 0, -1)
+        return raws
+
+    def remove_message(self, queue: str, raw: str) -> None:
+        """Remove one copy of the message ``raw`` from ``queue`` (LREM)."""
+        self._r.lrem(queue, 1, raw)
+
+    def taken_before(self, cutoff_s: float) -> list[tuple[str, str | None]]:
+        """(delivery tag, raw ``unacked`` entry or None) of the messages taken, and not
+        acknowledged, at or before ``cutoff_s`` (epoch seconds)."""
+        tags: list[str] = self._r.zrangebyscore(UNACKED_INDEX, "-inf", cutoff_s)
+        return list(zip(tags, self._r.hmget(UNACKED, tags) if tags else []))
+
+    def drop_taken(self, tag: str) -> None:
+        """Forget a taken message, so kombu never restores it (one MULTI)."""
+        with self._r.pipeline() as pipe:
+            pipe.hdel(UNACKED, tag)
+            pipe.zrem(UNACKED_INDEX, tag)
+            pipe.execute()
+
+    # ---- models whose queue may have no consumer (mb:orphans) -------------------------
+
+    def mark_orphaned(self, models: Iterable[str], at_s: float) -> None:
+        """Note that a node stopped holding ``models`` at ``at_s`` (epoch seconds); an entry
+        only moves later (ZADD GT)."""
+        self._r.zadd(ORPHANS, {m: at_s for m in models}, gt=True)
+
+    def orphaned_before(self, cutoff_s: float, limit: int) -> list[tuple[str, float]]:
+        """At most ``limit`` entries (model, epoch seconds) marked at or before ``cutoff_s``,
+        oldest first."""
+        return [(str(m), float(s)) for m, s in
+                self._r.zrangebyscore(ORPHANS, "-inf", cutoff_s, start=0, num=limit, withscores=True)]
+
+    def postpone_orphan(self, model: str, at_s: float) -> None:
+        """Move ``model``'s entry to ``at_s`` (epoch seconds) if it is still there and earlier."""
+        self._r.zadd(ORPHANS, {model: at_s}, xx=True, gt=True)
+
+    def forget_orphan(self, model: str, marked_s: float) -> None:
+        """Remove ``model``'s entry unless it was marked again after ``marked_s`` (epoch
+        seconds); WATCH keeps a mark written meanwhile."""
+        with self._r.pipeline() as pipe:
+            try:
+                pipe.watch(ORPHANS)
+                score = pipe.zscore(ORPHANS, model)
+                if score is not None and float(score) <= marked_s:
+                    pipe.multi()
+                    pipe.zrem(ORPHANS, model)
+                    pipe.execute()
+                else:
+                    pipe.unwatch()
+            except redis.WatchError:
+                pass  # the set changed meanwhile: keep the entry, the next round looks again
+
+    # ---- lost workers and gone nodes ---------------------------------------------------
+
+    def open_rescue(self, ttl_ms: int) -> None:
+        """Look at taken messages for the next ``ttl_ms`` milliseconds (``mb:rescue``)."""
+        self._r.set(RESCUE, "1", px=ttl_ms)
+
+    def rescuing(self) -> bool:
+        """True while taken messages are to be looked at."""
+        return bool(self._r.exists(RESCUE))
+
+    def note_gone(self, node_ids: list[str], now_s: float) -> tuple[list[bool], list[str | None]]:
+        """Stamp ``now_s`` (epoch seconds) on the ``node_ids`` not yet found gone, in one
+        MULTI. Returns, per node, whether it was just found gone, and since when it is gone
+        (epoch seconds, as stored)."""
+        if not node_ids:
+            return [], []
+        with self._r.pipeline() as pipe:
+            for node_id in node_ids:
+                pipe.hsetnx(GONE, node_id, now_s)
+            pipe.hmget(GONE, node_ids)
+            *new, since = pipe.execute()
+        return [bool(n) for n in new], list(since)
+
+    def forget_gone(self, node_id: str) -> None:
+        self._r.hdel(GONE, node_id)
+
+    def claim_round(self, holder: str, ttl_s: int) -> bool:
+        """Take the reaper's lock for ``ttl_s`` seconds; False when another holds it."""
+        return bool(self._r.set(REAPER_LOCK, holder, nx=True, ex=ttl_s))
