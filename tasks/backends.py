@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import get_args
 
-from tasks.errors import InvalidRequest
+from tasks.errors import ErrorCode, InvalidRequest
 from tasks.schemas import TaskName
 
 TASK_NAMES: tuple[TaskName, ...] = get_args(TaskName)
@@ -81,7 +81,7 @@ def backend(name: str) -> Backend:
     if found is None:
         raise InvalidRequest(f"unknown backend {name!r}{_closest(name, list(BACKENDS))} "
                              f"Known backends: {', '.join(BACKENDS)}",
-                             param="backend", code="unknown_backend")
+                             param="backend", code=ErrorCode.UNKNOWN_BACKEND)
     return found
 
 
@@ -96,7 +96,7 @@ def check_backend(name: str, options: Mapping[str, object]) -> None:
         if key not in spec.options:
             raise InvalidRequest(f"backend {name!r} has no option {key!r}{_closest(key, known)} "
                                  f"Its options: {', '.join(known)}",
-                                 param=f"options.{key}", code="unknown_option")
+                                 param=f"options.{key}", code=ErrorCode.UNKNOWN_OPTION)
 
 
 def check_task(name: str, task: str, *, model: str, param: str = "task") -> None:
@@ -107,7 +107,7 @@ def check_task(name: str, task: str, *, model: str, param: str = "task") -> None
     spec = BACKENDS.get(name)
     if spec is not None and task not in spec.tasks:
         raise InvalidRequest(f"model {model!r} runs on backend {name!r}, which does not do task {task!r}; "
-                             f"it does: {', '.join(spec.tasks)}", param=param, code="unsupported_task")
+                             f"it does: {', '.join(spec.tasks)}", param=param, code=ErrorCode.UNSUPPORTED_TASK)
 
 
 @functools.lru_cache(maxsize=1)

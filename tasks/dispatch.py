@@ -14,7 +14,7 @@ import math
 
 from celery import Celery
 
-from tasks.errors import Conflict, NotFound, Unavailable
+from tasks.errors import Conflict, ErrorCode, NotFound, Unavailable
 from tasks.names import BACKEND_EXTRAS, TASK_INFER, TASK_LOAD, TASK_UNLOAD, model_queue, node_queue
 from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode, NodeRecord, model_size_mb
 from tasks.store import Store, new_job_id
@@ -30,7 +30,7 @@ def choose_node(nodes: list[NodeRecord], manifest: Manifest) -> NodeRecord:
     if not able:
         package, extra = BACKEND_EXTRAS.get(manifest.backend, ("", ""))
         hint = f" (a worker needs {package}: pip install 'modelbay[{extra}]')" if extra else ""
-        raise Unavailable(f"no live node can run backend {manifest.backend!r}{hint}", code="no_node")
+        raise Unavailable(f"no live node can run backend {manifest.backend!r}{hint}", code=ErrorCode.NO_NODE)
     need = model_size_mb(manifest)
 
     def rank(n: NodeRecord) -> tuple[int, int, int, str]:
@@ -70,7 +70,7 @@ class Dispatcher:
         if cooling is not None:
             left_s, error = cooling
             raise Unavailable(f"the last load of {model!r} failed ({error}); next try in {left_s:.0f}s",
-                              retry_after_s=max(1, math.ceil(left_s)), code="load_cooldown")
+                              retry_after_s=max(1, math.ceil(left_s)), code=ErrorCode.LOAD_COOLDOWN)
         if node is None:
             target = choose_node(nodes, manifest)
         # ``runner``: the node's process now; if the node comes back as a new process before
@@ -116,7 +116,7 @@ class Dispatcher:
             latest = self.store.get_job(load.id)
             if latest is not None and latest.status in ("failed", "cancelled") and latest.error:
                 # The load ended between placement and registration: nobody will pop us.
-                self.store.fail(record.id, latest.error.type, f"model load failed: {latest.error.message}")
+                self.store.fail(record.id, ErrorCode.of(latest.error.type), f"model load failed: {latest.error.message}")
                 return self.store.get_job(record.id) or record
         queue = node_queue(record.node) if record.node else model_queue(record.model)
         kwargs: dict[str, int] = {"route": record.routed}
@@ -141,8 +141,8 @@ class Dispatcher:
     def _pinned(nodes: list[NodeRecord], node: str, manifest: Manifest) -> NodeRecord:
         target = next((n for n in nodes if n.id == node), None)
         if target is None:
-            raise NotFound(f"node {node!r} is not live", param="node", code="node_not_found")
+            raise NotFound(f"node {node!r} is not live", param="node", code=ErrorCode.NODE_NOT_FOUND)
         if manifest.backend not in target.backends:
             raise Conflict(f"node {node!r} cannot run backend {manifest.backend!r}",
-                           param="node", code="backend_unsupported")
+                           param="node", code=ErrorCode.BACKEND_UNSUPPORTED)
         return target

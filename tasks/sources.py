@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from tasks.errors import InvalidRequest
+from tasks.errors import ErrorCode, InvalidRequest
 from tasks.names import model_token
 from tasks.netguard import blocked_host
 from tasks.schemas import FileSpec, Manifest
 from tasks.settings import Settings, env_name
 
-CODE = "invalid_source"
+CODE = ErrorCode.INVALID_SOURCE
 _PACKAGE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 

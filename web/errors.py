@@ -18,7 +18,7 @@ import redis
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from tasks.errors import (InvalidRequest, MethodNotAllowed, ModelbayError, NotFound,
+from tasks.errors import (ErrorCode, InvalidRequest, MethodNotAllowed, ModelbayError, NotFound,
                           PayloadTooLarge, Unavailable, UnsupportedMediaType)
 
 log = logging.getLogger("modelbay.web")
@@ -95,7 +95,7 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(redis.RedisError)
     def _redis(err: redis.RedisError):
         log.warning("Redis unavailable: %s", err)
-        return respond(Unavailable("the job store is unreachable, retry shortly", code="store_unavailable"))
+        return respond(Unavailable("the job store is unreachable, retry shortly", code=ErrorCode.STORE_UNAVAILABLE))
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception):

@@ -6,7 +6,7 @@ import re
 from flask import Blueprint, jsonify, request
 
 from tasks.backends import check_task
-from tasks.errors import Conflict, InvalidRequest, NotFound
+from tasks.errors import Conflict, ErrorCode, InvalidRequest, NotFound
 from web.limits import check_limits
 from web.metrics import count_submitted
 from tasks.schemas import ACTIVE, TERMINAL, JobRecord, JobRequest
@@ -38,7 +38,7 @@ def _wait_query(settings: Settings) -> dict[str, object]:
 def _job(job_id: str) -> JobRecord:
     record = mb().store.get_job(job_id) if _JOB_ID.fullmatch(job_id) else None
     if record is None:
-        raise NotFound(f"job {job_id!r} not found", param="id", code="job_not_found")
+        raise NotFound(f"job {job_id!r} not found", param="id", code=ErrorCode.JOB_NOT_FOUND)
     return record
 
 
@@ -100,11 +100,11 @@ def cancel(job_id: str):
     record = _job(job_id)
     if record.kind == "load":
         raise Conflict("a load is not cancellable; unload the model to stop it",
-                       code="load_not_cancellable")
+                       code=ErrorCode.LOAD_NOT_CANCELLABLE)
     change = mb().store.cancel(job_id)
     if not change.applied:
         status = change.record.status if change.record else "gone"
-        raise Conflict(f"job {job_id} is already {status}", code="job_finished")
+        raise Conflict(f"job {job_id} is already {status}", code=ErrorCode.JOB_FINISHED)
     return jsonify(change.record.public()), 202
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.errors import InvalidRequest
+from tasks.errors import ErrorCode, InvalidRequest
 from tasks.settings import Settings
 
 
 def _over(message: str, param: str) -> InvalidRequest:
-    return InvalidRequest(message, param=param, code="limit_exceeded")
+    return InvalidRequest(message, param=param, code=ErrorCode.LIMIT_EXCEEDED)
 
 
 def _texts(task: str, input_: Any) -> list[str]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
-from tasks.errors import Unavailable
+from tasks.errors import ErrorCode, Unavailable
 from web.extensions import mb
 from web.openapi import STORE, Ok, documented
 from web.schemas_http import Health, NodeList, Ready
@@ -35,8 +35,8 @@ def healthz():
 def readyz():
     store = mb().store
     if not store.ping():
-        raise Unavailable("Redis is unreachable", code="store_unavailable")
+        raise Unavailable("Redis is unreachable", code=ErrorCode.STORE_UNAVAILABLE)
     nodes = store.live_nodes()
     if not nodes:
-        raise Unavailable("no live worker node", code="no_node")
+        raise Unavailable("no live worker node", code=ErrorCode.NO_NODE)
     return jsonify({"status": "ready", "nodes": len(nodes)})

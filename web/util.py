@@ -8,7 +8,7 @@ from flask import request
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from tasks.errors import InvalidRequest, NotFound, Unprocessable, UnsupportedMediaType
+from tasks.errors import ErrorCode, InvalidRequest, NotFound, Unprocessable, UnsupportedMediaType
 from tasks.names import invalid_model_name
 from tasks.schemas import LoadRequest
 
@@ -64,7 +64,7 @@ def check_model_name(name: str) -> str:
     problem = invalid_model_name(name)
     if problem:
         raise InvalidRequest(f"invalid model name {name!r}: {problem}", param="name",
-                             code="invalid_model_name")
+                             code=ErrorCode.INVALID_MODEL_NAME)
     return name
 
 
@@ -80,4 +80,4 @@ def pin(body_node: str | None = None) -> str | None:
 
 
 def not_found_model(name: str) -> NotFound:
-    return NotFound(f"model {name!r} is not in the catalog", param="model", code="model_not_found")
+    return NotFound(f"model {name!r} is not in the catalog", param="model", code=ErrorCode.MODEL_NOT_FOUND)

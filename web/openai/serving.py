@@ -18,7 +18,7 @@ from flask import request
 from pydantic import ValidationError
 
 from tasks.backends import check_task
-from tasks.errors import Conflict, InvalidRequest, ModelbayError, NotFound, Unavailable
+from tasks.errors import Conflict, ErrorCode, InvalidRequest, ModelbayError, Unavailable
 from web.limits import check_limits
 from tasks.schemas import JobRecord, JobRequest
 from web.disconnect import client_gone
@@ -28,9 +28,6 @@ from web.schemas_http import LoadingInfo
 from web.util import check_model_name, describe, not_found_model, pin
 
 SLICE_S = 0.2  # how often a waiting call looks at the client socket, seconds
-_BAD_REQUEST = frozenset({"invalid_params", "unsupported_task"})
-_UNAVAILABLE = frozenset({"insufficient_memory", "no_node", "model_unavailable", "load_cooldown", "node_lost",
-                          "load_failed", "backend_start_failed", "source_unreachable", "staging_failed"})
 
 
 class ClientGone(Exception):
@@ -101,7 +98,7 @@ class Call:
                               eta_s=round(eta, 1) if isinstance(eta, (int, float)) else None).model_dump()
         retry_s = min(60, max(1, math.ceil(eta))) if isinstance(eta, (int, float)) else 5
         return Unavailable(f"model {record.model!r} is still loading after {mb().settings.load_wait_s:g}s; "
-                           "the load goes on: retry later", code="model_loading", retry_after_s=retry_s,
+                           "the load goes on: retry later", code=ErrorCode.MODEL_LOADING, retry_after_s=retry_s,
                            beside={"loading": loading}, headers={"X-Modelbay-Job": record.id})
 
     def result(self) -> dict[str, Any]:
@@ -135,15 +132,12 @@ class Call:
 
 
 def job_error(record: JobRecord) -> ModelbayError:
-    """The HTTP error for a job that did not succeed."""
+    """The HTTP error for a job that did not succeed: its error's code, whose registry entry
+    gives the status and type (a 503 with ``Retry-After``)."""
     if record.status == "cancelled":
-        return Conflict(f"job {record.id} was cancelled", code="job_cancelled")
-    kind = record.error.type if record.error else "job_failed"
-    message = record.error.message if record.error else "the job failed"
-    if kind in _BAD_REQUEST:
-        return InvalidRequest(message, code=kind)
-    if kind == "model_not_found":
-        return NotFound(message, param="model", code=kind)
-    if kind in _UNAVAILABLE:
-        return Unavailable(message, code=kind)
-    return ModelbayError(message, code=kind)
+        return Conflict(f"job {record.id} was cancelled", code=ErrorCode.JOB_CANCELLED)
+    if record.error is None:
+        return ModelbayError("the job failed", code=ErrorCode.JOB_FAILED)
+    code = ErrorCode.of(record.error.type)
+    return ModelbayError(record.error.message, code=code,
+                         param="model" if code is ErrorCode.MODEL_NOT_FOUND else None)

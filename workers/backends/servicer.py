@@ -117,6 +117,8 @@ class BackendServicer(pb_grpc.BackendServicer):
 
     @staticmethod
     def _abort_for(context: grpc.ServicerContext, exc: BaseException, what: str) -> NoReturn:
+        """The one place a model's exception becomes a gRPC status; the supervisor maps the
+        status to the job's code (``GRPC_ERROR_CODES`` in workers/supervisor/calls.py)."""
         message = str(exc) or type(exc).__name__
         if isinstance(exc, Unsupported):
             code = grpc.StatusCode.UNIMPLEMENTED

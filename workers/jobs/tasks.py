@@ -10,14 +10,15 @@ from typing import Any
 
 from celery import Task, shared_task
 
+from tasks.errors import ErrorCode, JobFailed, ModelbayError
 from tasks.names import TASK_INFER, TASK_LOAD, TASK_NOOP, TASK_UNLOAD
-from tasks.schemas import JobRecord
+from tasks.schemas import JobErrorInfo, JobRecord
 from workers import metrics
 from workers.jobs.inference import RUNNERS, Delivery
 from workers.progress.debounce import job_progress_sink
-from workers.node.models import Entry, LoadFailed, NotHere
+from workers.node.models import Entry, LoadFailed, NotHere, Unloaded
 from workers.runtime import Runtime, runtime_of
-from workers.supervisor.calls import BackendCallError, BackendCancelled, BackendError
+from workers.supervisor.calls import BackendCallError, BackendCancelled
 
 log = logging.getLogger("modelbay.worker")
 
@@ -47,7 +48,7 @@ def load(self: Task, job_id: str) -> None:
 
     try:
         if manifest is None:
-            raise LoadFailed("model_not_found", f"model {job.model!r} is no longer in the catalog")
+            raise LoadFailed(ErrorCode.MODEL_NOT_FOUND, f"model {job.model!r} is no longer in the catalog")
         if not manifest.files:  # with files, staging sends the operation's "start"
             op.update("start", {"message": f"loading {job.model} on {rt.settings.node_id}"})
         try:
@@ -56,15 +57,15 @@ def load(self: Task, job_id: str) -> None:
             raise
         except Exception as exc:  # a bug must not leave the load (and its waiters) hanging
             log.exception("load %s of %s crashed", job_id, job.model)
-            raise LoadFailed("internal_error", f"the load failed unexpectedly: {exc}") from exc
+            raise LoadFailed(ErrorCode.INTERNAL_ERROR, f"the load failed unexpectedly: {exc}") from exc
     except LoadFailed as exc:
         # The cooldown first (a client that sees the failure and retries at once meets it),
         # then the record, then the live op: a poll in between never shows a regression.
-        status = "cancelled" if exc.code == "unloaded" else "failed"
+        status = "cancelled" if isinstance(exc, Unloaded) else "failed"
         if status == "failed":
             cooldown_s = rt.store.note_load_failure(job.model, exc.message)
             log.info("load %s of %s failed (%s); new loads wait %gs", job_id, job.model, exc.message, cooldown_s)
-        rt.store.finish(job_id, status, error={"type": exc.code, "message": exc.message})
+        rt.store.finish(job_id, status, error=JobErrorInfo(type=exc.code, message=exc.message))
         if status == "cancelled":
             op.done()  # an unload ended it: its row goes at once, on every replica (no error to show)
         else:
@@ -99,7 +100,7 @@ def unload(self: Task, job_id: str) -> None:
         how = rt.manager.unload(change.record.model)
     except Exception as exc:  # the job must end, whatever happened
         log.exception("unload %s of %s crashed", job_id, change.record.model)
-        rt.store.fail(job_id, "internal_error", f"the unload failed unexpectedly: {exc}")
+        rt.store.fail(job_id, ErrorCode.INTERNAL_ERROR, f"the unload failed unexpectedly: {exc}")
         op.fail(str(exc))
         return
     rt.store.finish(job_id, "succeeded", result={"node": rt.settings.node_id, "stopped": how})
@@ -147,12 +148,14 @@ def _reroute(rt: Runtime, job: JobRecord, reroutes: int) -> None:
     manifest = rt.store.get_manifest(job.model)
     if manifest is None or reroutes >= MAX_REROUTES:
         reason = "not in the catalog" if manifest is None else "not available after several tries"
-        rt.store.fail(job.id, "model_unavailable", f"model {job.model!r} is {reason}")
+        rt.store.fail(job.id, ErrorCode.MODEL_UNAVAILABLE, f"model {job.model!r} is {reason}")
         return
     try:
         rt.dispatcher.route(job, manifest, reroutes=reroutes + 1)
+    except ModelbayError as exc:  # no node, a cooldown, the pinned node gone...
+        rt.store.fail(job.id, exc.code, str(exc))
     except Exception as exc:
-        rt.store.fail(job.id, getattr(exc, "code", "model_unavailable"), str(exc))
+        rt.store.fail(job.id, ErrorCode.MODEL_UNAVAILABLE, str(exc))
 
 
 def _run(rt: Runtime, job: JobRecord, entry: Entry, reroutes: int) -> None:
@@ -167,21 +170,17 @@ def _run(rt: Runtime, job: JobRecord, entry: Entry, reroutes: int) -> None:
         if entry.crashed:
             _after_crash(rt, job, delivery, reroutes, entry.proc.exit_reason if entry.proc is not None else None)
             return
-        if exc.grpc_code == "UNIMPLEMENTED":
-            rt.store.fail(job.id, "unsupported_task",
-                          f"backend {entry.manifest.backend!r} of {job.model!r} does not support task {job.task!r}")
-            return
-        if exc.grpc_code == "INVALID_ARGUMENT":
-            rt.store.fail(job.id, "invalid_params", str(exc))
-            return
-        rt.store.fail(job.id, exc.code, str(exc))
+        code, message = exc.job_code, str(exc)  # the code its gRPC status gives (GRPC_ERROR_CODES)
+        if code is ErrorCode.UNSUPPORTED_TASK:
+            message = f"backend {entry.manifest.backend!r} of {job.model!r} does not support task {job.task!r}"
+        rt.store.fail(job.id, code, message)
         return
-    except BackendError as exc:
+    except JobFailed as exc:
         rt.store.fail(job.id, exc.code, str(exc))
         return
     except Exception as exc:  # a bug must not leave the job running forever
         log.exception("job %s crashed", job.id)
-        rt.store.fail(job.id, "internal_error", f"the job failed unexpectedly: {exc}")
+        rt.store.fail(job.id, ErrorCode.INTERNAL_ERROR, f"the job failed unexpectedly: {exc}")
         return
     rt.store.finish(job.id, "succeeded", result=result)
 
@@ -195,6 +194,6 @@ def _after_crash(rt: Runtime, job: JobRecord, delivery: Delivery, reroutes: int,
         if change.applied and change.record is not None:
             _reroute(rt, change.record, reroutes)
         return
-    rt.store.fail(job.id, "backend_crashed",
+    rt.store.fail(job.id, ErrorCode.BACKEND_CRASHED,
                   f"the backend process of {job.model!r} {exit_reason or 'exited'} "
                   f"(during the job, after {delivery.pieces} token(s)); the next request loads the model again")

@@ -22,6 +22,7 @@ from celery import Celery
 
 from workers.node.crashes import note_crash
 from workers.supervisor.exits import describe_exit
+from tasks.errors import ErrorCode, JobFailed
 from tasks.names import model_from_token, model_queue, model_token
 from tasks.schemas import JobRecord, Manifest, ModelNode, model_size_mb, utcnow
 from tasks.settings import Settings
@@ -44,11 +45,15 @@ class NotHere(Exception):
     """The model is neither ready nor loading on this node."""
 
 
-class LoadFailed(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class LoadFailed(JobFailed):
+    """A load failed; its waiters fail with its code."""
+
+
+class Unloaded(LoadFailed):
+    """The model was unloaded while it loaded: the load ends ``cancelled``, not ``failed``."""
+
+    def __init__(self, message: str = "the model was unloaded while loading") -> None:
+        super().__init__(ErrorCode.UNLOADED, message)
 
 
 @dataclass
@@ -109,7 +114,7 @@ class ModelManager:
         if not mine:
             entry.settled.wait()
             if entry.state != "ready":
-                raise entry.error or LoadFailed("load_failed", "the load in flight failed")
+                raise entry.error or LoadFailed(ErrorCode.LOAD_FAILED, "the load in flight failed")
             return {"node": self.settings.node_id, "already_loaded": True}
         started = time.monotonic()
         self._publish(entry)
@@ -143,8 +148,9 @@ class ModelManager:
         try:
             staged = self.stager(entry.model, manifest, self.settings, on_progress, lambda: entry.unloading)
         except StagingError as exc:
-            code = "unloaded" if entry.unloading else exc.code
-            raise LoadFailed(code, str(exc)) from exc
+            if entry.unloading:
+                raise Unloaded(str(exc)) from exc
+            raise LoadFailed(exc.code, str(exc)) from exc
         metrics.STAGING_BYTES.inc(staged.bytes_copied)
         if manifest.memory_mb is None:  # the real size is known now: account for it
             entry.size_mb = -(-staged.bytes_total // (1024 * 1024))
@@ -165,7 +171,7 @@ class ModelManager:
             health_failures=self.settings.backend_health_failures)
         with self._lock:
             if entry.unloading:
-                raise LoadFailed("unloaded", "the model was unloaded while loading")
+                raise Unloaded()
             entry.proc = proc
         try:
             proc.start()
@@ -175,12 +181,12 @@ class ModelManager:
             crashed = proc.crash_reason(wait_s=1.0)  # a failed load of a live process waits 1 s here
             proc.stop()
             if entry.unloading:
-                raise LoadFailed("unloaded", "the model was unloaded while loading") from exc
+                raise Unloaded() from exc
             if crashed is not None:  # died inside LoadModel: the load itself or its warm-up
                 tail = proc.log_tail(5)
-                raise LoadFailed("backend_crashed", f"backend process {crashed} during the load (which runs "
+                raise LoadFailed(ErrorCode.BACKEND_CRASHED, f"backend process {crashed} during the load (which runs "
                                  f"the model once to warm it up)" + (f"; its last lines:\n{tail}" if tail else "")) from exc
-            raise LoadFailed(getattr(exc, "code", "load_failed"), str(exc)) from exc
+            raise LoadFailed(exc.code, str(exc)) from exc
         return {"pid": proc.pid, "backend": manifest.backend, "device": info.get("device"), "dim": info.get("dim"),
                 "gpu": entry.gpu}
 
@@ -213,7 +219,7 @@ class ModelManager:
                 draining = [e for e in others if e.unloading]
                 reclaimable = sum(e.size_mb for e in idle) + sum(e.size_mb for e in draining)
                 if entry.size_mb > free + reclaimable:
-                    raise LoadFailed("insufficient_memory",
+                    raise LoadFailed(ErrorCode.INSUFFICIENT_MEMORY,
                                      f"{entry.model} needs {entry.size_mb} MB; node {self.settings.node_id} has "
                                      f"{free} MB free of {self.budget_mb} MB and busy or pinned models hold the rest")
                 victim = idle[0] if idle else None
@@ -228,7 +234,7 @@ class ModelManager:
 
     def _settle_failed(self, entry: Entry, exc: LoadFailed) -> None:
         entry.state, entry.error = "failed", exc
-        if exc.code == "unloaded":
+        if isinstance(exc, Unloaded):
             with self._lock:
                 if self._entries.get(entry.model) is entry:
                     del self._entries[entry.model]
@@ -247,7 +253,7 @@ class ModelManager:
         entry.crashed = True
         entry.state = "failed"
         why = entry.proc.exit_reason if entry.proc is not None else None
-        entry.error = LoadFailed("backend_crashed", f"backend process {why or describe_exit(returncode)}")
+        entry.error = LoadFailed(ErrorCode.BACKEND_CRASHED, f"backend process {why or describe_exit(returncode)}")
         if was_ready:
             self._consume(model_queue(entry.model), False)
             self._note_crash(entry.model, why or describe_exit(returncode))
@@ -280,7 +286,7 @@ class ModelManager:
                 if entry.state == "failed":
                     if entry.crashed:
                         raise NotHere(model)
-                    raise entry.error or LoadFailed("load_failed", "model failed on this node")
+                    raise entry.error or LoadFailed(ErrorCode.LOAD_FAILED, "model failed on this node")
             if entry.settled.wait(0.2):
                 continue
             if cancelled():

@@ -33,7 +33,7 @@ import logging
 import time
 
 from tasks.dispatch import Dispatcher
-from tasks.errors import ModelbayError
+from tasks.errors import ErrorCode, ModelbayError
 from tasks.schemas import JobRecord
 from tasks.settings import Settings
 from tasks.store import Store
@@ -47,14 +47,14 @@ def requeue(store: Store, dispatcher: Dispatcher, job: JobRecord, reason: str, m
     "requeued", "failed" (attempts used up, or it cannot be routed) or "skipped" (it had
     moved on meanwhile)."""
     if job.attempts >= max_attempts:
-        store.fail(job.id, "node_lost", f"{reason}; gave up after {job.attempts} attempt(s)")
+        store.fail(job.id, ErrorCode.NODE_LOST, f"{reason}; gave up after {job.attempts} attempt(s)")
         return "failed"
     if job.pin is not None and store.get_node(job.pin) is None:
-        store.fail(job.id, "node_lost", f"{reason}; the job is pinned to node {job.pin}, which is gone")
+        store.fail(job.id, ErrorCode.NODE_LOST, f"{reason}; the job is pinned to node {job.pin}, which is gone")
         return "failed"
     manifest = store.get_manifest(job.model)
     if manifest is None:
-        store.fail(job.id, "model_not_found", f"{reason}, and model {job.model!r} is no longer in the catalog")
+        store.fail(job.id, ErrorCode.MODEL_NOT_FOUND, f"{reason}, and model {job.model!r} is no longer in the catalog")
         return "failed"
     seen = job.routed  # routed again by someone else since ``job`` was read: theirs stands
     change = store.transition(job.id, "queued", allowed_from=("running", "loading", "queued"),
@@ -159,7 +159,7 @@ class Reaper:
             if op.node is None or not lost(op):
                 continue
             message = f"node {op.node} was lost during the {op.kind}"
-            if self.store.fail(op.id, "node_lost", message).applied:
+            if self.store.fail(op.id, ErrorCode.NODE_LOST, message).applied:
                 counts["loads_failed"] += 1
             if op.kind == "load":
                 self.store.release_load(op.node, op.model, op.id)

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import redis
 
 from tasks.dispatch import Dispatcher
-from tasks.errors import ModelbayError
+from tasks.errors import ErrorCode, ModelbayError
 from tasks.names import TASK_INFER, model_queue, node_queue
 from tasks.schemas import JobRecord, NodeRecord
 from tasks.settings import Settings
@@ -165,7 +165,8 @@ class Sweeper:
         manifest = self.store.get_manifest(job.model)
         reason = reason or f"its queue {model_queue(job.model)} lost its last consumer"
         if manifest is None:
-            self.store.fail(job.id, "model_not_found", f"{reason}, and model {job.model!r} is no longer in the catalog")
+            self.store.fail(job.id, ErrorCode.MODEL_NOT_FOUND,
+                            f"{reason}, and model {job.model!r} is no longer in the catalog")
             return "failed"
         try:
             self.dispatcher.route(job, manifest)
@@ -234,7 +235,7 @@ class Sweeper:
                 return failed  # it came back meanwhile: it serves its queue
             job = self.store.get_job(message.job_id)
             why = f"the job is pinned to node {node_id}, whose heartbeat expired"
-            if waiting(job, message) and self.store.fail(message.job_id, "node_lost", why).applied:
+            if waiting(job, message) and self.store.fail(message.job_id, ErrorCode.NODE_LOST, why).applied:
                 failed += 1
             self.store.queues.remove_message(queue, message.raw)
         if self.store.get_node(node_id) is not None:

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
+from tasks.errors import ErrorCode
 from tasks.netguard import blocked_address
 from tasks.settings import env_name
 from workers.staging import output
@@ -71,9 +72,9 @@ def vetted_addresses(url: str, host: str, port: int) -> list[Address]:
         reason = blocked_address(ip)
         if reason:
             where = host if host == ip else f"{host} ({ip})"
-            raise StagingError(f"{url}: {where} is {reason}; staging from loopback, private and link-local "
-                               f"addresses is refused unless {env_name('allow_private_sources')} is set",
-                               "source_rejected")
+            raise StagingError(ErrorCode.SOURCE_REJECTED,
+                               f"{url}: {where} is {reason}; staging from loopback, private and link-local "
+                               f"addresses is refused unless {env_name('allow_private_sources')} is set")
         vetted.append((family, kind, proto, sockaddr))
     return vetted
 
@@ -185,16 +186,16 @@ def _open(url: str, start: int, if_range: str | None = None,
         location = resp.getheader("Location")
         conn.close()
         if not location:
-            raise StagingError(f"{url} answered {resp.status} without a Location", "source_unreachable")
+            raise StagingError(ErrorCode.SOURCE_UNREACHABLE, f"{url} answered {resp.status} without a Location")
         target = urljoin(url, location)
         scheme = urlsplit(target).scheme.lower()
         if scheme not in ("http", "https"):
-            raise StagingError(f"{url} redirects to a {scheme or 'relative'} URL, which is refused",
-                               "source_rejected")
+            raise StagingError(ErrorCode.SOURCE_REJECTED,
+                               f"{url} redirects to a {scheme or 'relative'} URL, which is refused")
         if urlsplit(url).scheme.lower() == "https" and scheme == "http":
-            raise StagingError(f"{url} redirects from https to http, which is refused", "source_rejected")
+            raise StagingError(ErrorCode.SOURCE_REJECTED, f"{url} redirects from https to http, which is refused")
         url, auth = target, None
-    raise StagingError(f"more than {MAX_REDIRECTS} redirects", "source_unreachable")
+    raise StagingError(ErrorCode.SOURCE_UNREACHABLE, f"more than {MAX_REDIRECTS} redirects")
 
 
 def download(url: str, out_path: Path, on_size: Callable[[int], None], on_bytes: OnBytes,
@@ -221,13 +222,13 @@ def download(url: str, out_path: Path, on_size: Callable[[int], None], on_bytes:
                     return out.finish()
                 failure: Exception = _Retry("the connection closed early")
             except ssl.SSLCertVerificationError as exc:  # retrying cannot help
-                raise StagingError(f"{url}: {exc}", "source_rejected") from exc
+                raise StagingError(ErrorCode.SOURCE_REJECTED, f"{url}: {exc}") from exc
             except (_Retry, OSError, http.client.HTTPException) as exc:
                 failure = exc
             failures = 0 if out.size > start else failures + 1
             if failures > RETRIES:
-                raise StagingError(f"downloading {url} failed after {RETRIES} retries: {failure}",
-                                   "source_unreachable")
+                raise StagingError(ErrorCode.SOURCE_UNREACHABLE,
+                                   f"downloading {url} failed after {RETRIES} retries: {failure}")
             deadline = time.monotonic() + BACKOFF_BASE_S * 2 ** max(0, failures - 1)
             while time.monotonic() < deadline:
                 check_cancelled(cancelled)
@@ -249,7 +250,7 @@ def _attempt(url: str, out: Output, on_size: Callable[[int], None], on_bytes: On
         if start and resp.status == 206:
             match = _CONTENT_RANGE.fullmatch((resp.getheader("Content-Range") or "").strip())
             if match is None or int(match.group(1)) != start:
-                raise StagingError(f"{url} answered a bad Content-Range", "source_unreachable")
+                raise StagingError(ErrorCode.SOURCE_UNREACHABLE, f"{url} answered a bad Content-Range")
             total = None if match.group(3) == "*" else int(match.group(3))
         elif resp.status == 200 or (start and resp.status == 416):
             if start:
@@ -261,11 +262,11 @@ def _attempt(url: str, out: Output, on_size: Callable[[int], None], on_bytes: On
             etag = resp.getheader("ETag") or ""
             validator["value"] = etag if etag.startswith('"') else resp.getheader("Last-Modified") or ""
         else:
-            raise StagingError(f"{url} answered HTTP {resp.status} {resp.reason}", "source_unreachable")
+            raise StagingError(ErrorCode.SOURCE_UNREACHABLE, f"{url} answered HTTP {resp.status} {resp.reason}")
         if total is not None:
             if max_bytes is not None and total != max_bytes:
-                raise StagingError(f"size mismatch: the manifest says {max_bytes} bytes, {url} has {total}",
-                                   "hash_mismatch")
+                raise StagingError(ErrorCode.HASH_MISMATCH,
+                                   f"size mismatch: the manifest says {max_bytes} bytes, {url} has {total}")
             on_size(total)
             if not resp.chunked and not isinstance(conn.sock, ssl.SSLSocket) and hasattr(os, "splice"):
                 done = _splice_body(conn, resp, out, total, on_bytes, cancelled)
@@ -283,7 +284,7 @@ def _attempt(url: str, out: Output, on_size: Callable[[int], None], on_bytes: On
             out.write(view[:n])
             on_bytes(n, out.size)
             if max_bytes is not None and out.size > max_bytes:
-                raise StagingError(f"size mismatch: {url} sent more than {max_bytes} bytes", "hash_mismatch")
+                raise StagingError(ErrorCode.HASH_MISMATCH, f"size mismatch: {url} sent more than {max_bytes} bytes")
     finally:
         conn.close()
 

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tasks.errors import ErrorCode, JobFailed
+
 READ_BYTES = 256 << 10         # one socket read or splice, or one read of a file (bytes): the HTTP progress step
 HASH_LAG_BYTES = 32 << 20      # how far writing may run ahead of hashing (bytes)
 WRITEBACK_BYTES = 8 << 20      # start writing to disk every this many bytes written (bytes)
@@ -32,23 +34,18 @@ Cancelled = Callable[[], bool]
 OnBytes = Callable[[int, int], None]  # (bytes just moved, bytes of this file so far)
 
 
-class StagingError(Exception):
+class StagingError(JobFailed):
     """Staging failed. ``code``: ``hash_mismatch`` (size or sha256 differ from the manifest),
     ``source_unreachable``, ``source_rejected``, ``staging_failed`` or ``cancelled``."""
-
-    def __init__(self, message: str, code: str = "staging_failed") -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def check_cancelled(cancelled: Cancelled) -> None:
     if cancelled():
-        raise StagingError("staging was cancelled", "cancelled")
+        raise StagingError(ErrorCode.CANCELLED, "staging was cancelled")
 
 
 def write_failed(exc: OSError) -> StagingError:
-    return StagingError(f"writing the file failed: {exc}", "staging_failed")
+    return StagingError(ErrorCode.STAGING_FAILED, f"writing the file failed: {exc}")
 
 
 class _Hasher:
@@ -103,7 +100,7 @@ class _Hasher:
         """Hash the rest; the hex digest."""
         self.close()
         if self._error is not None:
-            raise StagingError(f"reading back the file failed: {self._error}", "staging_failed")
+            raise StagingError(ErrorCode.STAGING_FAILED, f"reading back the file failed: {self._error}")
         return self._digest.hexdigest()
 
     def close(self) -> None:
@@ -180,15 +177,15 @@ def copy_local(path: str, out_path: Path, on_bytes: OnBytes,
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
-        raise StagingError(f"{path} does not exist", "source_unreachable") from None
+        raise StagingError(ErrorCode.SOURCE_UNREACHABLE, f"{path} does not exist") from None
     except OSError as exc:
-        code = "source_rejected" if isinstance(exc, (PermissionError, IsADirectoryError)) or \
-            exc.errno == errno.ELOOP else "source_unreachable"  # ELOOP: a symlink swapped in
-        raise StagingError(f"cannot open {path}: {exc}", code) from exc
+        code = ErrorCode.SOURCE_REJECTED if isinstance(exc, (PermissionError, IsADirectoryError)) or \
+            exc.errno == errno.ELOOP else ErrorCode.SOURCE_UNREACHABLE  # ELOOP: a symlink swapped in
+        raise StagingError(code, f"cannot open {path}: {exc}") from exc
     out = None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise StagingError(f"{path} is not a regular file", "source_rejected")
+            raise StagingError(ErrorCode.SOURCE_REJECTED, f"{path} is not a regular file")
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         out = Output(out_path)
         kernel = True
@@ -209,7 +206,7 @@ def copy_local(path: str, out_path: Path, on_bytes: OnBytes,
                 try:
                     n = os.readv(fd, [view])
                 except OSError as exc:
-                    raise StagingError(f"reading {path} failed: {exc}", "source_unreachable") from exc
+                    raise StagingError(ErrorCode.SOURCE_UNREACHABLE, f"reading {path} failed: {exc}") from exc
                 out.write(view[:n])
             if not n:
                 return out.finish()

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.errors import InvalidRequest
+from tasks.errors import ErrorCode, InvalidRequest
 from tasks.schemas import FileSpec, Manifest
 from tasks.settings import Settings
 from tasks.sources import (Source, allowed_local_path, check_manifest, dest_path, expand_directories,
@@ -152,7 +152,7 @@ def stage(model: str, manifest: Manifest, settings: Settings, on_progress: Calla
                 items.append(_Item(spec, source, file_rel_path(spec, source),
                                    dest_path(models_dir, model, spec), spec.size))
         except InvalidRequest as exc:
-            raise StagingError(exc.message, "source_rejected") from exc
+            raise StagingError(ErrorCode.SOURCE_REJECTED, exc.message) from exc
         for item in items:
             item.size = item.size if item.size is not None else _size_hint(models_dir, item, settings)
         tracker.items = items
@@ -171,7 +171,7 @@ def stage(model: str, manifest: Manifest, settings: Settings, on_progress: Calla
         raise
     except Exception as exc:  # OSError mostly: a full disk, a permission, a vanished directory
         log.warning("staging %s failed", model, exc_info=not isinstance(exc, OSError))
-        error = StagingError(f"staging failed: {exc}", "staging_failed")
+        error = StagingError(ErrorCode.STAGING_FAILED, f"staging failed: {exc}")
         tracker.emit("error", str(error))
         raise error from exc
 
@@ -182,13 +182,13 @@ def _local_source(item: _Item, settings: Settings) -> Path | None:
     if source.kind == "local":
         path = allowed_local_path(source.path, settings.file_root_list)
         if path is None:
-            raise StagingError(f"{source.path} is outside every allowed file root", "source_rejected")
+            raise StagingError(ErrorCode.SOURCE_REJECTED, f"{source.path} is outside every allowed file root")
         return path
     if source.kind == "pkg":
         found = package_file(source.package, source.path)
         if found is None:
-            raise StagingError(f"{source.uri}: no such file in an installed package {source.package!r}",
-                               "source_unreachable")
+            raise StagingError(ErrorCode.SOURCE_UNREACHABLE,
+                               f"{source.uri}: no such file in an installed package {source.package!r}")
         return found
     return None
 
@@ -242,7 +242,7 @@ def _fill_blob(blob: Path, meta: Path, blobs: Path, item: _Item, local: Path | N
     spec = item.spec
     need = spec.size if spec.size is not None else item.size
     if need is not None and shutil.disk_usage(blobs).free < need:
-        raise StagingError(f"not enough disk space for {item.rel} ({need} bytes) in {blobs}", "staging_failed")
+        raise StagingError(ErrorCode.STAGING_FAILED, f"not enough disk space for {item.rel} ({need} bytes) in {blobs}")
     tmp = blobs / f"{blob.name}.tmp-{secrets.token_hex(6)}"
     try:
         if local is not None:
@@ -254,11 +254,11 @@ def _fill_blob(blob: Path, meta: Path, blobs: Path, item: _Item, local: Path | N
             size, digest = download(item.source.url, tmp, on_size, tracker.transferred, cancelled, spec.size,
                                     allow_private)
         if spec.size is not None and size != spec.size:
-            raise StagingError(f"size mismatch for {item.rel}: the manifest says {spec.size} bytes, "
-                               f"the source has {size}", "hash_mismatch")
+            raise StagingError(ErrorCode.HASH_MISMATCH, f"size mismatch for {item.rel}: the manifest says "
+                               f"{spec.size} bytes, the source has {size}")
         if spec.sha256 is not None and digest != spec.sha256:
-            raise StagingError(f"sha256 mismatch for {item.rel}: expected {spec.sha256}, got {digest}",
-                               "hash_mismatch")
+            raise StagingError(ErrorCode.HASH_MISMATCH,
+                               f"sha256 mismatch for {item.rel}: expected {spec.sha256}, got {digest}")
         os.chmod(tmp, 0o444)  # a blob is shared by every model that links it: nobody writes to it
         os.replace(tmp, blob)
     except BaseException:

@@ -1,41 +1,66 @@
 """What a call to a backend process can return or raise: the supervisor's error classes
-(each with a stable ``code``), the streamed Generate call, and the LoadModel deadline."""
+(each a :class:`~tasks.errors.JobFailed` with its :class:`~tasks.errors.ErrorCode`), the one
+map from a call's gRPC status to the code of the job it served (:data:`GRPC_ERROR_CODES`),
+the streamed Generate call, and the LoadModel deadline."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
+from tasks.errors import ErrorCode, JobFailed
 
-class BackendError(Exception):
-    """Base of the supervisor's errors; ``code`` is a stable machine-readable string."""
+# What a backend's gRPC status says of the job's request (workers/backends/servicer.py maps
+# the model's exceptions to these statuses); any other status is the call's own failure.
+GRPC_ERROR_CODES: Mapping[grpc.StatusCode, ErrorCode] = {
+    grpc.StatusCode.UNIMPLEMENTED: ErrorCode.UNSUPPORTED_TASK,   # the model's Unsupported
+    grpc.StatusCode.INVALID_ARGUMENT: ErrorCode.INVALID_PARAMS,  # the model's InvalidParams
+}
 
-    code = "backend_error"
+
+class BackendError(JobFailed):
+    """Base of the supervisor's errors; each class has one code and takes the message alone."""
+
+    code = ErrorCode.BACKEND_ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(type(self).code, message)
 
 
 class BackendStartError(BackendError):
     """The process could not be started or did not become healthy in time."""
 
-    code = "backend_start_failed"
+    code = ErrorCode.BACKEND_START_FAILED
 
 
 class BackendCallError(BackendError):
-    """A call failed; ``grpc_code`` is the gRPC status name when there was one."""
+    """A call failed; ``status`` is its gRPC status when there was one."""
 
-    code = "backend_call_failed"
+    code = ErrorCode.BACKEND_CALL_FAILED
 
-    def __init__(self, message: str, grpc_code: str | None = None) -> None:
+    def __init__(self, message: str, status: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
-        self.grpc_code = grpc_code
+        self.status = status
+
+    @property
+    def grpc_code(self) -> str | None:
+        """The gRPC status's name ("INVALID_ARGUMENT"), or None."""
+        return self.status.name if self.status is not None else None
+
+    @property
+    def job_code(self) -> ErrorCode:
+        """The code of a job this call failed: what its status says of the request
+        (:data:`GRPC_ERROR_CODES`), else the call's own ``backend_call_failed``."""
+        return GRPC_ERROR_CODES.get(self.status, self.code) if self.status is not None else self.code
 
 
 class BackendCancelled(BackendError):
     """The call was cancelled by the caller (:meth:`GenerateCall.cancel`)."""
 
-    code = "cancelled"
+    code = ErrorCode.CANCELLED
 
 
 def load_deadline_s(size_bytes: int, base_s: float = 60.0, min_rate_mb_s: float = 50.0) -> float:
@@ -151,5 +176,5 @@ class GenerateCall(_StreamCall):
 
 
 
-__all__ = ["BackendError", "BackendStartError", "BackendCallError", "BackendCancelled",
+__all__ = ["GRPC_ERROR_CODES", "BackendError", "BackendStartError", "BackendCallError", "BackendCancelled",
            "GenerateChunk", "GenerateCall", "ImageEvent", "ImageCall", "load_deadline_s"]

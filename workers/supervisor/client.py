@@ -37,17 +37,16 @@ class BackendClient:
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             self._exited.wait(1.0 if code == grpc.StatusCode.UNAVAILABLE else 0.0)
         gone = self._gone_error()
-        name = code.name if code is not None else None
         if gone is not None:
-            gone.grpc_code = name
+            gone.status = code
             return gone
         if code == grpc.StatusCode.CANCELLED:
             return BackendCancelled(f"{what} cancelled")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return BackendCallError(f"{what}: deadline exceeded after {timeout_s:g}s", name)
+            return BackendCallError(f"{what}: deadline exceeded after {timeout_s:g}s", code)
         if code == grpc.StatusCode.UNAVAILABLE:
-            return BackendCallError(f"backend unavailable ({what}: {details})", name)
-        return BackendCallError(f"{what} failed ({name}): {details}", name)
+            return BackendCallError(f"backend unavailable ({what}: {details})", code)
+        return BackendCallError(f"{what} failed ({code.name if code is not None else None}): {details}", code)
 
     def _invoke(self, method: str, request: Any, timeout_s: float, future: bool = False) -> Any:
         """Call ``method``: its response, for a stream the call object, with ``future`` a
