@@ -20,6 +20,7 @@ from redis.backoff import ExponentialBackoff
 from redis.client import PubSub
 from redis.retry import Retry
 
+from tasks.errors import ErrorCode
 from tasks.keys import (CATALOG, CATALOG_CREATED, INFLIGHT, JOB_CHANNEL_PATTERN, JOBS, OPS, OPS_VER,
                         cooldown_key, crashes_key, job_channel, job_key, load_flight_key, waiters_key)
 from tasks.schemas import (ACTIVE, TERMINAL, JobErrorInfo, JobProgress, JobRecord, Manifest,
@@ -147,12 +148,11 @@ class Store(NodeStore):
             fields["error"] = error
         return self.transition(job_id, status, **fields)
 
-    def fail(self, job_id: str, code: str, message: str) -> Change:
+    def fail(self, job_id: str, code: ErrorCode, message: str) -> Change:
         return self.finish(job_id, "failed", error=JobErrorInfo(type=code, message=message))
 
     def cancel(self, job_id: str, message: str = "cancelled by request") -> Change:
-        return self.finish(job_id, "cancelled",
-                           error=JobErrorInfo(type="cancelled", message=message))
+        return self.finish(job_id, "cancelled", error=JobErrorInfo(type=ErrorCode.CANCELLED, message=message))
 
     def set_progress(self, job_id: str, progress: JobProgress | None) -> Change:
         def apply(rec: JobRecord) -> JobRecord:

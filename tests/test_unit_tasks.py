@@ -9,7 +9,7 @@ import fakeredis
 import pytest
 
 from tasks.dispatch import Dispatcher, choose_node
-from tasks.errors import Conflict, NotFound, Unavailable
+from tasks.errors import Conflict, ErrorCode, NotFound, Unavailable
 from tasks.names import invalid_model_name, model_from_token, model_queue, model_token
 from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode, NodeRecord, model_size_mb, utcnow
 from tasks.settings import load_settings
@@ -334,7 +334,7 @@ def test_a_job_registered_after_its_load_failed_fails_too(store: Store, monkeypa
     real_add_waiter = store.add_waiter
 
     def load_fails_first(load_id: str, job_id: str) -> None:
-        store.fail(load_id, "load_failed", "boom")  # the worker fails the load right here
+        store.fail(load_id, ErrorCode.LOAD_FAILED, "boom")  # the worker fails the load right here
         assert store.pop_waiters(load_id) == []
         real_add_waiter(load_id, job_id)
 

@@ -29,7 +29,7 @@ from tasks.settings import Settings
 from tasks.store import Store
 from workers.node.stranded import mark_orphaned
 from workers import metrics
-from workers.supervisor.calls import BackendError, load_deadline_s
+from workers.supervisor.calls import BackendCallError, BackendError, load_deadline_s
 from workers.node.consumers import set_consuming
 from workers.staging.stage import StagedModel, StageProgress, StagingError, stage
 from workers.supervisor.process import BackendProcess
@@ -186,7 +186,8 @@ class ModelManager:
                 tail = proc.log_tail(5)
                 raise LoadFailed(ErrorCode.BACKEND_CRASHED, f"backend process {crashed} during the load (which runs "
                                  f"the model once to warm it up)" + (f"; its last lines:\n{tail}" if tail else "")) from exc
-            raise LoadFailed(exc.code, str(exc)) from exc
+            # A backend that refuses the options (INVALID_ARGUMENT) is the request's fault: invalid_params.
+            raise LoadFailed(exc.job_code if isinstance(exc, BackendCallError) else exc.code, str(exc)) from exc
         return {"pid": proc.pid, "backend": manifest.backend, "device": info.get("device"), "dim": info.get("dim"),
                 "gpu": entry.gpu}
 
