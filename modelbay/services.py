@@ -209,14 +209,14 @@ def _spawn(cmd: Sequence[str], log_path: Path | None, env: dict[str, str] | None
 def worker_command(settings_node_queue: str, node_id: str, concurrency: int) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-P", "threads",
             "-c", str(concurrency), "-Q", settings_node_queue, "-n", f"modelbay@{node_id}",
-            "--without-gossip", "--without-mingle", "-E", "-l", "INFO"]
+            "--without-gossip", "--without-mingle", "-l", "INFO"]
 
 
 def web_command(host: str, port: int, workers: int, threads: int = 16) -> list[str]:
     return [sys.executable, "-m", "gunicorn", "web.wsgi:app", "--config", "python:web.gunicorn_conf",
             "--bind", f"{host}:{port}",
             "--workers", str(workers), "--worker-class", "gthread", "--threads", str(threads),
-            "--timeout", "120", "--graceful-timeout", "10", "--access-logfile", "-"]
+            "--timeout", "120", "--graceful-timeout", "10"]
 
 
 def spawn(cmd: Sequence[str], env: dict[str, str], log_path: Path | None = None) -> subprocess.Popen:

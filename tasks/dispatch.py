@@ -54,8 +54,7 @@ class Dispatcher:
 
         Returns ``(None, False)`` when it is ready, else ``(load job, created)``: single-flight
         per (model, node), so a second caller gets the job already in flight."""
-        nodes = self.store.live_nodes()
-        states = self.store.model_nodes(model, nodes)
+        nodes, states = self.store.placement_view(model)
         if node is not None:
             target = self._pinned(nodes, node, manifest)
             states = [s for s in states if s.node == node]

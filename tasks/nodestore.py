@@ -13,11 +13,46 @@ from tasks.schemas import ModelNode, NodeRecord
 from tasks.settings import Settings
 
 
+# Every node id's record, and one model's state on that node, in one round trip (the keys are
+# built in the script from their prefixes: modelbay runs on one Redis, never a cluster).
+_PLACEMENT = """
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local node = redis.call('GET', ARGV[1] .. id)
+  if node then
+    out[#out + 1] = node
+    out[#out + 1] = redis.call('HGET', ARGV[2] .. id, ARGV[3]) or ''
+  end
+end
+return out
+"""
+
+
 class NodeStore:
     """Node records and per-node model states (a mixin of :class:`tasks.store.Store`)."""
 
     _r: redis.Redis
     settings: Settings
+    _placement: redis.commands.core.Script | None = None
+
+    def placement_view(self, model: str) -> tuple[list[NodeRecord], list[ModelNode]]:
+        """The live nodes that take new work (not draining), sorted by id, and ``model``'s
+        state on each of them that has one: what placement reads, in one round trip."""
+        if self._placement is None:
+            self._placement = self._r.register_script(_PLACEMENT)
+        out = self._placement(keys=[NODES], args=[node_key(""), node_models_key(""), model])
+        nodes: list[NodeRecord] = []
+        states: list[ModelNode] = []
+        for raw_node, raw_state in zip(out[::2], out[1::2]):
+            node = NodeRecord.model_validate_json(raw_node)
+            if node.draining:
+                continue
+            nodes.append(node)
+            if raw_state:
+                states.append(ModelNode.model_validate_json(raw_state))
+        nodes.sort(key=lambda n: n.id)
+        states.sort(key=lambda m: m.node)
+        return nodes, states
 
     def heartbeat(self, node: NodeRecord) -> None:
         ttl_ms = int(self.settings.node_ttl_s * 1000)

@@ -20,9 +20,10 @@ from redis.backoff import ExponentialBackoff
 from redis.client import PubSub
 from redis.retry import Retry
 
+from tasks.cas import JobCas, Write
 from tasks.errors import ErrorCode
 from tasks.keys import (CATALOG, CATALOG_CREATED, INFLIGHT, JOB_CHANNEL_PATTERN, JOBS, OPS, OPS_VER,
-                        cooldown_key, crashes_key, job_channel, job_key, load_flight_key, waiters_key)
+                        cooldown_key, crashes_key, job_key, load_flight_key, waiters_key)
 from tasks.schemas import (ACTIVE, TERMINAL, JobErrorInfo, JobProgress, JobRecord, Manifest,
                            utcnow)
 from tasks.settings import Settings
@@ -41,6 +42,7 @@ class Change:
 
     applied: bool
     record: JobRecord | None
+    raw: str | None = None  # the record's JSON as stored, when known (a later write can start from it)
 
 
 class Store(NodeStore):
@@ -51,6 +53,7 @@ class Store(NodeStore):
         self.settings = settings
         self.tokens = TokenStream(client, settings.job_ttl_s)
         self.queues = QueueStore(client)
+        self._cas = JobCas(client)
 
     @classmethod
     def from_settings(cls, settings: Settings, outage_s: float = 1.0) -> Store:
@@ -85,43 +88,39 @@ class Store(NodeStore):
         raw = self._r.get(job_key(job_id))
         return JobRecord.model_validate_json(raw) if raw else None
 
-    def mutate(self, job_id: str, fn: Callable[[JobRecord], JobRecord | None]) -> Change:
-        """Apply ``fn`` to the record atomically. ``fn`` returns the new record or None (no
-        change). A terminal record is never passed to ``fn``: it is returned unchanged."""
-        key = job_key(job_id)
-        with self._r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    if raw is None:
-                        pipe.unwatch()
-                        return Change(False, None)
-                    current = JobRecord.model_validate_json(raw)
-                    new = None if current.terminal else fn(current.model_copy(deep=True))
-                    if new is None:
-                        pipe.unwatch()
-                        return Change(False, current)
-                    pipe.multi()
-                    pipe.set(key, new.model_dump_json(), ex=self._ttl_for(new))
-                    if new.terminal and new.kind != "inference":
-                        pipe.srem(OPS, job_id)
-                        pipe.incr(OPS_VER)
-                    if new.kind == "inference" and new.status == "running":
-                        pipe.sadd(INFLIGHT, job_id)
-                    elif new.kind == "inference" and current.status == "running":
-                        pipe.srem(INFLIGHT, job_id)
-                    if new.status != current.status:
-                        pipe.publish(job_channel(job_id), new.status)
-                    pipe.execute()
-                    return Change(True, new)
-                except redis.WatchError:
-                    continue
+    def get_job_raw(self, job_id: str) -> tuple[JobRecord, str] | None:
+        """The record and its JSON as stored (for a later write that starts from it)."""
+        raw = self._r.get(job_key(job_id))
+        return (JobRecord.model_validate_json(raw), raw) if raw else None
+
+    def mutate(self, job_id: str, fn: Callable[[JobRecord], JobRecord | None], known: str | None = None) -> Change:
+        """Apply ``fn`` to the record atomically (:mod:`tasks.cas`). ``fn`` returns the new
+        record or None (no change). A terminal record is never passed to ``fn``: it is
+        returned unchanged. ``known``: the record's JSON as the caller last saw it, which
+        saves a read when nobody changed it since."""
+        raw = known if known is not None else self._r.get(job_key(job_id))
+        while True:
+            if raw is None:
+                return Change(False, None)
+            current = JobRecord.model_validate_json(raw)
+            new = None if current.terminal else fn(current.model_copy(deep=True))
+            if new is None:
+                return Change(False, current, raw)
+            new_raw = new.model_dump_json()
+            running, was_running = new.status == "running", current.status == "running"
+            inference = new.kind == "inference"
+            written, raw = self._cas(Write(
+                job_id, raw, new_raw, self._ttl_for(new), leaves_ops=new.terminal and not inference,
+                inflight="add" if inference and running else "rem" if inference and was_running else "",
+                publish=new.status if new.status != current.status else ""))
+            if written:
+                return Change(True, new, new_raw)
 
     def transition(self, job_id: str, status: str, *, allowed_from: Iterable[str] = ACTIVE,
-                   when: Callable[[JobRecord], bool] | None = None, **fields: object) -> Change:
+                   when: Callable[[JobRecord], bool] | None = None, known: str | None = None,
+                   **fields: object) -> Change:
         """Move a job to ``status`` if its status is in ``allowed_from`` (and ``when`` holds
-        for the current record); set ``fields`` too.
+        for the current record); set ``fields`` too. ``known``: see :meth:`mutate`.
 
         ``started_at``/``finished_at`` are stamped on entering running/loading and terminal."""
         allowed = frozenset(allowed_from)
@@ -138,15 +137,15 @@ class Store(NodeStore):
                 data["finished_at"] = utcnow()
             return JobRecord.model_validate(data)
 
-        return self.mutate(job_id, apply)
+        return self.mutate(job_id, apply, known)
 
     def finish(self, job_id: str, status: str, *, result: object = None,
-               error: JobErrorInfo | None = None) -> Change:
+               error: JobErrorInfo | None = None, known: str | None = None) -> Change:
         """Write a terminal state once. Later calls leave the first outcome in place."""
         fields: dict[str, object] = {"result": result}
         if error is not None:
             fields["error"] = error
-        return self.transition(job_id, status, **fields)
+        return self.transition(job_id, status, known=known, **fields)
 
     def fail(self, job_id: str, code: ErrorCode, message: str) -> Change:
         return self.finish(job_id, "failed", error=JobErrorInfo(type=code, message=message))

@@ -130,6 +130,7 @@ def stack_env(valkey: Service, nats: Service, tmp_path_factory: pytest.TempPathF
     return {"MODELBAY_REDIS_URL": valkey.url, "MODELBAY_NATS_URL": nats.url,
             "MODELBAY_FILE_ROOTS": str(run / "sources"),
             "MODELBAY_ALLOW_PRIVATE_SOURCES": "1",  # model files come from a file server on 127.0.0.1
+            "MODELBAY_LOG_REQUESTS": "1",  # test_promises reads the worker's line per task
             "MODELBAY_RUN_DIR": str(run), "MODELBAY_MODELS_DIR": str(run / "models"),
             "MODELBAY_NODE_TTL_S": "3", "MODELBAY_BACKEND_STOP_GRACE_S": "3",
             "MODELBAY_CANCEL_POLL_S": "0.05", "MODELBAY_LOAD_COOLDOWN_BASE_S": "1",

@@ -1,5 +1,6 @@
-"""Celery Flower pointed at the same broker sees modelbay's workers and tasks: the workers
-send task events (``-E``, ``worker_send_task_events``), so Flower needs nothing of ours."""
+"""Celery Flower pointed at the same broker sees modelbay's workers and tasks. Task events are
+off by default (``MODELBAY_CELERY_EVENTS``); Flower turns them on in the workers itself
+(``enable_events``), so it needs nothing of ours."""
 from __future__ import annotations
 
 import sys

@@ -145,3 +145,48 @@ def test_the_cli_shows_loading_without_a_percentage(capsys):
     lines.update(staging)
     lines.update(loading)
     assert capsys.readouterr().out.splitlines() == ["staging 1/1 w.bin 5.0/10.0 MB 50.0%", "loading…"]
+
+
+class _Bus:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    def publish(self, subject: str, data: bytes) -> None:
+        import json
+
+        self.sent.append(json.loads(data))
+
+
+def test_a_quiet_inference_operation_publishes_nothing_unless_it_outlives_its_quiet_time(monkeypatch):
+    """A job that ends inside ``quiet_s`` sends no NATS event at all; one that runs longer
+    shows up with its latest details, then ends with a ``complete``."""
+    import workers.progress.live as live
+
+    now = [1000.0]
+    monkeypatch.setattr(live.time, "monotonic", lambda: now[0])
+    bus = _Bus()
+    publisher = live.LivePublisher(load_settings({"MODELBAY_PROGRESS_INTERVAL_S": "0"}), bus)  # type: ignore[arg-type]
+    short = publisher.operation("j1", "inference", "m", "j1", quiet_s=1.0)
+    short.update("start", {"message": "generating"})
+    short.update("progress", {"message": "generated 1 token(s)", "progress": 50.0})
+    short.done()
+    short.keepalive()
+    assert bus.sent == []
+    slow = publisher.operation("j2", "inference", "m", "j2", quiet_s=1.0)
+    slow.update("start", {"message": "generating"})
+    now[0] += 1.5
+    slow.update("progress", {"message": "generated 3 token(s)", "progress": 30.0})
+    slow.done()
+    assert [(e["op"], e["status"]) for e in bus.sent] == [("j2", "progress"), ("j2", "complete")]
+    assert bus.sent[0]["message"] == "generated 3 token(s)" and bus.sent[0]["progress"] == 30.0
+    loud = publisher.operation("j3", "staging", "m", "j3")  # a load's operation is never quiet
+    loud.update("start", {"message": "staging"})
+    assert bus.sent[-1]["op"] == "j3" and bus.sent[-1]["status"] == "start"
+
+
+def test_celery_events_follow_the_setting():
+    from tasks.celery_app import make_celery
+
+    assert make_celery(load_settings({})).conf.worker_send_task_events is False
+    on = make_celery(load_settings({"MODELBAY_CELERY_EVENTS": "1"})).conf
+    assert on.worker_send_task_events is True and on.task_send_sent_event is True

@@ -133,3 +133,14 @@ def test_the_cli_names_a_bad_setting_and_exits_2(monkeypatch, capsys):
     assert main(["worker"]) == 2  # before any process is started
     err = capsys.readouterr().err
     assert "MODELBAY_WORKER_CONCURRENCY='many'" in err and "expected int" in err and "Traceback" not in err
+
+
+def test_the_access_log_follows_log_requests(monkeypatch):
+    import importlib
+
+    import web.gunicorn_conf as conf
+
+    monkeypatch.delenv("MODELBAY_LOG_REQUESTS", raising=False)
+    assert importlib.reload(conf).accesslog is None  # off by default: no line per request
+    monkeypatch.setenv("MODELBAY_LOG_REQUESTS", "1")
+    assert importlib.reload(conf).accesslog == "-"

@@ -13,7 +13,8 @@ from tasks.errors import Conflict, ErrorCode, NotFound, Unavailable
 from tasks.names import invalid_model_name, model_from_token, model_queue, model_token
 from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode, NodeRecord, model_size_mb, utcnow
 from tasks.settings import load_settings
-from tasks.store import Store, job_channel, new_job_id
+from tasks.keys import job_channel
+from tasks.store import Store, new_job_id
 
 # ``store._r``: the store's private Redis client, for the keys these tests look at directly.
 
@@ -370,3 +371,23 @@ def test_the_backend_registry_refuses_typos_and_tasks_it_cannot_do(monkeypatch) 
     finally:
         backends.installed_backends.cache_clear()
     assert load_settings({"MODELBAY_BACKENDS": "echo, llama-cpp"}).backend_list == ["echo", "llama-cpp"]
+
+
+@pytest.mark.parametrize("which", ["fake", "valkey"])
+def test_a_write_from_a_stale_read_is_decided_again(which, store, request) -> None:
+    """The compare-and-set (tasks/cas.py): a writer that read the record before someone else
+    changed it does not overwrite that change; it re-reads and decides on the current record
+    (here: cancelled meanwhile, so the finish is not applied). Real Valkey and fakeredis."""
+    s: Store = store if which == "fake" else request.getfixturevalue("valkey_store")
+    job = s.create_job(JobRecord(id=new_job_id(), kind="inference", model="m", task="generate"))
+    got = s.get_job_raw(job.id)
+    assert got is not None
+    running = s.transition(job.id, "running", allowed_from=("queued",), known=got[1])
+    assert running.applied and running.raw is not None and job.id in s.inflight_ids()
+    assert s.cancel(job.id).applied
+    late = s.finish(job.id, "succeeded", result={"text": "late"}, known=running.raw)
+    assert not late.applied and late.record is not None and late.record.status == "cancelled"
+    assert s.get_job(job.id).status == "cancelled" and s.get_job(job.id).result is None
+    assert job.id not in s.inflight_ids()  # the cancel's write took it out of the in-flight set
+    gone = s.transition("0" * 32, "running", known=got[1])  # a record that is not there
+    assert not gone.applied and gone.record is None

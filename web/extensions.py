@@ -11,13 +11,23 @@ from flask import Flask, current_app
 
 from tasks.celery_app import make_celery
 from tasks.dispatch import Dispatcher
-from tasks.schemas import JobRecord
+from tasks.schemas import TERMINAL, JobRecord
 from tasks.settings import Settings
 from tasks.store import Store
 from web.live import Live
 from web.perprocess import PerProcess
 
 log = logging.getLogger("modelbay.web")
+
+
+class _Waiting:
+    """One waiting request: woken with the status the job's channel carried."""
+
+    __slots__ = ("event", "status")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.status: str | None = None
 
 
 class JobWaiter:
@@ -27,35 +37,40 @@ class JobWaiter:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._lock = threading.Lock()
-        self._events: dict[str, list[threading.Event]] = defaultdict(list)
+        self._waiting: dict[str, list[_Waiting]] = defaultdict(list)
         self._listener = PerProcess(lambda: threading.Thread(target=self._listen, name="modelbay-job-waiter",
                                                              daemon=True).start())
 
-    def wait(self, job_id: str, timeout_s: float) -> JobRecord | None:
-        """The job once terminal, or as it is after ``timeout_s`` seconds."""
+    def wait(self, job_id: str, timeout_s: float, stop_at: frozenset[str] = TERMINAL) -> JobRecord | None:
+        """The job once its status is in ``stop_at`` (terminal by default), or as it is after
+        ``timeout_s`` seconds; None if there is no such job. The record is read once on entry
+        (after the wait is registered, so no change is missed) and again only on a change
+        whose status is in ``stop_at``: the channel's message carries the status."""
         self._listener.ensure()
-        event = threading.Event()
+        waiting = _Waiting()
         with self._lock:
-            self._events[job_id].append(event)
+            self._waiting[job_id].append(waiting)
         try:
             deadline = time.monotonic() + timeout_s
             record = self.store.get_job(job_id)
-            while record is not None and not record.terminal:
+            while record is not None and record.status not in stop_at:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 # The 1 s cap is a safety net for a missed pub/sub message.
-                event.wait(min(remaining, 1.0))
-                event.clear()
+                woke = waiting.event.wait(min(remaining, 1.0))
+                waiting.event.clear()
+                if woke and waiting.status is not None and waiting.status not in stop_at:
+                    continue  # a step on the way (queued -> running): nothing to read yet
                 record = self.store.get_job(job_id)
             return record
         finally:
             with self._lock:
-                waiters = self._events.get(job_id, [])
-                if event in waiters:
-                    waiters.remove(event)
+                waiters = self._waiting.get(job_id, [])
+                if waiting in waiters:
+                    waiters.remove(waiting)
                 if not waiters:
-                    self._events.pop(job_id, None)
+                    self._waiting.pop(job_id, None)
 
     def _listen(self) -> None:
         backoff_s = 0.1
@@ -65,9 +80,11 @@ class JobWaiter:
                 backoff_s = 0.1
                 for message in pubsub.listen():
                     job_id = str(message.get("channel", "")).rsplit(":", 1)[-1]
+                    status = message.get("data")
                     with self._lock:
-                        for event in self._events.get(job_id, []):
-                            event.set()
+                        for waiting in self._waiting.get(job_id, []):
+                            waiting.status = status if isinstance(status, str) else None
+                            waiting.event.set()
             except redis.RedisError as exc:
                 log.warning("job waiter lost Redis (%s); retrying in %.1fs", exc, backoff_s)
                 time.sleep(backoff_s)

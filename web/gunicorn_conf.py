@@ -1,4 +1,5 @@
-"""gunicorn hooks (``--config python:web.gunicorn_conf``): Prometheus multiprocess mode.
+"""gunicorn settings and hooks (``--config python:web.gunicorn_conf``): the access log
+(``MODELBAY_LOG_REQUESTS``), and Prometheus multiprocess mode.
 
 Every gunicorn worker process counts into files under one directory, and ``/metrics``
 (any worker) sums them. The master makes a fresh directory when it starts (under
@@ -16,6 +17,10 @@ from typing import Any
 from tasks.settings import load_settings
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# One line per request on stdout, only when asked: it costs about a tenth of a small request's
+# CPU (docs/benchmarks.md), and a load balancer in front logs the same.
+accesslog = "-" if load_settings().log_requests else None
 
 
 def on_starting(server: Any) -> None:

@@ -35,8 +35,12 @@ def _wait_query(settings: Settings) -> dict[str, object]:
             "description": "long-poll: wait up to this many seconds for the job to end"}
 
 
-def _job(job_id: str) -> JobRecord:
-    record = mb().store.get_job(job_id) if _JOB_ID.fullmatch(job_id) else None
+def _job(job_id: str, wait_s: float = 0.0) -> JobRecord:
+    """The job ``job_id``; with ``wait_s``, once it has ended or ``wait_s`` seconds passed."""
+    if not _JOB_ID.fullmatch(job_id):
+        record = None
+    else:
+        record = mb().waiter.wait(job_id, wait_s) if wait_s else mb().store.get_job(job_id)
     if record is None:
         raise NotFound(f"job {job_id!r} not found", param="id", code=ErrorCode.JOB_NOT_FOUND)
     return record
@@ -82,11 +86,9 @@ def submit():
             Ok(200, JobRecord, "the job", headers=("X-Modelbay-Node",)), errors=(400, 404, 503),
             query={"wait": _wait_query})
 def get(job_id: str):
-    record = _job(job_id)
     limit = f" seconds (the upper limit is the setting {env_name('max_wait_s')})"
     wait_s = _float_arg("wait", 0, mb().settings.max_wait_s, limit)
-    if wait_s and not record.terminal:
-        record = mb().waiter.wait(job_id, wait_s) or record
+    record = _job(job_id, wait_s or 0.0)
     live = mb().live.job_progress(record)
     if live is not None:
         record.progress = live

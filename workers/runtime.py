@@ -34,6 +34,9 @@ class Runtime:
 
     def __init__(self, settings: Settings, app: Celery) -> None:
         self.settings = settings
+        if not settings.log_requests:  # Celery's own line per task received and per task ended
+            for name in ("celery.app.trace", "celery.worker.strategy"):
+                logging.getLogger(name).setLevel(logging.WARNING)
         self.store = Store.from_settings(settings, outage_s=settings.redis_outage_s)
         self.dispatcher = Dispatcher(self.store, app)
         self.devices = devices()  # NVML is asked once; the heartbeat reports the same list

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from tasks.backends import check_task
 from tasks.errors import Conflict, ErrorCode, InvalidRequest, ModelbayError, Unavailable
 from web.limits import check_limits
-from tasks.schemas import JobRecord, JobRequest
+from tasks.schemas import TERMINAL, JobRecord, JobRequest
 from web.disconnect import client_gone
 from web.extensions import mb
 from web.metrics import count_submitted
@@ -76,7 +76,8 @@ class Call:
         Raises :class:`ClientGone` or the 503 of a load past ``MODELBAY_LOAD_WAIT_S``."""
         load_wait_s = mb().settings.load_wait_s
         while True:
-            record = mb().waiter.wait(self.record.id, SLICE_S) or self.record
+            stop_at = TERMINAL | {"running"} if until_running else TERMINAL
+            record = mb().waiter.wait(self.record.id, SLICE_S, stop_at) or self.record
             self.record = record
             if record.terminal or (until_running and record.status == "running"):
                 return record

@@ -52,7 +52,7 @@ def generate(rt: Runtime, job: JobRecord, proc: BackendProcess, delivery: Delive
     call = proc.generate(prompt, messages, job.params, rt.settings.inference_timeout_s)
     rt.cancels.watch(job.id, call.cancel)
     # Token progress on jobs.<id>.progress, debounced like every operation.
-    op = rt.live.operation(job.id, "inference", job.model, job.id)
+    op = rt.live.operation(job.id, "inference", job.model, job.id, quiet_s=rt.settings.progress_interval_s)
     op.update("start", {"message": "generating"})
     max_tokens = job.params.get("max_tokens") if isinstance(job.params.get("max_tokens"), int) else None
     pieces: list[str] = []
@@ -91,7 +91,7 @@ def image(rt: Runtime, job: JobRecord, proc: BackendProcess, delivery: Delivery)
     to the live operation; the result holds the PNG as base64."""
     call = proc.generate_image(job.input, job.params, rt.settings.inference_timeout_s)
     rt.cancels.watch(job.id, call.cancel)
-    op = rt.live.operation(job.id, "inference", job.model, job.id)
+    op = rt.live.operation(job.id, "inference", job.model, job.id, quiet_s=rt.settings.progress_interval_s)
     op.update("start", {"message": "generating image"})
     record = Debouncer(lambda _e, p: rt.store.set_progress(job.id, JobProgress(**p)), rt.settings.progress_interval_s)
     result: dict[str, Any] | None = None

@@ -116,8 +116,11 @@ def infer(self: Task, job_id: str, reroutes: int = 0, route: int | None = None) 
     ``route`` is the job's ``routed`` count when this message was sent: a message of a job
     routed again since (a stranded queue swept, a requeue) does nothing."""
     rt = runtime_of(self)
-    job = rt.store.get_job(job_id)
-    if job is None or job.terminal or (route is not None and route != job.routed):
+    got = rt.store.get_job_raw(job_id)
+    if got is None:
+        return
+    job, raw = got
+    if job.terminal or (route is not None and route != job.routed):
         return
     try:
         entry = rt.manager.acquire(job.model, lambda: rt.cancels.is_cancelled(job_id))
@@ -130,12 +133,14 @@ def infer(self: Task, job_id: str, reroutes: int = 0, route: int | None = None) 
     try:
         change = rt.store.transition(job_id, "running", allowed_from=("queued", "loading"),
                                      when=lambda r: route is None or r.routed == route,
-                                     node=rt.settings.node_id, attempts=job.attempts + 1, runner=rt.instance)
+                                     node=rt.settings.node_id, attempts=job.attempts + 1, runner=rt.instance,
+                                     known=raw)
         if change.applied and change.record is not None:
+            final: JobRecord | None = None
             try:
-                _run(rt, change.record, entry, reroutes)
-            finally:
-                metrics.job_ended(rt.store.get_job(job_id))
+                final = _run(rt, change.record, entry, reroutes, change.raw)
+            finally:  # the final record of a success is at hand; others are read back
+                metrics.job_ended(final if final is not None else rt.store.get_job(job_id))
     finally:
         rt.manager.release(entry)
 
@@ -158,31 +163,33 @@ def _reroute(rt: Runtime, job: JobRecord, reroutes: int) -> None:
         rt.store.fail(job.id, ErrorCode.MODEL_UNAVAILABLE, str(exc))
 
 
-def _run(rt: Runtime, job: JobRecord, entry: Entry, reroutes: int) -> None:
+def _run(rt: Runtime, job: JobRecord, entry: Entry, reroutes: int, raw: str | None) -> JobRecord | None:
+    """Run the job (``raw``: its record's JSON as stored when it started); its final record
+    when it succeeded (None on the other paths)."""
     delivery = Delivery()
     try:
         result = RUNNERS[job.task or ""](rt, job, entry.proc, delivery)
     except BackendCancelled:
-        return  # the job is already ``cancelled`` in the store
+        return None  # the job is already ``cancelled`` in the store
     except BackendCallError as exc:
         if rt.cancels.is_cancelled(job.id):
-            return
+            return None
         if entry.crashed:
             _after_crash(rt, job, delivery, reroutes, entry.proc.exit_reason if entry.proc is not None else None)
-            return
+            return None
         code, message = exc.job_code, str(exc)  # the code its gRPC status gives (GRPC_ERROR_CODES)
         if code is ErrorCode.UNSUPPORTED_TASK:
             message = f"backend {entry.manifest.backend!r} of {job.model!r} does not support task {job.task!r}"
         rt.store.fail(job.id, code, message)
-        return
+        return None
     except JobFailed as exc:
         rt.store.fail(job.id, exc.code, str(exc))
-        return
+        return None
     except Exception as exc:  # a bug must not leave the job running forever
         log.exception("job %s crashed", job.id)
         rt.store.fail(job.id, ErrorCode.INTERNAL_ERROR, f"the job failed unexpectedly: {exc}")
-        return
-    rt.store.finish(job.id, "succeeded", result=result)
+        return None
+    return rt.store.finish(job.id, "succeeded", result=result, known=raw).record
 
 
 def _after_crash(rt: Runtime, job: JobRecord, delivery: Delivery, reroutes: int, exit_reason: str | None = None) -> None:

@@ -294,11 +294,12 @@ class ModelManager:
                 raise NotHere(model)
 
     def release(self, entry: Entry) -> None:
+        """A job is done with ``entry``. Its ``in_flight`` and ``last_used`` reach the store
+        with the next heartbeat (:meth:`republish`), not with every job."""
         with self._lock:
             entry.in_flight = max(0, entry.in_flight - 1)
             metrics.INFLIGHT.labels(model=entry.model).set(entry.in_flight)
             self._touch(entry)
-        self._publish(entry)
 
     @staticmethod
     def _touch(entry: Entry) -> None:

@@ -31,9 +31,14 @@ _WIRE: dict[str, EventStatus] = {"start": "start", "progress": "progress", "file
 
 
 class Operation:
-    """One live operation. ``update(event, fields)`` is the progress sink of a load."""
+    """One live operation. ``update(event, fields)`` is the progress sink of a load.
 
-    def __init__(self, publisher: LivePublisher, op_id: str, kind: str, model: str, job: str | None) -> None:
+    With ``quiet_s`` (inference) nothing is published until the operation has run that many
+    seconds: a job that ends sooner publishes nothing at all (its record says everything), and
+    one that runs longer shows up with its latest state."""
+
+    def __init__(self, publisher: LivePublisher, op_id: str, kind: str, model: str, job: str | None,
+                 quiet_s: float = 0.0) -> None:
         self.publisher = publisher
         self.id = op_id
         self.kind = kind
@@ -44,24 +49,35 @@ class Operation:
         self.state: dict[str, Any] = {}
         self.last_sent = time.monotonic()
         self.ended = False
+        self._quiet_until = self.last_sent + quiet_s if quiet_s > 0 else None
+        self._held: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.debouncer = Debouncer(self._send, publisher.settings.progress_interval_s)
 
     def update(self, event: str, fields: dict[str, Any]) -> None:
         if event == "loading":
             self.kind = "loading"
+        if self._quiet_until is not None:
+            if time.monotonic() < self._quiet_until:
+                self._held.update((k, v) for k, v in fields.items() if v is not None)
+                return
+            self._quiet_until = None
+            fields = {**self._held, **fields}
         self.debouncer.submit(event, dict(fields))
 
     def done(self) -> None:
-        self.debouncer.submit("done", {})
+        if self._quiet_until is None:
+            self.debouncer.submit("done", {})
         self.publisher.forget(self)
 
     def fail(self, message: str) -> None:
-        self.debouncer.submit("error", {"message": message, "error": message})
+        if self._quiet_until is None:
+            self.debouncer.submit("error", {"message": message, "error": message})
         self.publisher.forget(self)
 
     def keepalive(self) -> None:
-        self._send("keepalive", {})
+        if self.seq > 0:  # an operation still quiet has nothing to keep alive
+            self._send("keepalive", {})
 
     def _send(self, event: str, fields: dict[str, Any]) -> None:
         with self._lock:
@@ -111,8 +127,9 @@ class LivePublisher:
         self._lock = threading.Lock()
         threading.Thread(target=self._keepalives, name="modelbay-keepalive", daemon=True).start()
 
-    def operation(self, op_id: str, kind: str, model: str, job: str | None = None) -> Operation:
-        op = Operation(self, op_id, kind, model, job)
+    def operation(self, op_id: str, kind: str, model: str, job: str | None = None,
+                  quiet_s: float = 0.0) -> Operation:
+        op = Operation(self, op_id, kind, model, job, quiet_s)
         with self._lock:
             self._ops[op_id] = op
         return op

@@ -1,0 +1,183 @@
+"""The job path's cost against the queue it rides on: CPU per job in each process, throughput
+and serial latency, modelbay and raw Celery measured in the same run on the same Valkey.
+
+Paths:
+- ``raw``: ``send_task("bench.noop").get()`` on a bare Celery threads worker (Redis result
+  backend) — the baseline, nothing of modelbay;
+- ``jobs``: ``POST /v1/jobs`` (generate on echo) then ``GET /v1/jobs/{id}?wait=10`` until done;
+- ``embed``: ``POST /v1/embeddings`` on echo (one text, one call).
+
+CPU is read from ``/proc/<pid>/stat`` (utime + stime) of every process of each part (a
+part's children included: gunicorn's workers, the worker's backend) before and after each
+run; the client is this process. Each client thread keeps one HTTP connection (a
+``requests.Session``), as a real client does.
+
+Run from the repo root: ``python -m bench.bench_job_path [--jobs 400] [--clients 16]``.
+Targets (issue 16) are printed next to the figures; nothing here asserts them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import requests
+
+from bench.bench_jobs import timed as run
+from modelbay.services import Started, descendants
+from modelbay.stack import LocalStack
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NODE = "bench"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def cpu_s(pids: set[int]) -> float:
+    """utime + stime of ``pids`` in seconds (processes that are gone count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def self_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Meter:
+    """CPU seconds of each named part (its process and all below it)."""
+
+    def __init__(self, parts: dict[str, Started]) -> None:
+        self.parts = parts
+
+    def snapshot(self) -> dict[str, float]:
+        """The worker's backend processes count apart (``backend``) from the worker itself."""
+        out = {name: cpu_s({p.proc.pid} | descendants(p.proc.pid)) for name, p in self.parts.items()
+               if name != "worker"}
+        worker = self.parts["worker"].proc.pid
+        out["worker"] = cpu_s({worker})
+        out["backend"] = cpu_s(descendants(worker))
+        out["client"] = self_cpu_s()
+        return out
+
+
+class Http:
+    """One ``requests.Session`` per client thread."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self._local = threading.local()
+
+    def session(self) -> requests.Session:
+        s = getattr(self._local, "s", None)
+        if s is None:
+            s = self._local.s = requests.Session()
+        return s
+
+    def job(self) -> None:
+        s = self.session()
+        job = s.post(f"{self.base}/v1/jobs", json={"model": "echo", "task": "generate", "input": "a b c d"},
+                     timeout=30).json()
+        while job["status"] not in TERMINAL:
+            job = s.get(f"{self.base}/v1/jobs/{job['id']}", params={"wait": 10}, timeout=30).json()
+        if job["status"] != "succeeded":
+            raise RuntimeError(job)
+
+    def embed(self) -> None:
+        r = self.session().post(f"{self.base}/v1/embeddings", json={"model": "echo", "input": "hello there"},
+                                timeout=30)
+        if r.status_code != 200:
+            raise RuntimeError(r.text)
+
+
+def measure(meter: Meter, fn: Callable[[], None], jobs: int, clients: int) -> dict[str, object]:
+    before = meter.snapshot()
+    samples, wall = run(fn, jobs, clients)
+    after = meter.snapshot()
+    cpu_ms = {k: 1000 * (after[k] - before[k]) / jobs for k in after}
+    return {"p50_ms": 1000 * statistics.median(samples), "rate": jobs / wall, "cpu_ms": cpu_ms}
+
+
+def start(local: LocalStack, clients: int) -> tuple[dict[str, Started], str]:
+    valkey = local.start_valkey(appendonly=False)
+    local.start_nats()
+    worker = local.start_worker(NODE, concurrency=clients)
+    web = local.start_web(workers=2, threads=clients)
+    local.wait_http(f"{web.url}/readyz", 60, "modelbay (a worker node is live)")
+    raw_url = local.env["MODELBAY_REDIS_URL"].rsplit("/", 1)[0] + "/2"
+    raw = local.spawn("raw", [sys.executable, "-m", "celery", "-A", "bench.raw_celery", "worker", "-P", "threads",
+                              "-c", str(clients), "--without-gossip", "--without-mingle", "-l", "WARNING"],
+                      {"BENCH_REDIS_URL": raw_url, "PYTHONPATH": os.getcwd()})
+    os.environ["BENCH_REDIS_URL"] = raw_url
+    return {"valkey": valkey, "web": web, "worker": worker, "raw": raw}, web.url
+
+
+TARGETS = {"jobs": ("server CPU <= 5 ms/job", 5.0), "embed": ("server CPU <= 4 ms/job", 4.0)}
+
+
+def report(results: dict[str, dict[int, dict[str, object]]], clients: int) -> None:
+    raw_serial = results["raw"][1]["p50_ms"]
+    raw_rate = results["raw"][clients]["rate"]
+    raw_server = 0.0
+    print(f"{'path':>6} {'p50 1 client':>13} {'jobs/s':>7} {'x raw':>6} | CPU ms per job at {clients} clients:"
+          f" {'valkey':>7} {'web':>6} {'worker':>7} {'backend':>8} {'client':>7} {'server':>7} {'x raw':>6}")
+    for path, runs in results.items():
+        serial, loaded = runs[1], runs[clients]
+        cpu = loaded["cpu_ms"]
+        server = cpu["valkey"] + cpu["raw"] if path == "raw" else cpu["valkey"] + cpu["web"] + cpu["worker"] + cpu["backend"]
+        raw_server = server if path == "raw" else raw_server
+        worker = cpu["raw"] if path == "raw" else cpu["worker"]
+        web, backend = (0.0, 0.0) if path == "raw" else (cpu["web"], cpu["backend"])
+        print(f"{path:>6} {serial['p50_ms']:>10.2f} ms {loaded['rate']:>7.0f} {loaded['rate'] / raw_rate:>6.2f} |"
+              f"{'':>34} {cpu['valkey']:>7.2f} {web:>6.2f} {worker:>7.2f} {backend:>8.2f} "
+              f"{cpu['client']:>7.2f} {server:>7.2f} {server / raw_server:>6.2f}")
+        if path in TARGETS:
+            text, limit = TARGETS[path]
+            print(f"{'':>6} targets: {text} ({'met' if server <= limit else 'NOT met'}: {server:.2f}); "
+                  f"throughput >= 0.6x raw ({loaded['rate'] / raw_rate:.2f}x); "
+                  f"serial p50 <= raw + 2 ms ({serial['p50_ms'] - raw_serial:+.2f} ms)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--jobs", type=int, default=400, help="jobs per loaded run")
+    parser.add_argument("--serial", type=int, default=100, help="jobs of the one-client run")
+    parser.add_argument("--clients", type=int, default=16)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="mb-bench-"))
+    with LocalStack(tmp, env={"MODELBAY_RUN_DIR": str(tmp / "run"), "MODELBAY_MODELS_DIR": str(tmp / "models"),
+                              "MODELBAY_WORKER_METRICS_PORT": "0"}) as local:
+        parts, url = start(local, args.clients)
+        sys.path.insert(0, os.getcwd())
+        from bench.raw_celery import app as raw_app
+
+        http = Http(url)
+        requests.put(f"{url}/v1/models/echo", json={"backend": "echo", "options": {"dim": 8}},
+                     timeout=30).raise_for_status()
+        paths: dict[str, Callable[[], None]] = {
+            "raw": lambda: raw_app.send_task("bench.noop").get(timeout=30), "jobs": http.job, "embed": http.embed}
+        meter = Meter(parts)
+        for fn in paths.values():  # warm up: model loaded, connections open, code paths hot
+            run(fn, 4 * args.clients, args.clients)
+        results = {name: {1: measure(meter, fn, args.serial, 1), args.clients: measure(meter, fn, args.jobs,
+                                                                                        args.clients)}
+                   for name, fn in paths.items()}
+        print(f"{os.cpu_count()} CPUs; {args.jobs} jobs at {args.clients} clients, {args.serial} serial; "
+              f"web: gunicorn 2 procs x {args.clients} threads; worker: threads x {args.clients}")
+        report(results, args.clients)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""A job record's compare-and-set in one round trip (a Lua script), with its side effects.
+
+The record is replaced only when it is still, byte for byte, what the writer read; the
+indexes that follow a job's status (the operations set and its version, the in-flight set)
+change with it, and the new status is published on the job's channel, all atomically. A
+writer whose read is stale gets the current record back and decides again: so a terminal
+state is never overwritten, as with WATCH/MULTI, in two round trips fewer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from tasks.keys import INFLIGHT, OPS, OPS_VER, job_channel, job_key
+
+_SCRIPT = """
+local cur = redis.call('GET', KEYS[1])
+if cur ~= ARGV[1] then
+  if cur then return {0, cur} end
+  return {0}
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+if ARGV[4] == '1' then
+  redis.call('SREM', KEYS[2], ARGV[7])
+  redis.call('INCR', KEYS[3])
+end
+if ARGV[5] == 'add' then
+  redis.call('SADD', KEYS[4], ARGV[7])
+elseif ARGV[5] == 'rem' then
+  redis.call('SREM', KEYS[4], ARGV[7])
+end
+if ARGV[6] ~= '' then
+  redis.call('PUBLISH', ARGV[8], ARGV[6])
+end
+return {1}
+"""
+
+
+@dataclass(frozen=True)
+class Write:
+    """One replacement of a job record and what follows from it."""
+
+    job_id: str
+    expected: str         # the record as read (its JSON)
+    new: str              # the new record's JSON
+    ttl_s: int            # the key's new expiry, seconds
+    leaves_ops: bool      # a load or unload that ends: out of the operations set
+    inflight: str         # "add" (starts running), "rem" (stops running) or ""
+    publish: str          # the new status when it changed (sent on the job's channel), else ""
+
+
+class JobCas:
+    """The compare-and-set script, registered once per client (EVALSHA; EVAL after a restart
+    of Redis, which forgets scripts)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._script = client.register_script(_SCRIPT)
+
+    def __call__(self, w: Write) -> tuple[bool, str | None]:
+        """``(True, None)`` when written; else ``(False, current JSON or None if gone)``."""
+        out = self._script(keys=[job_key(w.job_id), OPS, OPS_VER, INFLIGHT],
+                           args=[w.expected, w.new, w.ttl_s, "1" if w.leaves_ops else "0", w.inflight, w.publish,
+                                 w.job_id, job_channel(w.job_id)])
+        if out[0] == 1:
+            return True, None
+        return False, out[1] if len(out) > 1 else None
