@@ -63,7 +63,7 @@ BACKENDS: Mapping[str, Backend] = {b.name: b for b in _ALL}
 """Backend name → :class:`Backend`, in the order error messages list them."""
 
 # Backend name → (the Python package it needs, the pip extra that installs it); echo needs
-# nothing. Kept for callers of the older ``tasks.names.BACKEND_EXTRAS``.
+# nothing (placement names them when no node can run a backend).
 BACKEND_EXTRAS: Mapping[str, tuple[str, str]] = {
     b.name: (b.package, b.extra) for b in _ALL if b.package is not None and b.extra is not None}
 

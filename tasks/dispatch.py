@@ -15,7 +15,8 @@ import math
 from celery import Celery
 
 from tasks.errors import Conflict, ErrorCode, NotFound, Unavailable
-from tasks.names import BACKEND_EXTRAS, TASK_INFER, TASK_LOAD, TASK_UNLOAD, model_queue, node_queue
+from tasks.backends import BACKEND_EXTRAS
+from tasks.names import TASK_INFER, TASK_LOAD, TASK_UNLOAD, model_queue, node_queue
 from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode, NodeRecord, model_size_mb
 from tasks.store import Store, new_job_id
 

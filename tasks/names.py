@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import re
 
-from tasks.backends import BACKEND_EXTRAS as BACKEND_EXTRAS  # re-exported: the registry is tasks/backends.py
-
 TASK_LOAD = "modelbay.load"
 TASK_UNLOAD = "modelbay.unload"
 TASK_INFER = "modelbay.infer"

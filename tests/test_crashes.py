@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from helpers import poll, wait_job
 from workers.supervisor.exits import describe_exit

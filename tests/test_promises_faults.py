@@ -111,7 +111,7 @@ def test_a_drain_cancels_the_backend_call_of_the_job_it_hands_back(base, cluster
 
 
 def test_eviction_waits_for_a_model_already_unloading(base, cluster) -> None:
-    client, store = base["client"], base["store"]
+    client = base["client"]
     # The backends ignore SIGTERM, so an unload takes the whole 4 s stop grace.
     node = cluster("ev", MODELBAY_NODE_MEMORY_MB="100", MODELBAY_ECHO_IGNORE_SIGTERM="1",
                    MODELBAY_BACKEND_STOP_GRACE_S="4").node_id

@@ -186,7 +186,7 @@ def test_jobs_waiting_when_the_model_is_evicted_are_routed_again(stack) -> None:
 def test_jobs_waiting_when_the_model_is_unloaded_are_routed_again(stack) -> None:
     """An unload while a's threads are busy: the keep-alive expiry (the heartbeat thread's
     ``ModelManager.unload``, the path an explicit unload and an eviction take too)."""
-    client, store, workers = stack["client"], stack["store"], stack["workers"]
+    client, workers = stack["client"], stack["workers"]
     a, _ = sorted(workers)
     stack["with_ttl"](a, NODE_TTL_S)  # its heartbeat thread unloads idle models every TTL / 3
     x = register(client, memory_mb=10, keep_alive_s=6)

@@ -348,7 +348,7 @@ def test_a_job_registered_after_its_load_failed_fails_too(store: Store, monkeypa
 def test_the_backend_registry_refuses_typos_and_tasks_it_cannot_do(monkeypatch) -> None:
     from tasks import backends
     from tasks.errors import InvalidRequest
-    from tasks.names import BACKEND_EXTRAS
+    from tasks.backends import BACKEND_EXTRAS
 
     backends.check_backend("llama-cpp", {"n_ctx": 512, "repack": False})
     with pytest.raises(InvalidRequest) as typo:
