@@ -156,7 +156,7 @@ class Settings(BaseSettings):
     # Celery task events (task-sent from the web, received/started/succeeded from workers):
     # three to four broker publishes per job, about a fifth of a small job's CPU
     # (docs/benchmarks.md). Off by default; Flower turns them on in the workers at run time
-    # (its enable_events), and this turns them on from the start.
+    # (its enable_events, every 5 s), and this turns them on from the start.
     celery_events: bool = False
     # A log line per HTTP request (gunicorn's access log) and per task (Celery's "received" and
     # "succeeded"): each costs about a tenth of a small job's CPU in its process.

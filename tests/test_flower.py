@@ -4,6 +4,7 @@ off by default (``MODELBAY_CELERY_EVENTS``); Flower turns them on in the workers
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,12 +38,23 @@ def test_flower_sees_the_workers_and_their_tasks(stack_env: dict[str, str], arti
         assert workers[f"modelbay@{NODE}"]["stats"]["pool"]["implementation"] == "celery.concurrency.thread:TaskPool"
         name = unique("flower")
         assert client.put(f"/v1/models/{name}", json={"backend": "echo"}).status_code == 201
-        job = client.post("/v1/jobs", json={"model": name, "task": "generate", "input": "seen by flower"}).get_json()
-        assert wait_job(client, job["id"])["status"] == "succeeded"
-        tasks = poll(lambda: (t := get("/api/tasks?limit=100")) and
-                     [v for v in t.values() if v.get("name") == "modelbay.infer" and job["id"] in (v.get("args") or "")]
-                     and t, 30, "Flower to see the job's task")
-        seen = [v for v in tasks.values() if v.get("name") == "modelbay.infer" and job["id"] in (v.get("args") or "")]
-        assert seen[0]["state"] == "SUCCESS" and seen[0]["worker"] == f"modelbay@{NODE}"
+        # Task events are off by default; Flower turns them on in the workers every
+        # events_enable_interval (5 s, the first time 5 s after it starts). A job a second
+        # until Flower has seen one of them end.
+        jobs: list[str] = []
+        last = [0.0]
+
+        def seen_by_flower() -> list[dict]:
+            if time.monotonic() - last[0] >= 1.0:
+                job = client.post("/v1/jobs", json={"model": name, "task": "generate", "input": "seen by flower"})
+                assert wait_job(client, job.get_json()["id"])["status"] == "succeeded"
+                jobs.append(job.get_json()["id"])
+                last[0] = time.monotonic()
+            tasks = get("/api/tasks?limit=200") or {}
+            return [v for v in tasks.values() if v.get("name") == "modelbay.infer" and v.get("state") == "SUCCESS"
+                    and any(j in (v.get("args") or "") for j in jobs)]
+
+        seen = poll(seen_by_flower, 40, "Flower to see a job's task succeed", interval_s=0.2)
+        assert seen[0]["worker"] == f"modelbay@{NODE}"
     finally:
         stop_process(proc, 10)
