@@ -70,6 +70,7 @@ class ErrorCode(StrEnum):
     LOAD_NOT_CANCELLABLE = "load_not_cancellable", 409, CONFLICT_ERROR
     BACKEND_UNSUPPORTED = "backend_unsupported", 409, CONFLICT_ERROR
     PAYLOAD_TOO_LARGE = "payload_too_large", 413, INVALID_REQUEST_ERROR
+    FILE_TOO_LARGE = "file_too_large", 413, INVALID_REQUEST_ERROR  # an upload over MODELBAY_MAX_FILE_MB
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", 415, INVALID_REQUEST_ERROR
     VALIDATION_ERROR = "validation_error", 422, INVALID_REQUEST_ERROR
     # 503 (with Retry-After): retrying later may work
@@ -156,6 +157,12 @@ class PayloadTooLarge(ModelbayError):
     code = ErrorCode.PAYLOAD_TOO_LARGE
 
 
+class FileTooLarge(ModelbayError):
+    """A file (an upload, or an output being written) over its limit; nothing of it is kept."""
+
+    code = ErrorCode.FILE_TOO_LARGE
+
+
 class UnsupportedMediaType(ModelbayError):
     code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
 
@@ -185,5 +192,5 @@ class JobFailed(Exception):
 
 
 __all__ = ["ErrorCode", "OPENAI_TYPES", "ModelbayError", "InvalidRequest", "Unauthorized", "NotFound",
-           "MethodNotAllowed", "Conflict", "PayloadTooLarge", "UnsupportedMediaType", "Unprocessable",
+           "MethodNotAllowed", "Conflict", "PayloadTooLarge", "FileTooLarge", "UnsupportedMediaType", "Unprocessable",
            "Unavailable", "JobFailed"]

@@ -27,6 +27,9 @@ Keys (all under ``mb:``):
 - ``mb:rescue``               set (with an expiry) while lost workers' taken messages are looked at
 - ``mb:gone``                 hash node id → epoch seconds when the reaper first found it gone
                               (a heartbeat clears it; :mod:`workers.node.stranded`)
+- ``mb:file:<id>``            a file's record JSON (:class:`tasks.files.FileObject`; its bytes are
+                              in the file store, never in Redis)
+- ``mb:files``                sorted set of file ids by creation time (epoch seconds)
 
 ``<tok>`` is :func:`tasks.names.model_token` of the model name. Outside ``mb:``, the store
 reads keys of kombu's Redis transport: each Celery queue is a list named after it
@@ -51,6 +54,7 @@ REAPER_LOCK = f"{P}reaper"
 ORPHANS = f"{P}orphans"
 RESCUE = f"{P}rescue"
 GONE = f"{P}gone"
+FILES = f"{P}files"
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's Redis transport (its defaults)
 
 
@@ -88,3 +92,7 @@ def cooldown_key(model: str) -> str:
 
 def crashes_key(model: str) -> str:
     return f"{P}crashes:{model_token(model)}"
+
+
+def file_key(file_id: str) -> str:
+    return f"{P}file:{file_id}"

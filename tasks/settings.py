@@ -93,6 +93,14 @@ class Settings(BaseSettings):
     job_ttl_s: int = 86400
     jobs_recent_max: int = 10000
     max_body_mb: float = 32.0
+    # Files (/v1/files, tasks/filestore.py): where their bytes live, a local directory (a path
+    # or file:///path) or s3://bucket/prefix (any S3-compatible store: the standard AWS_*
+    # variables, plus the endpoint below for one that is not AWS). Several nodes need S3.
+    files_url: str = "./.modelbay/files"
+    s3_endpoint_url: str = ""               # empty: AWS itself
+    s3_part_mb: int = Field(default=8, ge=5)  # S3 multipart part size (S3's least is 5 MiB)
+    max_file_mb: int = 200                    # the largest file an upload may be (413 past it)
+    batch_max_lines: int = 50000              # the most requests one batch input file may hold
     # Request limits (answered 400 naming the field)
     max_inputs: int = 2048              # texts in one embed job, messages in one chat job
     max_input_chars: int = 1_000_000    # characters of one job's input, all texts together
@@ -202,6 +210,10 @@ class Settings(BaseSettings):
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def max_file_bytes(self) -> int:
+        return self.max_file_mb * 1024 * 1024
 
 
 def env_name(field_name: str) -> str:

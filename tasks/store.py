@@ -22,6 +22,7 @@ from redis.retry import Retry
 
 from tasks.cas import JobCas, Write
 from tasks.errors import ErrorCode
+from tasks.files import FileIndex
 from tasks.keys import (CATALOG, CATALOG_CREATED, INFLIGHT, JOB_CHANNEL_PATTERN, JOBS, OPS, OPS_VER,
                         cooldown_key, crashes_key, job_key, load_flight_key, waiters_key)
 from tasks.schemas import (ACTIVE, TERMINAL, JobErrorInfo, JobProgress, JobRecord, Manifest,
@@ -53,6 +54,7 @@ class Store(NodeStore):
         self.settings = settings
         self.tokens = TokenStream(client, settings.job_ttl_s)
         self.queues = QueueStore(client)
+        self.files = FileIndex(client)  # file records (/v1/files); their bytes are in the file store
         self._cas = JobCas(client)
 
     @classmethod
