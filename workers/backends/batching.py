@@ -1,14 +1,18 @@
-"""Dynamic batching: concurrent requests gathered into one forward pass.
+"""Dynamic batching: concurrent requests gathered into forward passes of bounded size.
 
 :class:`Batcher` owns one thread. A request (:meth:`Batcher.submit`, called from a gRPC
 thread) joins the open batch; the batch closes when it holds ``max_batch_size`` texts or
-``max_delay_s`` seconds after its first request arrived, whichever comes first, and is
-encoded with one call of ``encode``. Each caller gets back exactly its own rows.
+``max_delay_s`` seconds after it opened, whichever comes first, and is encoded with one call
+of ``encode``. No call of ``encode`` ever gets more than ``max_batch_size`` texts: a request
+with more texts than the open batch has room for is split, its first texts fill the batch
+and the rest start the next one (before any request that came later). Each caller gets back
+exactly its own rows, in the order of its texts.
 
-Isolation: a request cancelled before its batch runs is dropped from it; one cancelled
-while its batch runs still lets the others finish. When a batch of several requests fails,
-each request is encoded again on its own, so only the request that really fails gets the
-error (the others are answered normally).
+Isolation: a request cancelled before its texts run is dropped (also between the passes of a
+split request); one cancelled while its batch runs still lets the others finish. When a
+batch of several requests fails, each request's texts in it are encoded again on their own,
+so only the request that really fails gets the error (the others are answered normally); a
+request that failed in one pass is left out of its later passes.
 """
 from __future__ import annotations
 
@@ -31,15 +35,47 @@ class BatchCancelled(Exception):
 
 @dataclass
 class _Request:
+    """One caller's texts; ``rows`` fills in as its pieces are encoded, ``scheduled`` is how
+    many of its texts have been given to a batch so far."""
+
     texts: list[str]
     cancelled: Callable[[], bool]
     done: threading.Event = field(default_factory=threading.Event)
-    rows: Sequence[Any] | None = None
+    rows: list[Any] = field(default_factory=list)
     error: BaseException | None = None
+    scheduled: int = 0
+    encoded: int = 0
 
-    def finish(self, rows: Sequence[Any] | None = None, error: BaseException | None = None) -> None:
-        self.rows, self.error = rows, error
+    def __post_init__(self) -> None:
+        self.rows = [None] * len(self.texts)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        self.error = error
         self.done.set()
+
+    def put(self, start: int, rows: Sequence[Any]) -> None:
+        """Rows for texts ``start..start+len(rows)``; finishes the request when it has all."""
+        self.rows[start:start + len(rows)] = list(rows)
+        self.encoded += len(rows)
+        if self.encoded == len(self.texts):
+            self.finish()
+
+    @property
+    def live(self) -> bool:
+        return not self.done.is_set() and not self.cancelled()
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Texts ``start..end`` of ``request`` in one batch."""
+
+    request: _Request
+    start: int
+    end: int
+
+    @property
+    def texts(self) -> list[str]:
+        return self.request.texts[self.start:self.end]
 
 
 class Batcher:
@@ -59,6 +95,7 @@ class Batcher:
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
+        self._carry: _Request | None = None  # a split request whose next texts start the next batch
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self._thread.start()
 
@@ -78,8 +115,6 @@ class Batcher:
                 raise BatchCancelled("the caller cancelled")
         if request.error is not None:
             raise request.error
-        if request.rows is None:
-            raise BatchCancelled("the request was dropped")
         return request.rows
 
     def close(self) -> None:
@@ -94,10 +129,20 @@ class Batcher:
                 "max_batch": self.max_batch}
 
     # -- the batching thread ------------------------------------------------------------
-    def _gather(self, first: _Request) -> tuple[list[_Request], bool]:
-        batch, size = [first], len(first.texts)
+    def _take(self, request: _Request, room: int) -> _Piece:
+        """The next ``room`` texts at most of ``request``; what is left of it is carried."""
+        start = request.scheduled
+        request.scheduled = min(len(request.texts), start + room)
+        self._carry = request if request.scheduled < len(request.texts) else None
+        return _Piece(request, start, request.scheduled)
+
+    def _gather(self, first: _Request) -> tuple[list[_Piece], bool]:
+        """One batch of at most ``max_batch_size`` texts starting with ``first``; True when
+        the batcher was closed meanwhile."""
+        batch = [self._take(first, self.max_batch_size)]
+        size = len(batch[0].texts)
         deadline = time.monotonic() + self.max_delay_s
-        while size < self.max_batch_size:
+        while size < self.max_batch_size and self._carry is None:
             left = deadline - time.monotonic()
             try:
                 item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
@@ -105,19 +150,37 @@ class Batcher:
                 break
             if item is None:
                 return batch, True
-            batch.append(item)
-            size += len(item.texts)
+            if not item.live:
+                continue
+            batch.append(self._take(item, self.max_batch_size - size))
+            size += len(batch[-1].texts)
         return batch, False
+
+    def _next(self) -> _Request | None:
+        """The carried request if it still wants its rows, else the next queued one (None:
+        closed: the carried request is failed with the queued ones)."""
+        if self._closed:
+            return None
+        carry, self._carry = self._carry, None
+        if carry is not None and carry.live:
+            return carry
+        while True:
+            item = self._queue.get()
+            if item is None or item.live:
+                return item
 
     def _loop(self) -> None:
         while True:
-            first = self._queue.get()
+            first = self._next()
             if first is None:
                 break
             batch, stop = self._gather(first)
-            self._run([r for r in batch if not r.cancelled()])
+            self._run([piece for piece in batch if piece.request.live])
             if stop:
                 break
+        carry, self._carry = self._carry, None
+        if carry is not None:
+            carry.finish(error=RuntimeError("the batcher is closed"))
         while True:  # closed: fail whoever is still queued
             try:
                 item = self._queue.get_nowait()
@@ -135,25 +198,25 @@ class Batcher:
             raise RuntimeError(f"encode returned {len(rows)} rows for {len(texts)} texts")
         return rows
 
-    def _run(self, batch: list[_Request]) -> None:
+    def _run(self, batch: list[_Piece]) -> None:
         if not batch:
             return
-        self.requests += len(batch)
-        texts = [t for r in batch for t in r.texts]
+        self.requests += sum(1 for piece in batch if piece.start == 0)
+        texts = [t for piece in batch for t in piece.texts]
         try:
             rows = self._encode(texts)
-        except Exception as exc:  # isolate: retry each request alone
-            if len(batch) == 1:
-                batch[0].finish(error=exc)
+        except Exception as exc:  # isolate: retry each request's piece alone
+            if len({id(piece.request) for piece in batch}) == 1:
+                batch[0].request.finish(error=exc)
                 return
             log.warning("a batch of %d requests failed (%s); encoding them one by one", len(batch), exc)
-            for request in batch:
+            for piece in batch:
                 try:
-                    request.finish(rows=self._encode(request.texts))
+                    piece.request.put(piece.start, self._encode(piece.texts))
                 except Exception as one:  # this request's own failure
-                    request.finish(error=one)
+                    piece.request.finish(error=one)
             return
-        start = 0
-        for request in batch:
-            request.finish(rows=rows[start:start + len(request.texts)])
-            start += len(request.texts)
+        offset = 0
+        for piece in batch:
+            piece.request.put(piece.start, rows[offset:offset + piece.end - piece.start])
+            offset += piece.end - piece.start
