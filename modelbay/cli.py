@@ -15,7 +15,7 @@ import urllib.error
 from pathlib import Path
 from collections.abc import Sequence
 
-from modelbay import services
+from modelbay import gpus, services
 from modelbay.commands import add_commands
 from modelbay.client import ApiError, Client
 from modelbay.stack import LocalStack
@@ -33,7 +33,7 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = load_settings()
-    concurrency = args.concurrency or settings.worker_concurrency
+    concurrency = args.concurrency or settings.worker_threads(len(gpus.visible(gpus.nvml_gpus())))
     os.execv(sys.executable, services.worker_command(node_queue(settings.node_id), settings.node_id, concurrency))
     return 0
 
@@ -88,16 +88,17 @@ def serve(stack: LocalStack, args: argparse.Namespace) -> None:
 def start_stack(stack: LocalStack, args: argparse.Namespace) -> Settings:
     """Valkey and NATS (unless ``MODELBAY_REDIS_URL`` / ``MODELBAY_NATS_URL`` name running
     ones), ``args.workers`` worker nodes (``<node id>-<n>`` when more than one, each with its own
-    metrics port), then web; the settings they run with."""
+    metrics port and its share of the GPUs: :mod:`modelbay.gpus`), then web; the settings they
+    run with."""
     if env_name("redis_url") not in os.environ:
         stack.start_valkey(args.redis_port)
     if env_name("nats_url") not in os.environ:
         stack.start_nats(args.nats_port)
     settings = load_settings({**os.environ, **stack.env})
-    for i in range(1, args.workers + 1):
-        node = f"{settings.node_id}-{i}" if args.workers > 1 else settings.node_id
+    found = gpus.visible(gpus.nvml_gpus())
+    for i, plan in enumerate(gpus.worker_plans(settings, args.workers, found, gpus.machine_cpus()), start=1):
         port = settings.worker_metrics_port + i - 1 if settings.worker_metrics_port else 0
-        stack.start_worker(node, settings.worker_concurrency, {env_name("worker_metrics_port"): str(port)})
+        stack.start_worker(plan.node_id, plan.concurrency, {**plan.env, env_name("worker_metrics_port"): str(port)})
     stack.start_web(args.port, args.host, args.web, ready_path=None)
     return settings
 

@@ -113,6 +113,13 @@ class Settings(BaseSettings):
     node_ttl_s: float = 15.0
     node_memory_mb: int = 16384
     worker_concurrency: int = 8
+    # Unless MODELBAY_WORKER_CONCURRENCY is set, a worker that sees GPUs runs this many job
+    # threads per GPU instead (enough concurrent Embed calls to fill a GPU's batches); the
+    # one place it is resolved: Settings.worker_threads.
+    worker_concurrency_per_gpu: int = Field(default=32, ge=1)
+    # CPUs a backend process sizes its threads to (llama.cpp's n_threads); 0: the CPUs it may
+    # run on (sched_getaffinity). `modelbay up --workers N` gives each worker CPUs/N.
+    backend_cpus: int = Field(default=0, ge=0)
     # A running job whose node's heartbeat expired is requeued, at most this many attempts
     # in all, then failed with node_lost. Each worker looks every reaper_interval_s.
     job_max_attempts: int = 3
@@ -206,6 +213,15 @@ class Settings(BaseSettings):
 
             return list(installed_backends())
         return [b.strip() for b in self.backends.split(",") if b.strip()]
+
+    def worker_threads(self, gpu_count: int) -> int:
+        """Celery job threads of a worker that sees ``gpu_count`` GPUs: ``worker_concurrency``
+        when MODELBAY_WORKER_CONCURRENCY (or an override) sets it, else
+        ``worker_concurrency_per_gpu`` x ``gpu_count`` on a GPU node, else
+        ``worker_concurrency`` (its CPU default, 8)."""
+        if "worker_concurrency" in self.model_fields_set or gpu_count <= 0:
+            return self.worker_concurrency
+        return self.worker_concurrency_per_gpu * gpu_count
 
     @property
     def max_body_bytes(self) -> int:

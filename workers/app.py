@@ -2,7 +2,9 @@
 
 :func:`create_app` builds it from the settings; the tasks (``workers.jobs.tasks``, shared
 tasks that never import the app) are included, and :class:`workers.runtime.NodeStep` builds
-this node's runtime when the worker starts.
+this node's runtime when the worker starts. Its job threads (``worker_concurrency``) follow
+the GPUs it sees (:meth:`tasks.settings.Settings.worker_threads`); ``modelbay worker`` passes
+the same number as ``-c``.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from celery import Celery
 
 from tasks.celery_app import make_celery
 from tasks.settings import Settings, load_settings
+from workers.node.agent import gpus
 from workers.runtime import NodeStep
 
 
@@ -17,6 +20,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings if settings is not None else load_settings()
     app = make_celery(settings, main="modelbay-worker")
     app.conf.task_default_queue = settings.node_queue
+    app.conf.worker_concurrency = settings.worker_threads(len(gpus()))
     app.modelbay_settings = settings  # read by NodeStep
     app.conf.include = ["workers.jobs.tasks"]
     app.steps["worker"].add(NodeStep)
