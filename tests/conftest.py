@@ -16,6 +16,8 @@ import pytest
 
 from fileserver import FileServer
 from helpers import backend_pids, pid_alive, poll
+from s3server import S3Server, weed_command
+from s3server import ready as s3_ready
 from modelbay.services import Service
 from modelbay.stack import LocalStack, Worker
 from tasks.settings import load_settings
@@ -132,6 +134,7 @@ def stack_env(valkey: Service, nats: Service, tmp_path_factory: pytest.TempPathF
             "MODELBAY_ALLOW_PRIVATE_SOURCES": "1",  # model files come from a file server on 127.0.0.1
             "MODELBAY_LOG_REQUESTS": "1",  # test_promises reads the worker's line per task
             "MODELBAY_RUN_DIR": str(run), "MODELBAY_MODELS_DIR": str(run / "models"),
+            "MODELBAY_FILES_URL": str(run / "files"),  # /v1/files (tests/test_files.py: S3 too)
             "MODELBAY_NODE_TTL_S": "3", "MODELBAY_BACKEND_STOP_GRACE_S": "3",
             "MODELBAY_CANCEL_POLL_S": "0.05", "MODELBAY_LOAD_COOLDOWN_BASE_S": "1",
             "MODELBAY_PROGRESS_INTERVAL_S": "0.2"}
@@ -249,3 +252,28 @@ def web_url(local_stack: LocalStack, stack_env: dict[str, str]) -> Iterator[str]
         yield web.url
     finally:
         local_stack.stop(web)
+
+
+@pytest.fixture(scope="session")
+def s3_server(local_stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server (SeaweedFS, tests/s3server.py) with one bucket, for the session."""
+    from modelbay.services import free_port
+
+    port = free_port()
+    started = local_stack.spawn("weed", weed_command(tmp_path_factory.mktemp("s3"), port))
+    server = S3Server(started, f"http://127.0.0.1:{port}")
+    try:
+        s3_ready(server)
+        yield server
+    finally:
+        local_stack.stop(started)
+
+
+@pytest.fixture(scope="session", params=["file", "s3"])
+def files_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The variables of a web or worker whose files live in a local directory ("file") or in
+    the S3 server under a prefix of its own ("s3"): MODELBAY_FILES_URL, and for S3
+    MODELBAY_S3_ENDPOINT_URL and the AWS_* credentials."""
+    if request.param == "file":
+        return {"MODELBAY_FILES_URL": f"file://{tmp_path_factory.mktemp('files')}"}
+    return request.getfixturevalue("s3_server").env()

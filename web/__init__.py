@@ -21,6 +21,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     over the environment), ``MODELBAY`` (typed settings overrides) and any Flask config key."""
     from web import auth, errors, jobs, metrics, models, nodes, openapi, operations, ui
     from web.extensions import Modelbay
+    from web.openai import files as openai_files
     from web.openai import routes as openai_routes
 
     app = ModelbayFlask(__name__, static_folder=None)
@@ -37,6 +38,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     auth.init_app(app, settings.api_key_list, open_metrics=settings.metrics_open)
     for blueprint in (models.bp, jobs.bp, nodes.bp, operations.bp, openai_routes.bp, openapi.bp, metrics.bp, ui.bp):
         app.register_blueprint(blueprint)
+    app.register_blueprint(openai_files.bp)  # /v1/files
     openapi.check_documented(app)  # a route without @documented stops the app here
     # The progress subscriber starts here, in the serving process: gunicorn imports the app
     # after fork (never run it with --preload); Live also restarts it if the pid changes.
