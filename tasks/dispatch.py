@@ -14,10 +14,10 @@ import math
 
 from celery import Celery
 
-from tasks.errors import Conflict, ErrorCode, NotFound, Unavailable
+from tasks.errors import Conflict, ErrorCode, InvalidRequest, NotFound, Unavailable
 from tasks.backends import BACKEND_EXTRAS
 from tasks.names import TASK_INFER, TASK_LOAD, TASK_UNLOAD, model_queue, node_queue
-from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode, NodeRecord, model_size_mb
+from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode, NodeRecord, manifest_device, model_size_mb
 from tasks.store import Store, new_job_id
 
 
@@ -26,20 +26,44 @@ def choose_node(nodes: list[NodeRecord], manifest: Manifest) -> NodeRecord:
     backend. Nodes where the model fits in free memory come first, then those where it fits
     after evicting idle models, then the rest (whose worker then fails the load with
     ``insufficient_memory``: the node's own accounting is the authority). Within a tier:
-    fewest loads in flight, then most free memory."""
+    fewest loads in flight, then most free memory. On a GPU node "fits" means on single GPUs
+    (``manifest.gpus`` of them, each taking its share plus the CUDA context), never the sum
+    of its GPUs; a model asking for "cpu" is judged against the node's CPU budget, and one
+    asking for "cuda" goes to a node without GPU only as a last resort."""
     able = [n for n in nodes if manifest.backend in n.backends]
     if not able:
         package, extra = BACKEND_EXTRAS.get(manifest.backend, ("", ""))
         hint = f" (a worker needs {package}: pip install 'modelbay[{extra}]')" if extra else ""
         raise Unavailable(f"no live node can run backend {manifest.backend!r}{hint}", code=ErrorCode.NO_NODE)
     need = model_size_mb(manifest)
+    device, _ = manifest_device(manifest)
 
     def rank(n: NodeRecord) -> tuple[int, int, int, str]:
-        free = n.memory_budget_mb - n.memory_used_mb
-        tier = 0 if free >= need else 1 if free + n.memory_evictable_mb >= need else 2
+        tier, free = _fit(n, manifest, need, device)
         return (tier, n.loads_in_flight, -free, n.id)
 
     return min(able, key=rank)
+
+
+def _fit(n: NodeRecord, manifest: Manifest, need: int, device: str | None) -> tuple[int, int]:
+    """(tier, free MiB) of ``need`` MiB on node ``n``: 0 fits free, 1 after evictions, 2 not
+    at all, 3 wants a GPU the node lacks."""
+    if n.gpus and device != "cpu":
+        per = math.ceil(need / manifest.gpus) + n.gpu_process_overhead_mb
+        frees = sorted((g.budget_mb - g.used_mb for g in n.gpus), reverse=True)
+        if sum(1 for g in n.gpus if g.budget_mb - g.used_mb >= per) >= manifest.gpus:
+            return 0, frees[0]
+        if sum(1 for g in n.gpus if g.budget_mb - g.used_mb + g.evictable_mb >= per) >= manifest.gpus:
+            return 1, frees[0]
+        return 2, frees[0]
+    if device == "cpu" and n.cpu_memory_budget_mb is not None:
+        budget, used, evictable = n.cpu_memory_budget_mb, n.cpu_memory_used_mb, n.cpu_memory_evictable_mb
+    else:
+        budget, used, evictable = n.memory_budget_mb, n.memory_used_mb, n.memory_evictable_mb
+    free = budget - used
+    if device == "cuda" and not n.gpus and not manifest.allow_cpu_fallback:
+        return 3, free
+    return (0 if free >= need else 1 if free + evictable >= need else 2), free
 
 
 class Dispatcher:
@@ -54,7 +78,11 @@ class Dispatcher:
         """Make sure ``model`` is ready or loading (on ``node`` when pinned).
 
         Returns ``(None, False)`` when it is ready, else ``(load job, created)``: single-flight
-        per (model, node), so a second caller gets the job already in flight."""
+        per (model, node), so a second caller gets the job already in flight. A manifest whose
+        device names a GPU ("cuda:1": the worker assigns GPUs) is a 400 ``invalid_params``."""
+        _, problem = manifest_device(manifest)
+        if problem is not None:
+            raise InvalidRequest(problem, param="options.device", code=ErrorCode.INVALID_PARAMS)
         nodes, states = self.store.placement_view(model)
         if node is not None:
             target = self._pinned(nodes, node, manifest)

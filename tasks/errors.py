@@ -82,6 +82,7 @@ class ErrorCode(StrEnum):
     MODEL_UNAVAILABLE = "model_unavailable", 503, SERVICE_UNAVAILABLE
     NODE_LOST = "node_lost", 503, SERVICE_UNAVAILABLE
     INSUFFICIENT_MEMORY = "insufficient_memory", 503, SERVICE_UNAVAILABLE
+    DEVICE_UNAVAILABLE = "device_unavailable", 503, SERVICE_UNAVAILABLE  # a GPU asked for, none usable
     LOAD_FAILED = "load_failed", 503, SERVICE_UNAVAILABLE
     BACKEND_START_FAILED = "backend_start_failed", 503, SERVICE_UNAVAILABLE
     SOURCE_UNREACHABLE = "source_unreachable", 503, SERVICE_UNAVAILABLE

@@ -39,6 +39,13 @@ class Manifest(Strict):
     memory_mb: int | None = Field(default=None, ge=0)
     keep_alive_s: float | None = Field(default=None, ge=0)
     pinned: bool = False
+    # Where the model runs: "cpu" (no GPU, charged to the node's CPU budget), "cuda" (a GPU the
+    # worker assigns), or None (a GPU when the node has one). ``gpus``: how many GPUs one
+    # backend process spans. ``allow_cpu_fallback``: a backend that comes up on the CPU when
+    # it was given a GPU is kept (as a CPU model) instead of failing ``device_unavailable``.
+    device: Literal["cpu", "cuda"] | None = None
+    gpus: int = Field(default=1, ge=1, le=64)
+    allow_cpu_fallback: bool = False
 
 
 def model_size_mb(manifest: Manifest) -> int:
@@ -46,6 +53,22 @@ def model_size_mb(manifest: Manifest) -> int:
     if manifest.memory_mb is not None:
         return manifest.memory_mb
     return -(-sum(f.size or 0 for f in manifest.files) // (1024 * 1024))
+
+
+def manifest_device(manifest: Manifest) -> tuple[Literal["cpu", "cuda"] | None, str | None]:
+    """Where ``manifest`` asks to run: ``("cpu" | "cuda" | None, None)`` from its ``device``,
+    else its ``options.device``; or ``(None, problem)`` when it names a GPU by number
+    ("cuda:1": the worker assigns GPUs, and each backend process sees only its own) or the two
+    disagree."""
+    option = manifest.options.get("device")
+    if option is not None and option not in ("cpu", "cuda"):
+        if isinstance(option, str) and option.startswith("cuda:"):
+            return None, (f"options.device {option!r} names a GPU, but the worker assigns GPUs (each backend "
+                          f"process sees only its own as 'cuda'): use 'cuda', 'cpu', or leave it out")
+        return None, f"options.device must be 'cpu' or 'cuda', got {option!r}"
+    if manifest.device is not None and option is not None and option != manifest.device:
+        return None, f"device {manifest.device!r} and options.device {option!r} disagree"
+    return manifest.device or option, None
 
 
 class ChatMessage(Strict):
@@ -202,8 +225,27 @@ class ModelNode(BaseModel):
     memory_mb: int = 0
 
 
+class GpuUsage(BaseModel):
+    """One GPU (or MIG instance) of a node, in MiB: ``budget_mb`` is its memory × the
+    headroom less the CUDA context of each backend process on it; ``used_mb`` what its models
+    take; ``evictable_mb`` what evicting its idle unpinned models (and their processes) frees."""
+
+    uuid: str
+    index: int
+    name: str = ""
+    memory_total_mb: int
+    budget_mb: int
+    used_mb: int = 0
+    evictable_mb: int = 0
+    processes: int = 0
+
+
 class NodeRecord(BaseModel):
-    """A worker node as registered in Redis with its heartbeat."""
+    """A worker node as registered in Redis with its heartbeat.
+
+    On a GPU node ``memory_*`` sum its GPUs (each model gets its own GPU: ``gpus`` says
+    where one fits) and ``cpu_memory_*`` is the budget of models run on the CPU; on a CPU node
+    both are the node's one budget (``MODELBAY_NODE_MEMORY_MB``). All in MiB."""
 
     id: str
     hostname: str
@@ -219,6 +261,12 @@ class NodeRecord(BaseModel):
     loads_in_flight: int = 0
     draining: bool = False  # stopping: takes no new jobs or loads, finishes the running ones
     instance: str = ""  # unique per worker process: a node id that comes back is a new instance
+    gpus: list[GpuUsage] = Field(default_factory=list)
+    gpu_process_overhead_mb: int = 0  # charged on a GPU per backend process placed there
+    cpu_memory_budget_mb: int | None = None  # None: a record from before per-GPU accounting
+    cpu_memory_used_mb: int = 0
+    cpu_memory_evictable_mb: int = 0
+    device_errors: list[dict[str, Any]] = Field(default_factory=list)  # GPUs NVML could not read
 
 
 class ErrorBody(BaseModel):

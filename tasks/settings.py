@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     # Nodes and workers
     node_ttl_s: float = 15.0
     node_memory_mb: int = 16384
+    # Per GPU (workers/node/placement.py): a GPU's model budget is its memory × this, less
+    # gpu_process_overhead_mb (the CUDA context) for each backend process placed on it.
+    gpu_memory_headroom: float = Field(default=0.9, gt=0, le=1)
+    gpu_process_overhead_mb: int = Field(default=500, ge=0)
     worker_concurrency: int = 8
     # Unless MODELBAY_WORKER_CONCURRENCY is set, a worker that sees GPUs runs this many job
     # threads per GPU instead (enough concurrent Embed calls to fill a GPU's batches); the

@@ -6,57 +6,56 @@ import os
 import socket
 import threading
 
-from tasks.schemas import NodeRecord, utcnow
+from tasks.schemas import GpuUsage, NodeRecord, utcnow
 from tasks.settings import Settings
 from tasks.store import Store
+from workers.node import gpus as gpu_inventory
 from workers.node.stranded import mark_orphaned
 from workers.node.models import ModelManager
+from workers.node.placement import CPU
 
 log = logging.getLogger("modelbay.worker")
 
 
 def gpus() -> list[dict[str, object]]:
-    """The NVIDIA GPUs this process may use, from NVML (``nvidia-ml-py``), honouring
-    ``CUDA_VISIBLE_DEVICES`` (indices or UUIDs). Empty without a driver or the package."""
-    try:
-        import pynvml
-    except ImportError:
-        return []
-    try:
-        pynvml.nvmlInit()
-    except Exception:  # no driver, no GPU: a CPU node
-        return []
-    try:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        wanted = None if visible is None else [v.strip() for v in visible.split(",") if v.strip()]
-        found = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            uuid = pynvml.nvmlDeviceGetUUID(handle)
-            uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
-            if wanted is not None and str(index) not in wanted and uuid not in wanted:
-                continue
-            name = pynvml.nvmlDeviceGetName(handle)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            found.append({"type": "cuda", "index": index, "uuid": uuid,
-                          "name": name.decode() if isinstance(name, bytes) else name,
-                          "memory_total_mb": memory.total // (1024 * 1024),
-                          "memory_used_mb": memory.used // (1024 * 1024)})
-        return found
-    finally:
-        pynvml.nvmlShutdown()
+    """The NVIDIA GPUs (or MIG instances) this process may use, from NVML, honouring
+    ``CUDA_VISIBLE_DEVICES`` (:mod:`workers.node.gpus`), then the devices NVML could not read,
+    each with its ``error`` (skipped, never fatal). Empty without a driver or the package."""
+    found = gpu_inventory.inventory()
+    for fault in found.faults:
+        log.error("GPU %s skipped: %s", fault.index, fault.error)
+    return found.devices()
 
 
 def devices() -> list[dict[str, object]]:
-    """The compute devices of this node: its visible GPUs, and the CPU."""
+    """The compute devices of this node: its visible GPUs (faulty ones with an ``error``), and the CPU."""
     return [*gpus(), {"type": "cpu", "cores": os.cpu_count() or 1}]
 
 
 def memory_budget_mb(settings: Settings, found: list[dict[str, object]]) -> int:
-    """The node's model memory budget in MiB: the sum of its GPUs' memory, else
-    ``MODELBAY_NODE_MEMORY_MB``."""
-    total = sum(int(d["memory_total_mb"]) for d in found if d["type"] == "cuda")  # type: ignore[call-overload]
-    return total or settings.node_memory_mb
+    """The node's CPU model memory budget in MiB, ``MODELBAY_NODE_MEMORY_MB``: models run on
+    the CPU are charged to it. Each GPU in ``found`` has its own budget (:mod:`workers.node.placement`)."""
+    return settings.node_memory_mb
+
+
+def memory_fields(manager: ModelManager) -> dict[str, object]:
+    """The node record's memory fields, in MiB, from ``manager``'s pools (see :class:`NodeRecord`)."""
+    live = [e for e in manager.entries() if e.state != "failed"]
+    cpu = manager.cpu_pool.usage(e.holding() for e in live if not e.on_gpu)[CPU]
+    fields: dict[str, object] = {"cpu_memory_budget_mb": cpu.budget_mb, "cpu_memory_used_mb": cpu.used_mb,
+                                 "cpu_memory_evictable_mb": cpu.evictable_mb}
+    pool = manager.gpu_pool
+    if pool is None:
+        return {**fields, "memory_budget_mb": cpu.budget_mb, "memory_used_mb": cpu.used_mb,
+                "memory_evictable_mb": cpu.evictable_mb}
+    use = pool.usage(e.holding() for e in live if e.on_gpu)
+    rows = [GpuUsage(uuid=s.id, index=s.index, name=s.name, memory_total_mb=s.total_mb, budget_mb=use[s.id].budget_mb,
+                     used_mb=use[s.id].used_mb, evictable_mb=use[s.id].evictable_mb, processes=use[s.id].processes)
+            for s in pool.slots]
+    return {**fields, "gpus": rows, "gpu_process_overhead_mb": pool.overhead_mb,
+            "memory_budget_mb": sum(s.budget_mb for s in pool.slots),
+            "memory_used_mb": sum(g.used_mb + pool.overhead_mb * g.processes for g in rows),
+            "memory_evictable_mb": sum(g.evictable_mb for g in rows)}
 
 
 class NodeAgent:
@@ -80,9 +79,8 @@ class NodeAgent:
         return NodeRecord(
             id=self.settings.node_id, hostname=socket.gethostname(),
             celery_hostname=self.celery_hostname, pid=os.getpid(),
-            backends=self.settings.backend_list, memory_budget_mb=self.manager.budget_mb,
-            memory_used_mb=self.manager.memory_used_mb(),
-            memory_evictable_mb=self.manager.memory_evictable_mb(), devices=self.devices,
+            backends=self.settings.backend_list, **memory_fields(self.manager), devices=self.devices,
+            device_errors=[d for d in self.devices if "error" in d],
             started_at=self.started_at, last_heartbeat=utcnow(),
             loads_in_flight=self.manager.loads_in_flight(), draining=self.draining, instance=self.instance)
 

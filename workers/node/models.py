@@ -2,9 +2,10 @@
 
 A load runs in the load task's thread and is detached from every request: only
 :meth:`ModelManager.unload` (an explicit unload or delete, an eviction, or keep-alive expiry)
-stops it. Memory is accounted per node against a budget in MiB: a load that does not fit
-evicts least-recently-used idle, unpinned models first, and fails with
-``insufficient_memory`` when that is not enough.
+stops it. Memory is accounted per GPU, and for CPU models against the node's CPU budget
+(:mod:`workers.node.placement`): a load goes where it fits, evicting least-recently-used idle,
+unpinned models on that GPU only when needed, and fails with ``insufficient_memory`` (evicting
+nothing) when no GPU can take it. Its device rules are in :mod:`workers.node.devices`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from celery import Celery
 
 from workers.node.crashes import note_crash
 from workers.supervisor.exits import describe_exit
-from tasks.errors import ErrorCode, JobFailed
+from tasks.errors import ErrorCode
 from tasks.names import model_from_token, model_queue, model_token
 from tasks.schemas import JobRecord, Manifest, ModelNode, model_size_mb, utcnow
 from tasks.settings import Settings
@@ -31,65 +31,42 @@ from workers.node.stranded import mark_orphaned
 from workers import metrics
 from workers.supervisor.calls import BackendCallError, BackendError, load_deadline_s
 from workers.node.consumers import set_consuming
+from workers.node.devices import accounted_mb, backend_env, backend_options, came_up_on_cpu, device_for
+from workers.node.entry import Entry, LoadFailed, NotHere, Unloaded
+from workers.node.gpus import process_memory_mb
+from workers.node.placement import CPU, NoRoom, Pool
 from workers.staging.stage import StagedModel, StageProgress, StagingError, stage
 from workers.supervisor.process import BackendProcess
+
+__all__ = ["Entry", "LoadFailed", "ModelManager", "NotHere", "Unloaded"]
 
 log = logging.getLogger("modelbay.worker")
 
 # stage(model, manifest, settings, on_progress, cancelled) -> StagedModel (workers.staging.stage.stage)
 Stager = Callable[..., StagedModel]
 ProgressSink = Callable[[str, dict[str, Any]], None]
-
-
-class NotHere(Exception):
-    """The model is neither ready nor loading on this node."""
-
-
-class LoadFailed(JobFailed):
-    """A load failed; its waiters fail with its code."""
-
-
-class Unloaded(LoadFailed):
-    """The model was unloaded while it loaded: the load ends ``cancelled``, not ``failed``."""
-
-    def __init__(self, message: str = "the model was unloaded while loading") -> None:
-        super().__init__(ErrorCode.UNLOADED, message)
-
-
-@dataclass
-class Entry:
-    model: str
-    manifest: Manifest
-    load_job: str
-    size_mb: int
-    state: str = "loading"
-    proc: BackendProcess | None = None
-    in_flight: int = 0
-    last_used: str | None = None
-    last_used_mono: float = field(default_factory=time.monotonic)
-    loaded_at: str | None = None
-    error: LoadFailed | None = None
-    unloading: bool = False
-    crashed: bool = False
-    gpu: str | None = None  # the GPU (uuid or index) its backend process was given
-    settled: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def idle_evictable(self) -> bool:
-        return self.state == "ready" and self.in_flight == 0 and not self.manifest.pinned and not self.unloading
+# BackendProcess(backend, model, socket_dir, **kwargs): the seam unit tests replace
+ProcessFactory = Callable[..., BackendProcess]
 
 
 class ModelManager:
     """Loads, holds and unloads models on this node, and mirrors their state into Redis."""
 
     def __init__(self, settings: Settings, store: Store, celery: Celery, budget_mb: int,
-                 stager: Stager = stage, gpus: list[dict[str, Any]] | None = None) -> None:
+                 stager: Stager = stage, gpus: list[dict[str, Any]] | None = None,
+                 process_factory: ProcessFactory = BackendProcess) -> None:
         self.settings = settings
-        self.gpus = list(gpus or [])  # NVML records ("uuid", "index", "memory_total_mb")
+        # NVML records ("uuid", "index", "memory_total_mb"); a faulty device (with "error") is no GPU
+        self.gpus = [g for g in gpus or [] if "error" not in g]
         self.store = store
         self.celery = celery
-        self.budget_mb = budget_mb
+        self.budget_mb = budget_mb  # the CPU budget (MODELBAY_NODE_MEMORY_MB); GPUs have their own
+        where = f"node {settings.node_id}"
+        self.cpu_pool = Pool.for_cpu(budget_mb, where)
+        self.gpu_pool = Pool.for_gpus(self.gpus, settings.gpu_memory_headroom, settings.gpu_process_overhead_mb,
+                                      where) if self.gpus else None
         self.stager = stager
+        self.process_factory = process_factory
         self.hostname: str | None = None  # the Celery worker's name, set when it is ready
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
@@ -119,6 +96,7 @@ class ModelManager:
         started = time.monotonic()
         self._publish(entry)
         try:
+            entry.device = device_for(manifest, self.gpu_pool is not None)
             self._make_room(entry)
             files, model_dir, size_bytes = self._stage(entry, progress)
             entry.state = "loading"
@@ -159,9 +137,10 @@ class ModelManager:
 
     def _start_and_load(self, entry: Entry, files: list[str], model_dir: str, size_bytes: int) -> dict[str, object]:
         manifest = entry.manifest
-        env, device = self._place_on_device(entry)
-        proc = BackendProcess(
-            manifest.backend, entry.model, self.socket_dir, env=env,
+        device = entry.device or "cpu"
+        gpus = entry.slots if entry.on_gpu else ()
+        proc = self.process_factory(
+            manifest.backend, entry.model, self.socket_dir, env=backend_env(device, gpus),
             start_timeout_s=self.settings.backend_start_timeout_s,
             stop_grace_s=self.settings.backend_stop_grace_s,
             log_path=self.log_dir / f"{model_token(entry.model)[:80]}.log",
@@ -175,7 +154,7 @@ class ModelManager:
             entry.proc = proc
         try:
             proc.start()
-            info = proc.load(files, model_dir, manifest.options, device,
+            info = proc.load(files, model_dir, backend_options(manifest, device, gpus), device,
                              timeout_s=load_deadline_s(size_bytes, base_s=self.settings.load_base_timeout_s))
         except BackendError as exc:
             crashed = proc.crash_reason(wait_s=1.0)  # a failed load of a live process waits 1 s here
@@ -188,48 +167,67 @@ class ModelManager:
                                  f"the model once to warm it up)" + (f"; its last lines:\n{tail}" if tail else "")) from exc
             # A backend that refuses the options (INVALID_ARGUMENT) is the request's fault: invalid_params.
             raise LoadFailed(exc.job_code if isinstance(exc, BackendCallError) else exc.code, str(exc)) from exc
+        try:
+            self._settle_device(entry, str(info.get("device") or ""), int(str(info.get("memory_mb") or 0)))
+        except LoadFailed:
+            proc.stop()
+            raise
         return {"pid": proc.pid, "backend": manifest.backend, "device": info.get("device"), "dim": info.get("dim"),
                 "gpu": entry.gpu}
 
-    def _place_on_device(self, entry: Entry) -> tuple[dict[str, str], str]:
-        """The environment and device for ``entry``'s backend process: on a GPU node, the
-        GPU with the most memory not yet given to other models, exposed to the process
-        alone through ``CUDA_VISIBLE_DEVICES`` (device "cuda"); else device "cpu"."""
-        if not self.gpus:
-            return {}, "cpu"
+    def _settle_device(self, entry: Entry, reported: str, reported_mb: int) -> None:
+        """After the load: a process given a GPU that came up elsewhere fails, or (with
+        ``allow_cpu_fallback``) becomes a CPU model; the charge becomes what it really uses
+        (:func:`workers.node.devices.accounted_mb`)."""
+        estimate = entry.size_mb
+        if entry.on_gpu:
+            error = came_up_on_cpu(entry.manifest, entry.slots, reported)
+            if error is not None:
+                raise error
+            if not reported.startswith("cuda"):
+                log.warning("%s was given GPU %s but came up on %s: accounted as a CPU model", entry.model,
+                            entry.gpu, reported or "an unknown device")
+                with self._lock:
+                    entry.device, entry.slots = "cpu", (CPU,)
+                entry.size_mb = max(estimate, reported_mb)
+                self._make_room(entry)
+                return
+        nvml_mb = process_memory_mb(entry.slots, entry.proc.pid if entry.proc else None) if entry.on_gpu else None
+        overhead = self.settings.gpu_process_overhead_mb if entry.on_gpu else 0
         with self._lock:
-            used: dict[str, int] = {}
-            for other in self._entries.values():
-                if other is not entry and other.gpu is not None and other.state != "failed":
-                    used[other.gpu] = used.get(other.gpu, 0) + other.size_mb
-            best = max(self.gpus, key=lambda g: int(g.get("memory_total_mb", 0)) - used.get(str(g["uuid"]), 0))
-            entry.gpu = str(best["uuid"])
-        return {"CUDA_VISIBLE_DEVICES": entry.gpu}, "cuda"
+            entry.size_mb = accounted_mb(estimate, reported_mb, nvml_mb, overhead, len(entry.slots))
+        if entry.size_mb > estimate:
+            log.info("%s takes %d MiB, more than the %d MiB estimated", entry.model, entry.size_mb, estimate)
+
+    def _pool(self, entry: Entry) -> Pool:
+        return self.gpu_pool if entry.on_gpu and self.gpu_pool is not None else self.cpu_pool
 
     def _make_room(self, entry: Entry) -> None:
-        """Evict LRU idle unpinned models until ``entry`` fits in the budget, waiting for
-        models already unloading; raise ``insufficient_memory`` (evicting nothing) when even
-        that is not enough."""
+        """Choose where ``entry`` goes (:meth:`Pool.plan`) and reserve it there, evicting LRU
+        idle unpinned models on the chosen GPU(s) only and waiting for models already
+        unloading there; raise ``insufficient_memory`` (evicting nothing) when it fits nowhere."""
         while True:
             with self._lock:
-                others = [e for e in self._entries.values() if e is not entry and e.state != "failed"]
-                free = self.budget_mb - sum(e.size_mb for e in others)
-                if entry.size_mb <= free:
+                pool = self._pool(entry)
+                others = [e.holding() for e in self._entries.values()
+                          if e is not entry and e.state != "failed" and e.on_gpu == entry.on_gpu]
+                try:
+                    plan = pool.plan(entry.model, entry.size_mb, entry.manifest.gpus if pool.gpu else 1, others)
+                except NoRoom as exc:
+                    raise LoadFailed(ErrorCode.INSUFFICIENT_MEMORY, exc.message) from None
+                if not plan.evict and not plan.wait_for:
+                    entry.slots = plan.slots  # reserved: the next plan counts it
                     return
-                idle = sorted((e for e in others if e.idle_evictable), key=lambda e: e.last_used_mono)
-                draining = [e for e in others if e.unloading]
-                reclaimable = sum(e.size_mb for e in idle) + sum(e.size_mb for e in draining)
-                if entry.size_mb > free + reclaimable:
-                    raise LoadFailed(ErrorCode.INSUFFICIENT_MEMORY,
-                                     f"{entry.model} needs {entry.size_mb} MB; node {self.settings.node_id} has "
-                                     f"{free} MB free of {self.budget_mb} MB and busy or pinned models hold the rest")
-                victim = idle[0] if idle else None
+                victim = self._entries.get(plan.evict[0]) if plan.evict else None
                 if victim is not None:
                     victim.unloading = True  # claimed under the lock: no new job acquires it
+                draining = [e for m in plan.wait_for if (e := self._entries.get(m)) is not None]
             if victim is None:  # only models already unloading can make room: wait for one
-                draining[0].settled.wait(self.settings.backend_stop_grace_s + 5)
+                if draining:
+                    draining[0].settled.wait(self.settings.backend_stop_grace_s + 5)
                 continue
-            log.info("evicting %s (%d MB, idle) to make room for %s", victim.model, victim.size_mb, entry.model)
+            log.info("evicting %s (%d MB, idle, on %s) to make room for %s", victim.model, victim.size_mb,
+                     victim.gpu or "the CPU", entry.model)
             metrics.EVICTIONS.inc()
             self.unload(victim.model)
 
@@ -357,12 +355,6 @@ class ModelManager:
     def entries(self) -> list[Entry]:
         with self._lock:
             return list(self._entries.values())
-
-    def memory_used_mb(self) -> int:
-        return sum(e.size_mb for e in self.entries() if e.state != "failed")
-
-    def memory_evictable_mb(self) -> int:
-        return sum(e.size_mb for e in self.entries() if e.idle_evictable)
 
     def loads_in_flight(self) -> int:
         return sum(1 for e in self.entries() if e.state in ("staging", "loading"))
