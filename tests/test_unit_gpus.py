@@ -525,3 +525,27 @@ def test_ensure_load_refuses_a_numbered_cuda_device() -> None:
     with pytest.raises(InvalidRequest, match="the worker assigns GPUs") as refused:
         Dispatcher(store, object()).ensure_load("m", Manifest(backend="echo", options={"device": "cuda:1"}))  # type: ignore[arg-type]
     assert refused.value.status == 400 and refused.value.code == ErrorCode.INVALID_PARAMS
+
+
+def test_a_real_backend_process_gets_its_gpu_in_its_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real BackendProcess (an echo backend, which reports the device it was asked for):
+    its environment, read from /proc, names its GPU by uuid and the PCI bus order."""
+    devices = [FakeGpu("GPU-aaaa", 24), FakeGpu("GPU-bbbb", 16)]
+    monkeypatch.setattr(gpus, "open_nvml", lambda: FakeNvml(devices))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bbbb")  # the worker's own: only the second GPU
+    settings = load_settings({}, node_id="n1", run_dir=str(tmp_path))
+    store = Store(fakeredis.FakeRedis(decode_responses=True), settings)
+    found = agent.devices()
+    manager = ModelManager(settings, store, object(), agent.memory_budget_mb(settings, found),  # type: ignore[arg-type]
+                           gpus=[d for d in found if d["type"] == "cuda"])
+    try:
+        result = manager.load(JobRecord(id=new_job_id(), kind="load", model="e"), Manifest(backend="echo", memory_mb=5))
+        assert result["gpu"] == "GPU-bbbb" and result["device"] == "cuda"
+        environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{result['pid']}/environ").read_text().split("\0") if "=" in kv)
+        assert environ["CUDA_VISIBLE_DEVICES"] == "GPU-bbbb" and environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+        result = manager.load(JobRecord(id=new_job_id(), kind="load", model="c"),
+                              Manifest(backend="echo", memory_mb=5, device="cpu"))
+        environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{result['pid']}/environ").read_text().split("\0") if "=" in kv)
+        assert environ["CUDA_VISIBLE_DEVICES"] == "" and result["device"] == "cpu" and result["gpu"] is None
+    finally:
+        manager.stop_all()
