@@ -30,6 +30,13 @@ Keys (all under ``mb:``):
 - ``mb:file:<id>``            a file's record JSON (:class:`tasks.files.FileObject`; its bytes are
                               in the file store, never in Redis)
 - ``mb:files``                sorted set of file ids by creation time (epoch seconds)
+- ``mb:batch:<id>``           a batch's record JSON (:class:`tasks.batches.BatchRecord`)
+- ``mb:batches``              sorted set of batch ids by creation time (epoch seconds)
+- ``mb:batches:active``       set of batch ids not yet in a final state (the reaper's round looks at them)
+- ``mb:batch:<id>:jobs``      hash chunk index → the chunk's job id
+- ``mb:batch:<id>:done``      hash chunk index → that chunk's counts JSON, once its part is written
+- ``mb:batch:<id>:closed``    set when finalizing starts: a chunk that ends later is not counted
+- ``mb:batch:<id>:lease``     the worker that advances the batch now (expires)
 
 ``<tok>`` is :func:`tasks.names.model_token` of the model name. Outside ``mb:``, the store
 reads keys of kombu's Redis transport: each Celery queue is a list named after it
@@ -55,6 +62,8 @@ ORPHANS = f"{P}orphans"
 RESCUE = f"{P}rescue"
 GONE = f"{P}gone"
 FILES = f"{P}files"
+BATCHES = f"{P}batches"
+BATCHES_ACTIVE = f"{P}batches:active"
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's Redis transport (its defaults)
 
 
@@ -96,3 +105,8 @@ def crashes_key(model: str) -> str:
 
 def file_key(file_id: str) -> str:
     return f"{P}file:{file_id}"
+
+
+def batch_key(batch_id: str, part: str = "") -> str:
+    """``mb:batch:<id>``, or with ``part`` (jobs, done, closed, lease) ``mb:batch:<id>:<part>``."""
+    return f"{P}batch:{batch_id}" + (f":{part}" if part else "")

@@ -13,6 +13,7 @@ TASK_LOAD = "modelbay.load"
 TASK_UNLOAD = "modelbay.unload"
 TASK_INFER = "modelbay.infer"
 TASK_NOOP = "modelbay.noop"
+TASK_BATCH_ADVANCE = "modelbay.batch.advance"  # validate and split, or finalize, a batch
 
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9/.:@+_-]{0,127}")
 _TOKEN_RE = re.compile(r"(?:[A-Za-z0-9-]|_[0-9a-f]{2})+")

@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 JobKind = Literal["load", "unload", "inference"]
 JobStatus = Literal["queued", "loading", "running", "succeeded", "failed", "cancelled"]
 TaskName = Literal["embed", "generate", "chat", "image"]
+# A job's task: a client's, or "batch" (one chunk of a batch's lines, tasks/batches.py), which
+# only the batch runner creates.
+JobTask = Literal["embed", "generate", "chat", "image", "batch"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE: frozenset[str] = frozenset({"queued", "loading", "running"})
 ModelNodeState = Literal["staging", "loading", "ready", "unloading", "failed"]
@@ -173,7 +176,7 @@ class JobRecord(BaseModel):
     id: str
     kind: JobKind
     model: str
-    task: TaskName | None = None
+    task: JobTask | None = None
     node: str | None = None
     status: JobStatus = "queued"
     progress: JobProgress | None = None

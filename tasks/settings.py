@@ -101,6 +101,15 @@ class Settings(BaseSettings):
     s3_part_mb: int = Field(default=8, ge=5)  # S3 multipart part size (S3's least is 5 MiB)
     max_file_mb: int = 200                    # the largest file an upload may be (413 past it)
     batch_max_lines: int = 50000              # the most requests one batch input file may hold
+    # Batches (/v1/batches, workers/jobs/batch.py): lines per chunk job; a batch's completion
+    # window (24 h as OpenAI's; shorter for tests); generations run at once within a chat chunk;
+    # how long a cancel or an expiry waits for running chunks to write what they did; how long
+    # a finished batch's record is kept.
+    batch_chunk_lines: int = Field(default=64, ge=1, le=4096)
+    batch_completion_window_s: float = Field(default=86400.0, gt=0)
+    batch_generate_concurrency: int = Field(default=4, ge=1, le=256)
+    batch_cancel_grace_s: float = 5.0
+    batch_ttl_s: int = 30 * 86400
     # Request limits (answered 400 naming the field)
     max_inputs: int = 2048              # texts in one embed job, messages in one chat job
     max_input_chars: int = 1_000_000    # characters of one job's input, all texts together

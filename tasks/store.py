@@ -20,6 +20,7 @@ from redis.backoff import ExponentialBackoff
 from redis.client import PubSub
 from redis.retry import Retry
 
+from tasks.batches import BatchStore
 from tasks.cas import JobCas, Write
 from tasks.errors import ErrorCode
 from tasks.files import FileIndex
@@ -54,6 +55,7 @@ class Store(NodeStore):
         self.settings = settings
         self.tokens = TokenStream(client, settings.job_ttl_s)
         self.queues = QueueStore(client)
+        self.batches = BatchStore(client, settings.batch_ttl_s)
         self.files = FileIndex(client)  # file records (/v1/files); their bytes are in the file store
         self._cas = JobCas(client)
 

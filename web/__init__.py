@@ -21,6 +21,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     over the environment), ``MODELBAY`` (typed settings overrides) and any Flask config key."""
     from web import auth, errors, jobs, metrics, models, nodes, openapi, operations, ui
     from web.extensions import Modelbay
+    from web.openai import batches as openai_batches
     from web.openai import files as openai_files
     from web.openai import routes as openai_routes
 
@@ -39,6 +40,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     for blueprint in (models.bp, jobs.bp, nodes.bp, operations.bp, openai_routes.bp, openapi.bp, metrics.bp, ui.bp):
         app.register_blueprint(blueprint)
     app.register_blueprint(openai_files.bp)  # /v1/files
+    app.register_blueprint(openai_batches.bp)  # /v1/batches
     openapi.check_documented(app)  # a route without @documented stops the app here
     # The progress subscriber starts here, in the serving process: gunicorn imports the app
     # after fork (never run it with --preload); Live also restarts it if the pid changes.

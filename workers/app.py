@@ -22,7 +22,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     app.conf.task_default_queue = settings.node_queue
     app.conf.worker_concurrency = settings.worker_threads(len(gpus()))
     app.modelbay_settings = settings  # read by NodeStep
-    app.conf.include = ["workers.jobs.tasks"]
+    app.conf.include = ["workers.jobs.tasks", "workers.jobs.batch"]
     app.steps["worker"].add(NodeStep)
     return app
 

@@ -7,16 +7,14 @@ server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``) and
 """
 from __future__ import annotations
 
-import base64
 import json
-import struct
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, stream_with_context
 
-from tasks.schemas import JobRecord
+from tasks.openai_bodies import completion_body, embeddings_body, usage_of
 from web.openai.protocol import (ChatCompletionRequest, CompletionRequest, EmbeddingsRequest, ImageRequest,
                                  Sampling, parse)
 from web.openai.serving import Call, ClientGone, job_error
@@ -30,12 +28,6 @@ CALL_HEADERS = ("X-Modelbay-Job", "X-Modelbay-Node")
 STREAMED = "the completion; with `stream` server-sent chunks ending with `data: [DONE]`"
 
 
-def _usage(result: dict[str, Any]) -> dict[str, int]:
-    usage = result.get("usage") or {}
-    prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
 @bp.post("/embeddings")
 @documented("openai", "Embeddings (OpenAI-compatible)", Ok(200, EmbeddingList, "the vectors", headers=CALL_HEADERS),
             errors=CALL_ERRORS, body=EmbeddingsRequest, pin=True,
@@ -44,13 +36,7 @@ def embeddings():
     req = parse(EmbeddingsRequest)
     call = Call(req.model, "embed", req.input, {})
     call.wait()
-    result = call.result()
-    data = [{"object": "embedding", "index": i,
-             "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if req.encoding_format == "base64"
-             else v} for i, v in enumerate(result.get("embeddings", []))]
-    prompt = int((result.get("usage") or {}).get("prompt_tokens", 0))
-    body = {"object": "list", "data": data, "model": req.model,
-            "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}
+    body = embeddings_body(req.model, call.result(), req.encoding_format)
     return jsonify(body), 200, call.headers
 
 
@@ -99,25 +85,13 @@ def _generate(req: Sampling, call: Call, *, chat: bool):
     call.wait(until_running=req.stream)
     if not req.stream:
         result = call.result()
-        return jsonify(_completion(call.record, result, chat)), 200, call.headers
+        return jsonify(completion_body(call.record.id, call.record.model, result, chat)), 200, call.headers
     if call.record.terminal and call.record.status != "succeeded":
         raise job_error(call.record)
     include_usage = bool(getattr(req, "stream_options", None) and req.stream_options.include_usage)
     headers = {**call.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return Response(stream_with_context(_events(call, chat, include_usage)), mimetype="text/event-stream",
                     headers=headers)
-
-
-def _completion(record: JobRecord, result: dict[str, Any], chat: bool) -> dict[str, Any]:
-    finish = result.get("finish_reason") or "stop"
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.get("text", "")},
-                  "logprobs": None, "finish_reason": finish}
-    else:
-        choice = {"index": 0, "text": result.get("text", ""), "logprobs": None, "finish_reason": finish}
-    return {"id": ("chatcmpl-" if chat else "cmpl-") + record.id,
-            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": record.model, "choices": [choice], "usage": _usage(result)}
 
 
 def _sse(data: dict[str, Any] | str) -> str:
@@ -152,5 +126,5 @@ def _events(call: Call, chat: bool, include_usage: bool) -> Iterator[str]:
     result = final.result or {}
     yield _sse(chunk(None, result.get("finish_reason") or "stop"))
     if include_usage:
-        yield _sse({**base, "choices": [], "usage": _usage(result)})
+        yield _sse({**base, "choices": [], "usage": usage_of(result)})
     yield _sse("[DONE]")

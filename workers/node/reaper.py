@@ -37,6 +37,7 @@ from tasks.errors import ErrorCode, ModelbayError
 from tasks.schemas import JobRecord
 from tasks.settings import Settings
 from tasks.store import Store
+from workers.jobs.batch_watch import watch as watch_batches
 from workers.node.stranded import Sweeper
 
 log = logging.getLogger("modelbay.reaper")
@@ -110,6 +111,10 @@ class Reaper:
             for key, value in found.items():
                 more[key] = more.get(key, 0) + value
         counts.update({k: v for k, v in more.items() if v})  # the stranded-queue part, when it acted
+        try:  # batches that need a step nobody is taking (workers/jobs/batch_watch.py)
+            watch_batches(self.store, self.dispatcher.celery, self.settings.node_queue)
+        except Exception:
+            log.exception("reaper: looking at the batches failed")
         if any(counts.values()):
             log.warning("reaper: %s", counts)
         return counts

@@ -1,0 +1,212 @@
+"""OpenAI's Batch API end to end: the official SDK against gunicorn, the session's worker, real
+Valkey and NATS, files on local disk. Bodies in the output are the synchronous routes' own;
+every ``custom_id`` is in the output or the error file exactly once; a bad input file is
+refused line by line; cancel and expiry end with what was done.
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from helpers import poll, unique
+
+openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.usefixtures("worker")
+
+FINAL = {"completed", "failed", "expired", "cancelled"}
+
+
+def sdk(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+def register(url: str, options: dict | None = None, backend: str = "echo", **extra: object) -> str:
+    name = unique("batch")
+    requests.put(f"{url}/v1/models/{name}", json={"backend": backend, "options": options or {}, **extra},
+                 timeout=10).raise_for_status()
+    return name
+
+
+def jsonl(lines: list[dict | str]) -> bytes:
+    return b"".join((line if isinstance(line, str) else json.dumps(line)).encode() + b"\n" for line in lines)
+
+
+def line(custom_id: str, url: str, body: dict) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+
+def run_batch(client: openai.OpenAI, data: bytes, endpoint: str, timeout_s: float = 180) -> object:
+    upload = client.files.create(file=("requests.jsonl", data), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint=endpoint, completion_window="24h",
+                                  metadata={"test": "yes"})
+    assert batch.status == "validating" and batch.id.startswith("batch_")
+    return poll(lambda: (b := client.batches.retrieve(batch.id)).status in FINAL and b, timeout_s,
+                f"batch {batch.id} to end")
+
+
+def lines_of(client: openai.OpenAI, file_id: str | None) -> list[dict]:
+    if file_id is None:
+        return []
+    return [json.loads(raw) for raw in client.files.content(file_id).content.splitlines() if raw.strip()]
+
+
+def every_id_once(client: openai.OpenAI, batch: object, ids: list[str]) -> tuple[list[dict], list[dict]]:
+    out, err = lines_of(client, batch.output_file_id), lines_of(client, batch.error_file_id)
+    seen = Counter(x["custom_id"] for x in out + err)
+    assert seen == Counter(ids), (seen - Counter(ids), Counter(ids) - seen)
+    return out, err
+
+
+def test_sdk_embeddings_batch_on_echo_answers_as_the_route(web_url: str) -> None:
+    client = sdk(web_url)
+    name = register(web_url, {"dim": 16})
+    bodies = [{"model": name, "input": f"text number {i}"} for i in range(150)]
+    bodies[7] = {"model": name, "input": ["a", "b"], "encoding_format": "base64"}
+    lines = [line(f"req-{i}", "/v1/embeddings", b) for i, b in enumerate(bodies)]
+    lines.append(line("bad-body", "/v1/embeddings", {"model": name, "input": []}))
+    batch = run_batch(client, jsonl(lines), "/v1/embeddings")
+    assert batch.status == "completed", batch
+    assert batch.request_counts.total == 151 and batch.request_counts.completed == 150
+    assert batch.request_counts.failed == 1 and batch.metadata == {"test": "yes"}
+    assert batch.usage.input_tokens > 0 and batch.completed_at and batch.in_progress_at and batch.finalizing_at
+    out, err = every_id_once(client, batch, [x["custom_id"] for x in lines])
+    assert [e["custom_id"] for e in err] == ["bad-body"] and err[0]["response"] is None
+    assert err[0]["error"]["code"] == "invalid_request" and "input" in err[0]["error"]["message"]
+    by_id = {x["custom_id"]: x for x in out}
+    for i in (0, 7, 149):
+        got = by_id[f"req-{i}"]
+        assert got["error"] is None and got["response"]["status_code"] == 200 and got["id"].startswith("batch_req_")
+        sync = requests.post(f"{web_url}/v1/embeddings", json=bodies[i], timeout=30)
+        assert got["response"]["body"] == sync.json()  # no id or created in an embeddings body
+    assert client.files.retrieve(batch.output_file_id).purpose == "batch_output"
+
+
+def test_sdk_chat_and_completions_batches_on_echo(web_url: str) -> None:
+    client = sdk(web_url)
+    name = register(web_url)
+    for endpoint, body in (("/v1/chat/completions", lambda i: {"model": name, "max_tokens": 3,
+                                                               "messages": [{"role": "user", "content": f"say {i} a b c d"}]}),
+                           ("/v1/completions", lambda i: {"model": name, "prompt": f"one {i} two three"})):
+        lines = [line(f"c{i}", endpoint, body(i)) for i in range(20)]
+        batch = run_batch(client, jsonl(lines), endpoint)
+        assert batch.status == "completed" and batch.request_counts.completed == 20, batch
+        assert batch.usage.output_tokens > 0 and batch.usage.total_tokens == (batch.usage.input_tokens
+                                                                                + batch.usage.output_tokens)
+        out, err = every_id_once(client, batch, [x["custom_id"] for x in lines])
+        assert not err and batch.error_file_id is None
+        got = next(x for x in out if x["custom_id"] == "c4")["response"]["body"]
+        sync = requests.post(f"{web_url}{endpoint}", json=body(4), timeout=30).json()
+        for key in ("id", "created"):
+            got.pop(key), sync.pop(key)
+        assert got == sync
+
+
+def test_a_bad_input_file_fails_the_batch_naming_each_line(web_url: str) -> None:
+    client = sdk(web_url)
+    name = register(web_url)
+    good = {"model": name, "input": "x"}
+    lines = [line("a", "/v1/embeddings", good), "{not json", line("a", "/v1/embeddings", good),
+             line("b", "/v1/chat/completions", good), line("c", "/v1/embeddings", {"model": "no-such-model", "input": "x"}),
+             {**line("d", "/v1/embeddings", good), "method": "GET"}, line("e", "/v1/embeddings", good)]
+    batch = run_batch(client, jsonl(lines), "/v1/embeddings")
+    assert batch.status == "failed" and batch.failed_at and batch.output_file_id is None, batch
+    found = [(e.line, e.code) for e in batch.errors.data]
+    assert found == [(2, "invalid_json_line"), (3, "duplicate_custom_id"), (4, "invalid_url"),
+                     (5, "model_not_found"), (6, "invalid_method")], found
+    assert all(e.message for e in batch.errors.data)
+
+
+def test_create_refuses_a_missing_file_a_wrong_endpoint_and_a_file_of_another_purpose(web_url: str) -> None:
+    client = sdk(web_url)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.batches.create(input_file_id="file-" + "0" * 32, endpoint="/v1/embeddings", completion_window="24h")
+    assert missing.value.body["code"] == "not_found" and missing.value.body["param"] == "input_file_id"
+    upload = client.files.create(file=("r.jsonl", b"{}\n"), purpose="batch")
+    resp = requests.post(f"{web_url}/v1/batches", json={"input_file_id": upload.id, "endpoint": "/v1/images/generations",
+                                                        "completion_window": "24h"}, timeout=10)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "endpoint", resp.text
+    resp = requests.post(f"{web_url}/v1/batches", json={"input_file_id": upload.id, "endpoint": "/v1/embeddings",
+                                                        "completion_window": "1h"}, timeout=10)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "completion_window", resp.text
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_" + "f" * 32)
+    with pytest.raises(openai.NotFoundError):
+        client.batches.cancel("nope")
+    assert requests.get(f"{web_url}/healthz", timeout=5).status_code == 200
+
+
+def test_list_pages_newest_first_and_cancel_of_a_finished_batch_is_409(web_url: str) -> None:
+    client = sdk(web_url)
+    name = register(web_url)
+    ids = []
+    for i in range(3):
+        upload = client.files.create(file=("r.jsonl", jsonl([line(f"x{i}", "/v1/embeddings",
+                                                                  {"model": name, "input": "hi"})])), purpose="batch")
+        ids.append(client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings",
+                                         completion_window="24h").id)
+    first = client.batches.list(limit=2)
+    assert [b.id for b in first.data] == ids[::-1][:2] and first.has_more
+    second = client.batches.list(limit=2, after=first.data[-1].id)
+    assert second.data[0].id == ids[0]
+    done = poll(lambda: (b := client.batches.retrieve(ids[0])).status in FINAL and b, 60, "the batch to end")
+    assert done.status == "completed"
+    with pytest.raises(openai.ConflictError):
+        client.batches.cancel(ids[0])
+
+
+def _slow_chat_lines(name: str, n: int) -> list[dict]:
+    return [line(f"s{i}", "/v1/chat/completions",
+                 {"model": name, "messages": [{"role": "user", "content": " ".join(["w"] * 10)}]}) for i in range(n)]
+
+
+def test_cancel_stops_the_batch_with_a_partial_output(web_url: str) -> None:
+    client = sdk(web_url)
+    name = register(web_url, {"token_delay_s": 0.05})
+    lines = _slow_chat_lines(name, 400)
+    upload = client.files.create(file=("r.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    poll(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 4, 120, "some lines to complete")
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status == "cancelling" and cancelling.cancelling_at
+    ended = poll(lambda: (b := client.batches.retrieve(batch.id)).status in FINAL and b, 30, "the batch to cancel")
+    assert ended.status == "cancelled" and ended.cancelled_at, ended
+    out, err = every_id_once(client, ended, [x["custom_id"] for x in lines])
+    assert len(out) == ended.request_counts.completed and 4 <= len(out) < 400
+    assert {e["error"]["code"] for e in err} == {"batch_cancelled"}
+    jobs = requests.get(f"{web_url}/v1/jobs", params={"model": name, "limit": 100}, timeout=10).json()["data"]
+    assert jobs and all(j["status"] in ("succeeded", "cancelled") for j in jobs)
+
+
+@pytest.fixture(scope="module")
+def short_web(local_stack, stack_env: dict[str, str]) -> Iterator[str]:
+    """A second gunicorn whose batches expire after 4 s and take at most 5 lines."""
+    env = {**stack_env, "MODELBAY_BATCH_COMPLETION_WINDOW_S": "4", "MODELBAY_BATCH_MAX_LINES": "5"}
+    web = local_stack.start_web(env=env, log_name="web-batches-short.log")
+    try:
+        yield web.url
+    finally:
+        local_stack.stop(web)
+
+
+def test_a_batch_past_its_window_expires_with_the_rest_in_the_error_file(short_web: str) -> None:
+    client = sdk(short_web)
+    name = register(short_web, {"token_delay_s": 0.5})
+    lines = _slow_chat_lines(name, 5)
+    batch = run_batch(client, jsonl(lines), "/v1/chat/completions", timeout_s=60)
+    assert batch.status == "expired" and batch.expired_at, batch
+    out, err = every_id_once(client, batch, [x["custom_id"] for x in lines])
+    assert err and {e["error"]["code"] for e in err} == {"batch_expired"}
+    assert batch.request_counts.completed == len(out)
+
+
+def test_too_many_lines_is_a_400(short_web: str) -> None:
+    client = sdk(short_web)
+    upload = client.files.create(file=("r.jsonl", io.BytesIO(jsonl([{"n": i} for i in range(6)]))), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h")
+    assert exc.value.body["code"] == "limit_exceeded"

@@ -1,0 +1,216 @@
+"""One chunk of a batch, run as an inference job of task ``batch`` against the loaded backend
+(registered in :data:`workers.jobs.inference.RUNNERS` by :mod:`workers.jobs.batch`, so it is placed, loaded, cancelled,
+requeued by the reaper and retried after a backend crash exactly as any job of its model).
+
+The chunk's lines (``batches/<id>/in/<chunk>.jsonl``) run together: an embeddings chunk sends
+every line's Embed call at once (the backend's batcher gathers them into forward passes; one
+call per line keeps each line's ``usage`` its own, as the synchronous route's), a generation
+chunk runs up to ``batch_generate_concurrency`` lines at a time. Each line's body is parsed and
+answered by the same code as the synchronous route (:mod:`tasks.openai_requests`,
+:mod:`tasks.openai_bodies`). The results go to one part per chunk (``.out.jsonl``/``.err.jsonl``,
+overwritten when the chunk runs again), then the chunk is marked done with its counts.
+
+A cancelled chunk (its batch cancelled or expired) writes what it finished and answers its
+other lines ``batch_cancelled``/``batch_expired``. A backend that dies under the chunk fails the
+whole chunk call (:class:`BackendCallError`), so the job path runs it again once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from tasks.batches import BATCH_CANCELLED, BATCH_EXPIRED, ENDPOINTS, FINAL, ChunkDone, error_line, output_line, part_key
+from tasks.errors import ErrorCode, JobFailed
+from tasks.names import TASK_BATCH_ADVANCE
+from tasks.openai_bodies import completion_body, embeddings_body
+from tasks.openai_requests import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest
+from tasks.schemas import JobRecord
+from workers.jobs.batch_files import filestore
+from workers.jobs.inference import Delivery
+from workers.runtime import Runtime
+from workers.supervisor.calls import BackendCallError, BackendCancelled
+from workers.supervisor.process import BackendProcess
+
+log = logging.getLogger("modelbay.worker")
+
+
+class Calls:
+    """The backend calls in flight for one chunk job, cancelled together when the job is
+    (the cancel watcher holds one callback per job)."""
+
+    def __init__(self, rt: Runtime, job_id: str) -> None:
+        self.rt, self.job_id = rt, job_id
+        self._lock = threading.Lock()
+        self._cancels: list[Callable[[], None]] = []
+        self.cancelled = False
+        rt.cancels.watch(job_id, self.cancel_all)
+
+    def add(self, cancel: Callable[[], None]) -> None:
+        with self._lock:
+            if not self.cancelled:
+                self._cancels.append(cancel)
+                return
+        cancel()
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            cancels, self._cancels = self._cancels, []
+        for cancel in cancels:
+            cancel()
+
+    def finish(self) -> bool:
+        """Stop watching; True when the job was cancelled meanwhile."""
+        return self.rt.cancels.unwatch(self.job_id) or self.cancelled
+
+
+@dataclass
+class Outcome:
+    """One line's answer: its output or error line, its tokens, and whether it ran at all."""
+
+    line: bytes = b""
+    ok: bool = False
+    ran: bool = True
+    tokens: tuple[int, int] = (0, 0)
+
+
+@dataclass
+class Chunk:
+    rt: Runtime
+    job: JobRecord
+    proc: BackendProcess
+    endpoint: str
+    lines: list[dict[str, Any]]
+    calls: Calls
+    crashed: list[BackendCallError] = field(default_factory=list)
+
+
+def _embed(chunk: Chunk, body: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int]]:
+    req = EmbeddingsRequest.model_validate(body)
+    texts = [req.input] if isinstance(req.input, str) else list(req.input)
+    vectors, tokens = chunk.proc.embed(texts, {}, chunk.rt.settings.inference_timeout_s, on_call=chunk.calls.add)
+    result = {"embeddings": vectors, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return embeddings_body(req.model, result, req.encoding_format), (tokens, 0)
+
+
+def _generate(chunk: Chunk, body: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int]]:
+    chat = chunk.endpoint == "/v1/chat/completions"
+    req: ChatCompletionRequest | CompletionRequest
+    if chat:
+        req = ChatCompletionRequest.model_validate(body)
+        call = chunk.proc.generate("", [m.as_job() for m in req.messages], req.params(),
+                                   chunk.rt.settings.inference_timeout_s)
+    else:
+        req = CompletionRequest.model_validate(body)
+        call = chunk.proc.generate(req.text(), [], req.params(), chunk.rt.settings.inference_timeout_s)
+    chunk.calls.add(call.cancel)
+    pieces: list[str] = []
+    final: Any = None
+    for piece in call:
+        if piece.done:
+            final = piece
+        else:
+            pieces.append(piece.text)
+    usage = {"prompt_tokens": getattr(final, "prompt_tokens", 0),
+             "completion_tokens": getattr(final, "completion_tokens", len(pieces))}
+    result = {"text": "".join(pieces), "finish_reason": getattr(final, "finish_reason", "") or "stop", "usage": usage}
+    return completion_body(uuid.uuid4().hex, req.model, result, chat), (usage["prompt_tokens"],
+                                                                          usage["completion_tokens"])
+
+
+def _one(chunk: Chunk, line: dict[str, Any]) -> Outcome:
+    """Run one line; its outcome. A dead backend is noted (the chunk fails after)."""
+    custom_id = str(line.get("custom_id"))
+    if chunk.calls.cancelled:
+        return Outcome(ran=False)
+    run = _embed if chunk.endpoint == "/v1/embeddings" else _generate
+    try:
+        body, tokens = run(chunk, line.get("body") or {})
+        return Outcome(output_line(custom_id, body), ok=True, tokens=tokens)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = f"{where}: {first['msg']}" if where else first["msg"]
+        return Outcome(error_line(custom_id, ErrorCode.INVALID_REQUEST.value, message))
+    except BackendCancelled:
+        return Outcome(ran=False)
+    except BackendCallError as exc:
+        if chunk.calls.cancelled:
+            return Outcome(ran=False)
+        if not chunk.proc.alive:
+            chunk.crashed.append(exc)
+            return Outcome(ran=False)
+        return Outcome(error_line(custom_id, exc.job_code.value, str(exc)))
+    except JobFailed as exc:
+        return Outcome(error_line(custom_id, exc.code.value, exc.message))
+    except Exception as exc:  # a bug answers this line, not the whole chunk
+        log.exception("batch line %s of job %s crashed", custom_id, chunk.job.id)
+        return Outcome(error_line(custom_id, ErrorCode.INTERNAL_ERROR.value, f"the request failed unexpectedly: {exc}"))
+
+
+def run_chunk(rt: Runtime, job: JobRecord, proc: BackendProcess, delivery: Delivery) -> dict[str, Any]:
+    """The ``batch`` task's runner (see the module); returns the chunk's counts."""
+    spec = job.input if isinstance(job.input, dict) else {}
+    batch_id, index = str(spec.get("batch")), int(spec.get("chunk", -1))
+    batches = rt.store.batches
+    batch = batches.get(batch_id)
+    if batch is None or batch.status in FINAL or batches.closed(batch_id):
+        return {"skipped": True}
+    if batch.status == "cancelling" or batch.ending:
+        rt.store.cancel(job.id, f"batch {batch_id} is {batch.ending or 'cancelled'}")
+        raise BackendCancelled(f"batch {batch_id} was stopped")
+    fs = filestore(rt.settings)
+    lines = [json.loads(raw) for raw in fs.iter_lines(part_key(batch_id, index, "in")) if raw.strip()]
+    chunk = Chunk(rt, job, proc, batch.endpoint, lines, Calls(rt, job.id))
+    width = len(lines) if ENDPOINTS[batch.endpoint] == "embed" else rt.settings.batch_generate_concurrency
+    try:
+        with ThreadPoolExecutor(max(1, min(width, len(lines))), thread_name_prefix="modelbay-batch") as pool:
+            outcomes = list(pool.map(lambda line: _one(chunk, line), lines))
+    finally:
+        cancelled = chunk.calls.finish()
+    if chunk.crashed and not cancelled:
+        raise chunk.crashed[0]  # the job path retries the chunk once (a new backend), or fails it
+    done = _write(rt, batch_id, index, lines, outcomes, cancelled)
+    if cancelled:
+        raise BackendCancelled(f"job {job.id} cancelled")
+    return done.model_dump()
+
+
+def _write(rt: Runtime, batch_id: str, index: int, lines: list[dict[str, Any]], outcomes: list[Outcome],
+           cancelled: bool) -> ChunkDone:
+    """Write the chunk's part (lines that did not run answered as the batch's stop says), mark
+    it done, and, as the last chunk, have the batch finalized."""
+    out, err = bytearray(), bytearray()
+    done = ChunkDone()
+    stopped: tuple[str, str] | None = None
+    for line, outcome in zip(lines, outcomes):
+        if outcome.ran:
+            (out if outcome.ok else err).extend(outcome.line)
+            done.completed += outcome.ok
+            done.failed += not outcome.ok
+            done.input_tokens += outcome.tokens[0]
+            done.output_tokens += outcome.tokens[1]
+            continue
+        if stopped is None:
+            batch = rt.store.batches.get(batch_id)
+            expired = batch is not None and batch.ending == "expired"
+            stopped = ((BATCH_EXPIRED, "the batch expired before this request ran") if expired else
+                       (BATCH_CANCELLED, "the batch was cancelled before this request ran"))
+        err.extend(error_line(str(line.get("custom_id")), *stopped))
+    fs = filestore(rt.settings)
+    fs.put_bytes(part_key(batch_id, index, "out"), bytes(out))
+    fs.put_bytes(part_key(batch_id, index, "err"), bytes(err))
+    count = rt.store.batches.mark_done(batch_id, index, done)
+    batch = rt.store.batches.get(batch_id)
+    if count is not None and batch is not None and count >= batch.chunks and not cancelled:
+        rt.dispatcher.celery.send_task(TASK_BATCH_ADVANCE, args=[batch_id], queue=rt.settings.node_queue)
+    return done
+
