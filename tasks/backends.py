@@ -49,13 +49,15 @@ _ALL: tuple[Backend, ...] = (
     # max_batch_size in texts, max_batch_delay_ms in milliseconds, max_seq_length in tokens.
     Backend("sentence-transformers", ("embed",),
             frozenset({"max_batch_size", "max_batch_delay_ms", "normalize", "device", "dtype", "max_seq_length",
-                       "path"}),
+                       "path", "gpu_count"}),
             package="sentence_transformers", extra="embeddings"),
     # n_ctx and n_batch in tokens, n_gpu_layers in layers; repack: bool, absent = automatic.
+    # gpu_count: GPUs one model spans; tensor_split: a proportion per GPU (docs/gpu.md).
     Backend("llama-cpp", ("generate", "chat"),
-            frozenset({"file", "n_ctx", "n_gpu_layers", "n_threads", "n_batch", "chat_format", "seed", "repack"}),
+            frozenset({"file", "n_ctx", "n_gpu_layers", "n_threads", "n_batch", "chat_format", "seed", "repack",
+                       "gpu_count", "tensor_split"}),
             package="llama_cpp", extra="llama"),
-    Backend("diffusers", ("image",), frozenset({"path", "dtype", "device"}),
+    Backend("diffusers", ("image",), frozenset({"path", "dtype", "device", "gpu_count"}),
             package="diffusers", extra="images"),
 )
 

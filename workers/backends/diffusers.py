@@ -11,10 +11,15 @@ LoadModel options (``options_json``):
 - ``path`` (str, default: found): the pipeline directory, relative to the model directory.
   Without it, the shallowest directory holding ``model_index.json`` among the staged files'
   directories and the model directory itself.
-- ``dtype`` (str, "float32", "float16" or "bfloat16"; default "float16" on CUDA, else
-  "float32"): the weights' torch dtype.
+- ``dtype`` (str, "float32", "float16" or "bfloat16"; default: :mod:`workers.backends.dtypes`:
+  float32 on the CPU, bfloat16 on a GPU that does it, else float16 only for a pipeline
+  saved in float16; FLUX and T5 give NaN, black images, in float16): the weights' dtype.
 - ``device`` (str, "cpu", "cuda" or "cuda:N"; default: the worker's choice, else CUDA when
   torch sees one): where the pipeline runs.
+- ``gpu_count`` (int >= 1, default 1): GPUs the pipeline spreads over. Above 1 its
+  components are placed over the GPUs this process sees (``device_map="balanced"``; the
+  worker exposes that many through ``CUDA_VISIBLE_DEVICES``); it needs CUDA and at least
+  that many visible GPUs, else the load fails naming them.
 
 GenerateImage params (``params_json``; unknown keys are ignored):
 
@@ -44,12 +49,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from workers.backends.model import BackendModel, ImageResult, InvalidParams, LoadInfo
-from workers.backends.libs import cuda_memory_mb, find_model_dir, option, quiet_hf, require, torch_device
+from workers.backends.dtypes import bf16_supported, choose_dtype, saved_dtype
+from workers.backends.libs import (cuda_memory_mb, find_model_dir, limit_torch_threads, option, quiet_hf,
+                                   require, torch_device)
 from workers.backends.server import main as base_main
 
 BACKEND = "diffusers"
 EXTRA = "images"
-DTYPES = ("float32", "float16", "bfloat16")
+SAVED_DTYPE_FOLDERS = ("transformer", "unet", "text_encoder")  # the first that says decides
 MAX_SEED = 2**63 - 1
 LOCK_POLL_S = 0.05
 
@@ -77,25 +84,35 @@ class DiffusersModel(BackendModel):
     def load(self, files: list[str], model_dir: str, options: dict[str, Any], device: str) -> LoadInfo:
         path = option(options, "path", str, None)
         dtype_name = option(options, "dtype", str, None)
-        if dtype_name is not None and dtype_name not in DTYPES:
-            raise InvalidParams(f"dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
+        choose_dtype(dtype_name, "cpu", False, None)  # an unknown dtype fails before any import
+        gpu_count = option(options, "gpu_count", int, 1, 1, 64)
         quiet_hf()
         diffusers = require("diffusers", BACKEND, EXTRA)
         torch = require("torch", BACKEND, EXTRA)
         require("PIL.Image", BACKEND, EXTRA)
         target = torch_device(device, options.get("device"))
+        limit_torch_threads(torch)
+        _check_gpus(torch, target, gpu_count)
         pipeline_dir = find_model_dir(files, model_dir, path, ("model_index.json",))
-        dtype = getattr(torch, dtype_name or ("float16" if target.startswith("cuda") else "float32"))
+        saved = saved_dtype(pipeline_dir, SAVED_DTYPE_FOLDERS)
+        dtype = getattr(torch, choose_dtype(dtype_name, target, bf16_supported(torch, target), saved))
         _quiet_progress_bars(diffusers)
         # diffusers renamed torch_dtype to dtype (the old name warns); use what this one knows.
         new_name = hasattr(getattr(diffusers.utils, "deprecation_utils", None), "_resolve_dtype")
-        pipe = diffusers.DiffusionPipeline.from_pretrained(str(pipeline_dir),
-                                                           **{"dtype" if new_name else "torch_dtype": dtype})
-        pipe = pipe.to(target)
+        kwargs: dict[str, Any] = {"dtype" if new_name else "torch_dtype": dtype}
+        if gpu_count > 1:
+            kwargs["device_map"] = "balanced"
+        pipe = diffusers.DiffusionPipeline.from_pretrained(str(pipeline_dir), **kwargs)
+        if gpu_count == 1:
+            pipe = pipe.to(target)
         pipe.set_progress_bar_config(disable=True)
         self.pipe, self.device = pipe, target
         self.default_size = _native_size(pipe)
-        memory_mb = cuda_memory_mb(target) if target.startswith("cuda") else _parameter_mb(pipe, torch)
+        if target.startswith("cuda"):
+            memory_mb = sum(cuda_memory_mb(f"cuda:{i}") for i in range(gpu_count)) if gpu_count > 1 \
+                else cuda_memory_mb(target)
+        else:
+            memory_mb = _parameter_mb(pipe, torch)
         return LoadInfo(memory_mb=max(1, memory_mb), device=target)
 
     def warmup(self) -> None:
@@ -193,6 +210,18 @@ class DiffusersModel(BackendModel):
         if kwargs.get("negative_prompt", "") is None:
             del kwargs["negative_prompt"]
         return kwargs
+
+
+def _check_gpus(torch: Any, target: str, gpu_count: int) -> None:
+    """Refuse ``gpu_count`` > 1 without CUDA or with fewer visible GPUs (InvalidParams)."""
+    if gpu_count == 1:
+        return
+    if not target.startswith("cuda"):
+        raise InvalidParams(f"gpu_count {gpu_count} needs CUDA; this load runs on {target!r}")
+    visible = torch.cuda.device_count()
+    if visible < gpu_count:
+        raise InvalidParams(f"gpu_count {gpu_count}: this backend process sees {visible} GPU(s) "
+                            "(CUDA_VISIBLE_DEVICES)")
 
 
 def _quiet_progress_bars(diffusers: Any) -> None:

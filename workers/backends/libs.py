@@ -113,3 +113,13 @@ def cuda_memory_mb(device: str) -> int:
     if not device.startswith("cuda"):
         return 0
     return int(torch.cuda.memory_allocated(torch.device(device)) // (1024 * 1024))
+
+
+def limit_torch_threads(torch: Any) -> None:
+    """torch's CPU threads to ``MODELBAY_BACKEND_CPUS`` when set (``modelbay up --workers N``
+    sets CPUs/N), so the backend processes of several workers do not each take every CPU."""
+    from tasks.settings import load_settings
+
+    share = load_settings().backend_cpus
+    if share > 0:
+        torch.set_num_threads(share)

@@ -11,7 +11,14 @@ LoadModel options (``options_json``):
   0 takes the model's training context.
 - ``n_gpu_layers`` (int, layers, default -1 = all when the worker did not ask for "cpu"
   and llama.cpp can offload to a visible GPU, else 0): layers offloaded to the GPU.
-- ``n_threads`` (int, default: the CPUs this process may run on): CPU threads.
+- ``n_threads`` (int, default: the process's share of the CPUs, at most 4 with every layer on
+  the GPU; :mod:`workers.backends.llama_setup`): CPU threads.
+- ``gpu_count`` (int >= 1, default 1; the worker sets it for a manifest with ``gpus`` > 1) and
+  ``tensor_split`` (list of proportions, one per visible GPU): the layers over several GPUs
+  (see :mod:`workers.backends.llama_setup`).
+
+A load that fails quotes the last lines llama.cpp logged (a CUDA error, an unknown
+architecture), not only llama-cpp-python's "Failed to load model from file".
 - ``n_batch`` (int, tokens, default 512): prompt tokens evaluated per batch.
 - ``chat_format`` (str, optional): a llama-cpp-python built-in prompt format ("chatml",
   "llama-2", ...) instead of the chat template stored in the GGUF (``tokenizer.chat_template``).
@@ -60,6 +67,7 @@ from typing import Any
 from tasks.settings import load_settings
 from workers.backends.model import BackendModel, InvalidParams, LoadInfo
 from workers.backends.libs import option, require
+from workers.backends.llama_setup import affinity_cpus, choose_threads, gpu_split, load_verbose
 from workers.backends.server import main as base_main
 
 MAX_SEED = 2**32 - 1
@@ -184,16 +192,20 @@ class LlamaModel(BackendModel):
         lib = _llama()  # first: a missing library is the error to report
         path = self._gguf_path(files, model_dir, options)
         n_ctx = option(options, "n_ctx", int, 2048, minimum=0)
-        n_threads = option(options, "n_threads", int, len(os.sched_getaffinity(0)), minimum=1)
         n_batch = option(options, "n_batch", int, 512, minimum=1)
         chat_format = option(options, "chat_format", str, None)
         seed = option(options, "seed", int, None, minimum=0, maximum=MAX_SEED)
         gpu_ok = bool(lib.llama_supports_gpu_offload())
         n_gpu_layers = option(options, "n_gpu_layers", int, -1 if gpu_ok and device != "cpu" else 0, minimum=-1)
+        n_threads = choose_threads(option(options, "n_threads", int, None, minimum=1), load_settings().backend_cpus,
+                                   affinity_cpus(), n_gpu_layers if gpu_ok else 0)
+        split = gpu_split(option(options, "gpu_count", int, 1, 1, 64), options.get("tensor_split"), gpu_ok,
+                          n_gpu_layers)
         formatter = _builtin_formatter(lib, chat_format) if chat_format else None
         repack, why = choose_repack(option(options, "repack", bool, None), cpu_flags())
-        llm = new_llama(lib, repack, model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                        n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, verbose=False)
+        llm = load_verbose(lib, lambda **kw: new_llama(lib, repack, **kw), model_path=path, n_ctx=n_ctx,
+                           n_batch=n_batch, n_threads=n_threads, n_threads_batch=n_threads,
+                           n_gpu_layers=n_gpu_layers, **split)
         self._repack = (bool(getattr(llm.model_params, "use_extra_bufts", True)), why)  # what llama.cpp got
         if formatter is None:
             formatter = self._gguf_formatter(lib, llm)

@@ -14,10 +14,16 @@ LoadModel options (``options_json``):
 - ``max_batch_delay_ms`` (float, milliseconds, default 5): a batch closes this long after
   its first request arrived. Concurrent Embed calls within that window share one forward
   pass (:mod:`workers.backends.batching`); each gets its own vectors.
+  No forward pass ever holds more texts: a larger request is split across passes.
 - ``normalize`` (bool, default false): L2-normalise every vector (MiniLM already does).
 - ``device`` ("cpu", "cuda", "cuda:N"; default: the GPU the worker gave this process, else
-  CPU), ``dtype`` ("float32", "float16", "bfloat16"; default float32, float16 on CUDA),
-  ``max_seq_length`` (int, tokens; longer texts are truncated), ``path`` (see above).
+  CPU), ``dtype`` ("float32", "float16", "bfloat16"; default: :mod:`workers.backends.dtypes`,
+  float32 on the CPU, bfloat16 on a GPU that does it, else float16 only for a model saved in
+  float16), ``max_seq_length`` (int, tokens; longer texts are truncated), ``path`` (see above).
+
+Each text is tokenized once, for the forward pass and its token count (the tokens the model
+saw: a text longer than ``max_seq_length`` counts its truncated length). One model runs on
+one device: ``gpu_count`` above 1 is refused (run more replicas instead).
 
 Embed params (``params_json``): ``normalize`` (bool) overrides the option per call.
 Status ``stats_json``: ``forward_passes``, ``texts_encoded``, ``requests``, ``max_batch``.
@@ -28,22 +34,32 @@ import math
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from workers.backends.model import BackendModel, InvalidParams, LoadInfo
 from workers.backends.batching import Batcher
-from workers.backends.libs import cuda_memory_mb, find_model_dir, option, quiet_hf, require, torch_device
+from workers.backends.dtypes import bf16_supported, choose_dtype, saved_dtype
+from workers.backends.libs import (cuda_memory_mb, find_model_dir, limit_torch_threads, option, quiet_hf,
+                                   require, torch_device)
 from workers.backends.server import main as base_main
 
 BACKEND = "sentence-transformers"
 EXTRA = "embeddings"
 MARKERS = ("modules.json", "config.json")
-DTYPES = ("float32", "float16", "bfloat16")
 
 
-def _normalized(row: Sequence[float]) -> list[float]:
-    norm = math.sqrt(sum(x * x for x in row))
-    return [x / norm for x in row] if norm > 0 else list(row)
+def _rows(vectors: Sequence[Any], normalize: bool) -> list[list[float]]:
+    """The vectors (float32 CPU tensors) as lists, L2-normalised in one torch call when asked
+    (a zero vector stays zero)."""
+    import torch  # installed with sentence-transformers
+
+    if not vectors:
+        return []
+    matrix = torch.stack(list(vectors))
+    if normalize:
+        matrix = torch.nn.functional.normalize(matrix, p=2.0, dim=1)
+    return matrix.tolist()
 
 
 class SentenceTransformerModel(BackendModel):
@@ -61,16 +77,19 @@ class SentenceTransformerModel(BackendModel):
         delay_ms = option(options, "max_batch_delay_ms", float, 5.0, 0.0, 1000.0)
         self._normalize = option(options, "normalize", bool, False)
         max_seq = option(options, "max_seq_length", int, None, 1)
+        if option(options, "gpu_count", int, 1, 1) > 1:
+            raise InvalidParams("gpu_count: sentence-transformers runs one model on one GPU; "
+                                "serve more replicas instead of spreading one over several GPUs")
         dtype_name = option(options, "dtype", str, None)
-        if dtype_name is not None and dtype_name not in DTYPES:
-            raise InvalidParams(f"dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
+        choose_dtype(dtype_name, "cpu", False, None)  # an unknown dtype fails before any import
         path = find_model_dir(files, model_dir, option(options, "path", str, None), MARKERS)
         quiet_hf()
         st = require("sentence_transformers", BACKEND, EXTRA)
         import torch  # installed with sentence-transformers
 
         dev = torch_device(device, options.get("device"))
-        dtype = getattr(torch, dtype_name or ("float16" if dev.startswith("cuda") else "float32"))
+        limit_torch_threads(torch)
+        dtype = getattr(torch, choose_dtype(dtype_name, dev, bf16_supported(torch, dev), _saved_dtype(path)))
         model = st.SentenceTransformer(str(path), device=dev, local_files_only=True,
                                        model_kwargs={"dtype": dtype})
         if max_seq is not None:
@@ -88,20 +107,27 @@ class SentenceTransformerModel(BackendModel):
         tokenizer is still used by one thread only."""
         self._encode(["warm-up"])
 
-    def _encode(self, texts: list[str]) -> list[tuple[list[float], int]]:
-        """One forward pass over ``texts`` (the batcher's thread): (vector, token count) per
-        text. The tokenizer is only ever used from this thread: a fast tokenizer keeps its
-        padding/truncation settings in shared state, so concurrent calls would corrupt a batch."""
+    def _encode(self, texts: list[str]) -> list[tuple[Any, int]]:
+        """One forward pass over ``texts`` (the batcher's thread; at most ``max_batch_size``
+        of them): (float32 CPU tensor, token count) per text. The texts are tokenized once,
+        the count is each text's attention mask. The tokenizer is only ever used from this
+        thread: a fast tokenizer keeps its padding/truncation settings in shared state, so
+        concurrent calls would corrupt a batch."""
         import torch
 
         model = self._model
         if model is None:
             raise RuntimeError("the model is not loaded")
-        counts = [len(ids) for ids in model.tokenizer(texts, add_special_tokens=True, truncation=False,
-                                                       verbose=False)["input_ids"]]
+        prompt = (getattr(model, "prompts", None) or {}).get(getattr(model, "default_prompt_name", None) or "")
+        if hasattr(model, "preprocess"):  # sentence-transformers >= 6 (tokenize is deprecated there)
+            features = model.preprocess(texts, prompt=prompt or None)
+        else:  # as encode() does: the default prompt before each text
+            features = model.tokenize([prompt + t for t in texts] if prompt else texts)
+        counts = features["attention_mask"].sum(dim=1).tolist()
+        features = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
         with torch.inference_mode():
-            out = model.encode(texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False)
-        return list(zip(out.astype("float32").tolist(), counts, strict=True))
+            vectors = model.forward(features)["sentence_embedding"].float().cpu()
+        return list(zip(vectors.unbind(0), (int(n) for n in counts), strict=True))
 
     def embed_with_usage(self, texts: list[str], params: dict[str, Any],
                          cancelled: Callable[[], bool]) -> tuple[list[list[float]], int]:
@@ -110,7 +136,7 @@ class SentenceTransformerModel(BackendModel):
         if batcher is None:
             raise RuntimeError("the model is not loaded")
         rows = batcher.submit(texts, cancelled)
-        return [_normalized(v) if normalize else list(v) for v, _ in rows], sum(n for _, n in rows)
+        return _rows([v for v, _ in rows], normalize), sum(n for _, n in rows)
 
     def embed(self, texts: list[str], params: dict[str, Any],
               cancelled: Callable[[], bool] = lambda: False) -> list[list[float]]:
@@ -133,6 +159,22 @@ class SentenceTransformerModel(BackendModel):
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+def _saved_dtype(path: Path) -> str | None:
+    """What the model was saved in: its root's config, else its Transformer module's folder
+    (``modules.json`` names it)."""
+    found = saved_dtype(path)
+    if found is not None:
+        return found
+    try:
+        import json
+
+        modules = json.loads((path / "modules.json").read_text())
+    except (OSError, ValueError):
+        return None
+    folders = [m.get("path", "") for m in modules if isinstance(m, dict) and m.get("path")]
+    return saved_dtype(path, folders) if folders else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
