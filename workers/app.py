@@ -20,7 +20,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings if settings is not None else load_settings()
     app = make_celery(settings, main="modelbay-worker")
     app.conf.task_default_queue = settings.node_queue
-    app.conf.worker_concurrency = settings.worker_threads(len(gpus()))
+    app.conf.worker_concurrency = settings.worker_threads(sum(1 for g in gpus() if not g.get("error")))
     app.modelbay_settings = settings  # read by NodeStep
     app.conf.include = ["workers.jobs.tasks", "workers.jobs.batch"]
     app.steps["worker"].add(NodeStep)
