@@ -37,7 +37,8 @@ class NodeStore:
 
     def placement_view(self, model: str) -> tuple[list[NodeRecord], list[ModelNode]]:
         """The live nodes that take new work (not draining), sorted by id, and ``model``'s
-        state on each of them that has one: what placement reads, in one round trip."""
+        state on each of them that has one: what placement reads, in one round trip. Each
+        record is the whole heartbeat, per-GPU budgets included (``NodeRecord.gpus``)."""
         if self._placement is None:
             self._placement = self._r.register_script(_PLACEMENT)
         out = self._placement(keys=[NODES], args=[node_key(""), node_models_key(""), model])

@@ -332,7 +332,8 @@ def make_node(tmp_path: Path, devices: list[FakeGpu] | None, monkeypatch: pytest
 
     found = agent.devices()
     manager = ModelManager(settings, store, object(), agent.memory_budget_mb(settings, found),  # type: ignore[arg-type]
-                           gpus=[d for d in found if d["type"] == "cuda"], process_factory=factory)  # type: ignore[arg-type]
+                           gpus=[d for d in found if d["type"] == "cuda"],
+                           process_factory=factory)  # type: ignore[arg-type]
     return Node(manager, procs, report, store)
 
 
@@ -396,7 +397,8 @@ def test_device_cpu_gets_no_gpu_and_the_cpu_budget(tmp_path: Path, monkeypatch: 
     node.load("opt-cpu", memory_mb=400, options={"device": "cpu"}, pinned=True)
     assert node.procs["opt-cpu"].env["CUDA_VISIBLE_DEVICES"] == ""
     fields = agent.memory_fields(node.manager)
-    assert fields["cpu_memory_used_mb"] == 1900 and all(g.used_mb == 0 for g in fields["gpus"])  # type: ignore[attr-defined]
+    assert fields["cpu_memory_used_mb"] == 1900
+    assert all(g.used_mb == 0 for g in fields["gpus"])  # type: ignore[attr-defined]
     with pytest.raises(LoadFailed, match="free of 2000 MB"):
         node.load("too-big-cpu", memory_mb=1000, device="cpu", pinned=True)
 
@@ -523,11 +525,18 @@ def test_choose_node_judges_cpu_models_on_the_cpu_budget_and_cuda_off_cpu_nodes(
 def test_ensure_load_refuses_a_numbered_cuda_device() -> None:
     store = Store(fakeredis.FakeRedis(decode_responses=True), load_settings({}))
     with pytest.raises(InvalidRequest, match="the worker assigns GPUs") as refused:
-        Dispatcher(store, object()).ensure_load("m", Manifest(backend="echo", options={"device": "cuda:1"}))  # type: ignore[arg-type]
+        dispatcher = Dispatcher(store, object())  # type: ignore[arg-type]
+        dispatcher.ensure_load("m", Manifest(backend="echo", options={"device": "cuda:1"}))
     assert refused.value.status == 400 and refused.value.code == ErrorCode.INVALID_PARAMS
 
 
-def test_a_real_backend_process_gets_its_gpu_in_its_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def proc_environ(pid: object) -> dict[str, str]:
+    """A process's environment, from /proc."""
+    return dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+
+
+def test_a_real_backend_process_gets_its_gpu_in_its_environment(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The real BackendProcess (an echo backend, which reports the device it was asked for):
     its environment, read from /proc, names its GPU by uuid and the PCI bus order."""
     devices = [FakeGpu("GPU-aaaa", 24), FakeGpu("GPU-bbbb", 16)]
@@ -541,11 +550,11 @@ def test_a_real_backend_process_gets_its_gpu_in_its_environment(tmp_path: Path, 
     try:
         result = manager.load(JobRecord(id=new_job_id(), kind="load", model="e"), Manifest(backend="echo", memory_mb=5))
         assert result["gpu"] == "GPU-bbbb" and result["device"] == "cuda"
-        environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{result['pid']}/environ").read_text().split("\0") if "=" in kv)
+        environ = proc_environ(result["pid"])
         assert environ["CUDA_VISIBLE_DEVICES"] == "GPU-bbbb" and environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
         result = manager.load(JobRecord(id=new_job_id(), kind="load", model="c"),
                               Manifest(backend="echo", memory_mb=5, device="cpu"))
-        environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{result['pid']}/environ").read_text().split("\0") if "=" in kv)
+        environ = proc_environ(result["pid"])
         assert environ["CUDA_VISIBLE_DEVICES"] == "" and result["device"] == "cpu" and result["gpu"] is None
     finally:
         manager.stop_all()
