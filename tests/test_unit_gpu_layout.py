@@ -200,3 +200,35 @@ def test_gpus_come_from_nvml_and_its_absence_means_none() -> None:
         raise ImportError("No module named 'pynvml'")
 
     assert gpus.nvml_gpus(missing) == []
+
+
+class RecordingStack:
+    """What :func:`modelbay.cli.start_stack` asks of a :class:`~modelbay.stack.LocalStack`."""
+
+    def __init__(self) -> None:
+        self.env: dict[str, str] = {"MODELBAY_REDIS_URL": "redis://x", "MODELBAY_NATS_URL": "nats://x"}
+        self.workers: list[tuple[str, int, dict[str, str]]] = []
+
+    def start_worker(self, node_id: str, concurrency: int, env: dict[str, str]) -> None:
+        self.workers.append((node_id, concurrency, env))
+
+    def start_web(self, *args: object, **kwargs: object) -> None:
+        pass
+
+
+def test_modelbay_up_starts_each_worker_with_its_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelbay import cli
+
+    for name in ("CUDA_VISIBLE_DEVICES", "MODELBAY_BACKEND_CPUS", "MODELBAY_WORKER_CONCURRENCY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MODELBAY_REDIS_URL", "redis://x")
+    monkeypatch.setenv("MODELBAY_NATS_URL", "nats://x")
+    monkeypatch.setenv("MODELBAY_NODE_ID", "box")
+    monkeypatch.setattr(gpus, "nvml_gpus", lambda: fake_gpus(2))
+    monkeypatch.setattr(gpus, "machine_cpus", lambda: 12)
+    stack = RecordingStack()
+    args = cli.build_parser().parse_args(["up", "--workers", "3"])
+    cli.start_stack(stack, args)  # type: ignore[arg-type]
+    assert [(n, c, e["CUDA_VISIBLE_DEVICES"], e["MODELBAY_BACKEND_CPUS"]) for n, c, e in stack.workers] == [
+        ("box-1", 32, "GPU-0000-uuid", "4"), ("box-2", 32, "GPU-0001-uuid", "4"), ("box-3", 8, "", "4")]
+    assert [e["MODELBAY_WORKER_METRICS_PORT"] for _, _, e in stack.workers] == ["9400", "9401", "9402"]
