@@ -10,7 +10,8 @@ ever fetched from a hub (``HF_HUB_OFFLINE=1``, ``local_files_only``).
 
 LoadModel options (``options_json``):
 
-- ``max_batch_size`` (int, texts, default 64): a batch closes at this many texts.
+- ``max_batch_size`` (int, texts; default 64 on the CPU, 256 on a GPU): a batch closes at
+  this many texts.
 - ``max_batch_delay_ms`` (float, milliseconds, default 5): a batch closes this long after
   its first request arrived. Concurrent Embed calls within that window share one forward
   pass (:mod:`workers.backends.batching`); each gets its own vectors.
@@ -47,6 +48,7 @@ from workers.backends.server import main as base_main
 BACKEND = "sentence-transformers"
 EXTRA = "embeddings"
 MARKERS = ("modules.json", "config.json")
+CPU_MAX_BATCH, GPU_MAX_BATCH = 64, 256  # max_batch_size's defaults, texts per forward pass
 
 
 def _rows(vectors: Sequence[Any], normalize: bool) -> list[list[float]]:
@@ -73,7 +75,7 @@ class SentenceTransformerModel(BackendModel):
         self._lock = threading.Lock()
 
     def load(self, files: list[str], model_dir: str, options: dict[str, Any], device: str) -> LoadInfo:
-        max_batch = option(options, "max_batch_size", int, 64, 1, 4096)
+        max_batch = option(options, "max_batch_size", int, None, 1, 4096)
         delay_ms = option(options, "max_batch_delay_ms", float, 5.0, 0.0, 1000.0)
         self._normalize = option(options, "normalize", bool, False)
         max_seq = option(options, "max_seq_length", int, None, 1)
@@ -96,6 +98,8 @@ class SentenceTransformerModel(BackendModel):
             model.max_seq_length = max_seq
         model.eval()
         self._model = model
+        if max_batch is None:
+            max_batch = GPU_MAX_BATCH if dev.startswith("cuda") else CPU_MAX_BATCH
         self._batcher = Batcher(self._encode, max_batch, delay_ms / 1000.0)
         params_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / (1024 * 1024)
         memory_mb = cuda_memory_mb(dev) or max(1, math.ceil(params_mb))
