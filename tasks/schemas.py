@@ -61,8 +61,12 @@ def model_size_mb(manifest: Manifest) -> int:
 def manifest_device(manifest: Manifest) -> tuple[Literal["cpu", "cuda"] | None, str | None]:
     """Where ``manifest`` asks to run: ``("cpu" | "cuda" | None, None)`` from its ``device``,
     else its ``options.device``; or ``(None, problem)`` when it names a GPU by number
-    ("cuda:1": the worker assigns GPUs, and each backend process sees only its own) or the two
-    disagree."""
+    ("cuda:1": the worker assigns GPUs, and each backend process sees only its own), the two
+    disagree, or ``options.gpu_count`` is not the manifest's ``gpus`` (the GPUs the worker gives)."""
+    count = manifest.options.get("gpu_count")
+    if count is not None and count != manifest.gpus:
+        return None, (f"options.gpu_count {count!r} is not the manifest's gpus ({manifest.gpus}): the worker gives "
+                      f"a backend process \"gpus\" GPUs and tells it gpu_count; set \"gpus\": {count!r} instead")
     option = manifest.options.get("device")
     if option is not None and option not in ("cpu", "cuda"):
         if isinstance(option, str) and option.startswith("cuda:"):

@@ -408,6 +408,11 @@ def test_cuda_n_is_refused_at_load(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     with pytest.raises(LoadFailed, match="the worker assigns GPUs") as refused:
         node.load("m", options={"device": "cuda:1"})
     assert refused.value.code == ErrorCode.INVALID_PARAMS and "m" not in node.procs
+    with pytest.raises(LoadFailed, match='set "gpus": 2 instead') as refused:
+        node.load("g", options={"gpu_count": 2})  # the GPUs come from the manifest's gpus
+    assert refused.value.code == ErrorCode.INVALID_PARAMS and "g" not in node.procs
+    node.load("ok", options={"gpu_count": 2}, gpus=2, memory_mb=1000)
+    assert node.procs["ok"].options["gpu_count"] == 2 and node.on("ok").count(",") == 1  # type: ignore[union-attr]
 
 
 def test_cuda_asked_cpu_came_up_fails_the_load_and_stops_the_process(tmp_path: Path,

@@ -50,7 +50,8 @@ def backend_env(device: str, gpus: tuple[str, ...]) -> dict[str, str]:
 
 
 def backend_options(manifest: Manifest, device: str, gpus: tuple[str, ...]) -> dict[str, Any]:
-    """The LoadModel options: the manifest's, with ``gpu_count`` when a process spans GPUs."""
+    """The LoadModel options: the manifest's, with ``gpu_count`` when a process spans GPUs
+    (a manifest's own ``options.gpu_count`` must equal its ``gpus``: :func:`device_for`)."""
     options = dict(manifest.options)
     if device == "cuda" and len(gpus) > 1:
         options["gpu_count"] = len(gpus)
