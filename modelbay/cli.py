@@ -52,6 +52,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     data = Path(args.data_dir).resolve()
     stack = LocalStack(data / "logs", data, {env_name("models_dir"): str(data / "models"),
                                              env_name("run_dir"): str(data / "run")})
+    if env_name("files_url") not in os.environ:  # uploads and batch files: a directory, unless set
+        stack.env[env_name("files_url")] = str(data / "files")
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)  # also when started with SIGINT ignored (a background job)
     try:

@@ -18,6 +18,7 @@ segment is refused with ``ValueError``.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -166,6 +167,27 @@ class S3FileStore:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.part_bytes = part_bytes
+        self._bucket_checked = False
+        self._lock = threading.Lock()
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it is missing, once per store (before its first write): a
+        fresh S3 server of one's own (compose's SeaweedFS) starts with none. Credentials that
+        may not look at or create buckets leave it to the write to fail, naming its error."""
+        from botocore.exceptions import ClientError
+
+        with self._lock:
+            if self._bucket_checked:
+                return
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+                    try:
+                        self.client.create_bucket(Bucket=self.bucket)
+                    except ClientError:
+                        pass  # made meanwhile by another process, or not ours to make
+            self._bucket_checked = True
 
     def _key(self, key: str) -> str:
         check_key(key)
@@ -173,8 +195,10 @@ class S3FileStore:
 
     def put_stream(self, key: str, chunks: Iterable[bytes], max_bytes: int | None = None) -> int:
         """One PUT for an object that fits in a part; else a multipart upload whose parts
-        are ``part_bytes`` each (one part in memory at a time), aborted on any error."""
+        are ``part_bytes`` or a chunk more (one part in memory at a time), aborted on any
+        error."""
         full = self._key(key)
+        self.ensure_bucket()
         buffer = bytearray()
         written = 0
         upload: _Multipart | None = None
@@ -184,12 +208,12 @@ class S3FileStore:
                 if max_bytes is not None and written > max_bytes:
                     raise too_large(key, max_bytes)
                 buffer += chunk
-                while len(buffer) >= self.part_bytes:
+                if len(buffer) >= self.part_bytes:  # a part is the buffer as it is: no copy
                     upload = upload or _Multipart(self.client, self.bucket, full)
-                    upload.send(bytes(buffer[:self.part_bytes]))
-                    del buffer[:self.part_bytes]
+                    upload.send(buffer)
+                    buffer = bytearray()
             if upload is None:
-                self.client.put_object(Bucket=self.bucket, Key=full, Body=bytes(buffer))
+                self.client.put_object(Bucket=self.bucket, Key=full, Body=buffer)
             else:
                 if buffer:
                     upload.send(bytes(buffer))
@@ -201,6 +225,7 @@ class S3FileStore:
         return written
 
     def put_bytes(self, key: str, data: bytes) -> None:
+        self.ensure_bucket()
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def iter_bytes(self, key: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
@@ -258,7 +283,7 @@ class _Multipart:
         self.upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
         self.parts: list[dict[str, object]] = []
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | bytearray) -> None:
         number = len(self.parts) + 1
         etag = self.client.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
                                        PartNumber=number, Body=data)["ETag"]

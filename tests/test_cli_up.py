@@ -49,6 +49,11 @@ def test_modelbay_up_serves_jobs_and_stops_everything(tmp_path):
         assert job.status_code == 202
         done = requests.get(f"{base}{job.headers['Location']}?wait=30", timeout=40).json()
         assert done["status"] == "succeeded" and done["result"]["text"] == "up and running"
+        # Files live under the data dir (MODELBAY_FILES_URL's default in `modelbay up`).
+        upload = requests.post(f"{base}/v1/files", files={"file": ("r.jsonl", b"{}\n")}, data={"purpose": "batch"},
+                               timeout=10)
+        assert upload.status_code == 200, upload.text
+        assert (tmp_path / "data" / "files" / "files" / upload.json()["id"]).read_bytes() == b"{}\n"
         backends = 1
         # Where the demo extra is missing the real models are left out, but not in CI, which
         # installs it (MODELBAY_REQUIRE_ALL=1, see tests/conftest.py): there they must serve.

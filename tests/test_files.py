@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import fakeredis
 import openai
 import pytest
 import requests
 
+from modelbay.services import descendants
 from modelbay.stack import LocalStack
 from tasks.errors import FileTooLarge, NotFound
 from tasks.filestore import FileStore, open_filestore
@@ -22,9 +24,10 @@ from tasks.settings import load_settings
 
 KEY = "files-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-MAX_FILE_MB = 20
+MAX_FILE_MB = 64
 PART_MB = 5  # S3's least part size: a file of a few MiB is a multipart upload
 MiB = 1 << 20
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -117,11 +120,13 @@ class FilesWeb:
     url: str
     store: FileStore
     sdk: openai.OpenAI
+    pid: int  # gunicorn's one worker process
 
 
 @pytest.fixture(scope="module")
 def files_web(local_stack: LocalStack, stack_env: dict[str, str], files_url: dict[str, str]) -> Iterator[FilesWeb]:
-    """gunicorn with an API key, files in the store of ``files_url``, a 20 MiB file limit."""
+    """gunicorn (one worker process) with an API key, files in the store of ``files_url``,
+    a 64 MiB file limit."""
     env = {**stack_env, **files_url, "MODELBAY_API_KEYS": KEY, "MODELBAY_MAX_FILE_MB": str(MAX_FILE_MB),
            "MODELBAY_S3_PART_MB": str(PART_MB)}
     kind = files_url["MODELBAY_FILES_URL"].split(":", 1)[0]
@@ -130,7 +135,8 @@ def files_web(local_stack: LocalStack, stack_env: dict[str, str], files_url: dic
     os.environ.update({name: files_url[name] for name in saved})
     try:
         store = open_filestore(load_settings(env))
-        yield FilesWeb(web.url, store, openai.OpenAI(base_url=f"{web.url}/v1", api_key=KEY, max_retries=0))
+        (pid,) = descendants(web.proc.pid)
+        yield FilesWeb(web.url, store, openai.OpenAI(base_url=f"{web.url}/v1", api_key=KEY, max_retries=0), pid)
     finally:
         for name, value in saved.items():
             if value is None:
@@ -261,3 +267,44 @@ def test_the_routes_need_the_key_and_unknown_ids_are_404(files_web: FilesWeb) ->
            "limit")
     _error(requests.get(f"{url}/v1/files", params={"order": "up"}, headers=AUTH, timeout=30), 400,
            "invalid_request", "order")
+
+
+def test_a_missing_bucket_is_made_on_the_first_write(s3_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh S3 server of one's own (compose's SeaweedFS) has no bucket: the store makes it."""
+    env = {**s3_server.env(), "MODELBAY_FILES_URL": f"s3://fresh-{new_file_id()[5:17]}/files"}
+    for name, value in env.items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)
+    fs = open_filestore(load_settings(env))
+    fs.put_bytes("files/a", b"hello")
+    assert b"".join(fs.iter_bytes("files/a")) == b"hello" and fs.list_keys("") == ["files/a"]
+
+
+def _memory_mib(pid: int, field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (the peak since the last reset) of ``pid``, in MiB."""
+    line = next(line for line in open(f"/proc/{pid}/status") if line.startswith(f"{field}:"))
+    return int(line.split()[1]) // 1024
+
+
+def test_no_whole_file_is_held_in_the_web_process(files_web: FilesWeb) -> None:
+    """A 60 MiB upload and its download raise the web worker's peak memory by less than half
+    the file: the bytes stream (a local store holds one read, S3 about one part of 5 MiB,
+    and the S3 client's copies of it)."""
+    size = 60 * MiB
+    warm = files_web.sdk.files.create(file=("warm.jsonl", b"{}\n"), purpose="batch")  # the S3 client is made
+    files_web.sdk.files.delete(warm.id)
+    data = os.urandom(size)
+
+    def peak_growth(action: Callable[[], T]) -> tuple[int, T]:
+        with open(f"/proc/{files_web.pid}/clear_refs", "w") as f:
+            f.write("5")  # the peak (VmHWM) starts again from the current RSS
+        before = _memory_mib(files_web.pid, "VmRSS")
+        result = action()
+        return _memory_mib(files_web.pid, "VmHWM") - before, result
+
+    grew, created = peak_growth(lambda: files_web.sdk.files.create(file=("big.jsonl", data), purpose="batch"))
+    assert created.bytes == size and grew < size // MiB // 2, f"upload: peak +{grew} MiB"
+    grew, got = peak_growth(lambda: requests.get(f"{files_web.url}/v1/files/{created.id}/content", headers=AUTH,
+                                                 timeout=120).content)
+    assert got == data and grew < size // MiB // 2, f"download: peak +{grew} MiB"
+    files_web.sdk.files.delete(created.id)

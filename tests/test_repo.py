@@ -76,6 +76,24 @@ def test_compose_env_vars_are_settings():
     assert "MODELBAY_NODE_ID" not in worker_env  # replicas take their hostname
 
 
+def test_compose_shares_files_over_s3():
+    """Files (/v1/files, batches) must be one store for every replica: an S3 service with a
+    volume, which web and worker reach by name and wait for."""
+    services, volumes = compose()["services"], compose()["volumes"]
+    s3 = services["s3"]
+    assert s3["image"].startswith("chrislusf/seaweedfs") and s3["command"][:1] == ["server"]
+    assert "-s3" in s3["command"] and "-s3.port=8333" in s3["command"] and "ports" not in s3
+    data = s3["volumes"][0].split(":")
+    assert data[0] in volumes and f"-dir={data[1]}" in s3["command"]
+    for name in ("web", "worker"):
+        env, service = services[name]["environment"], services[name]
+        assert env["MODELBAY_FILES_URL"].split(":-", 1)[-1].startswith("s3://"), name
+        assert env["MODELBAY_S3_ENDPOINT_URL"].endswith("http://s3:8333}"), name
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"} <= set(env), name
+        assert service["depends_on"]["s3"] == {"condition": "service_healthy"}, name
+    assert "8333" in " ".join(s3["healthcheck"]["test"])
+
+
 def test_ci_runs_the_readme_test_command():
     command = (ROOT / ".ci/run").read_text().strip().splitlines()[-1]
     readme = (ROOT / "README.md").read_text()
