@@ -21,6 +21,7 @@ ARG WORKER_FLAVOR=cpu
 ARG CUDA_VERSION=12.6.3
 ARG CUDA_DEVEL_IMAGE=nvidia/cuda:${CUDA_VERSION}-devel-ubuntu24.04
 ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu24.04
+ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.9
 
 FROM python:3.11-slim AS web
 WORKDIR /app
@@ -43,6 +44,8 @@ RUN CMAKE_ARGS="${LLAMA_CMAKE_ARGS}" pip install --no-cache-dir ".[ml,demo]"
 CMD ["modelbay", "worker"]
 
 # -- the CUDA worker: build on the devel image ------------------------------------------------
+FROM ${UV_IMAGE} AS uv
+
 FROM ${CUDA_DEVEL_IMAGE} AS cuda-build
 ARG CUDA_ARCHITECTURES="80;86;89;90"
 ARG TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu126
@@ -50,7 +53,7 @@ ARG LLAMA_CMAKE_ARGS=""
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake git ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 # Python 3.11 from uv (a self-contained build), in /opt so the runtime stage can copy it.
-COPY --from=ghcr.io/astral-sh/uv:0.8 /uv /usr/local/bin/uv
+COPY --from=uv /uv /usr/local/bin/uv
 ENV UV_PYTHON_INSTALL_DIR=/opt/python UV_LINK_MODE=copy VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 RUN uv venv --python 3.11 /opt/venv
 WORKDIR /app
