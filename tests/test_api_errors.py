@@ -131,6 +131,14 @@ def test_bad_wait_is_400(client, store, model, query):
     assert_envelope(client.get(f"/v1/jobs/{rec.id}?{query}"), 400, param="wait")
 
 
+@pytest.mark.parametrize("query", ["wait=abc", "wait=-1", "wait=100000"])
+def test_bad_wait_on_submit_is_400_and_queues_nothing(client, model, query):
+    before = client.get(f"/v1/jobs?model={model}").get_json()["data"]
+    body = {"model": model, "task": "generate", "input": "hi"}
+    assert_envelope(client.post(f"/v1/jobs?{query}", json=body), 400, param="wait")
+    assert client.get(f"/v1/jobs?model={model}").get_json()["data"] == before
+
+
 def test_bad_list_filters_are_400(client):
     assert_envelope(client.get("/v1/jobs?status=done"), 400, param="status")
     assert_envelope(client.get("/v1/jobs?limit=0"), 400, param="limit")

@@ -72,6 +72,24 @@ def test_register_load_run_and_single_flight(client, register, worker):
     assert "echo" in me["backends"] and any(m["model"] == name for m in me["models"])
 
 
+def test_submit_with_wait_answers_the_ended_job_in_one_request(client, register):
+    name = register({"dim": 8})
+    load(client, name)
+    resp = client.post("/v1/jobs?wait=20", json={"model": name, "task": "generate", "input": "one two three"})
+    assert resp.status_code == 200, resp.get_json()
+    job = resp.get_json()
+    assert job["status"] == "succeeded" and job["result"]["text"] == "one two three", job
+    assert resp.headers["Location"] == f"/v1/jobs/{job['id']}"
+    # The same record a later poll reads: the wait answered it, nothing was left behind.
+    assert client.get(f"/v1/jobs/{job['id']}").get_json()["result"] == job["result"]
+    # A job that outlives the wait comes back 202, still running, and ends on its own.
+    slow_model = register({"dim": 8, "token_delay_s": 1.0})
+    load(client, slow_model)
+    slow = client.post("/v1/jobs?wait=0.5", json={"model": slow_model, "task": "generate", "input": "a b c d"})
+    assert slow.status_code == 202 and slow.get_json()["status"] in ("queued", "running"), slow.get_json()
+    assert wait_job(client, slow.get_json()["id"])["status"] == "succeeded"
+
+
 def test_cancel_running_generation_stops_the_backend(client, register):
     name = register({"token_delay_s": 1.0})
     state = load(client, name)

@@ -61,11 +61,20 @@ def _float_arg(name: str, low: float, high: float, limit: str = "") -> float | N
     return value
 
 
+def _wait_arg() -> float:
+    """``?wait=S`` in seconds, 0 when absent; above ``MODELBAY_MAX_WAIT_S`` is a 400."""
+    limit = f" seconds (the upper limit is the setting {env_name('max_wait_s')})"
+    return _float_arg("wait", 0, mb().settings.max_wait_s, limit) or 0.0
+
+
 @bp.post("")
-@documented("jobs", "Submit an inference job", Ok(202, JobRecord, "queued", headers=JOB_HEADERS, links=JOB_LINKS),
-            errors=(*BODY, 404, 409), body=JobRequest, pin=True,
+@documented("jobs", "Submit an inference job; with `wait`, answer once it ends (200) or the wait runs out (202)",
+            Ok(202, JobRecord, "queued", headers=JOB_HEADERS, links=JOB_LINKS),
+            Ok(200, JobRecord, "ended within `wait`", headers=JOB_HEADERS, links=JOB_LINKS),
+            errors=(*BODY, 404, 409), body=JobRequest, pin=True, query={"wait": _wait_query},
             example={"model": EXAMPLE_MODEL, "task": "generate", "input": "hello there", "params": {"max_tokens": 8}})
 def submit():
+    wait_s = _wait_arg()  # checked before anything is queued
     req = parse_body(JobRequest)
     check_limits(req.task, req.input_json(), req.params, mb().settings)
     req.node = pin(req.node)
@@ -75,10 +84,14 @@ def submit():
     check_task(manifest.backend, req.task, model=req.model)  # before anything is queued
     record = mb().dispatcher.submit(req, manifest)
     count_submitted("inference", req.task)
+    status = 202
+    if wait_s:  # submit and long-poll in one request: one HTTP round trip less per job
+        record = mb().waiter.wait(record.id, wait_s) or record
+        status = 200 if record.status in TERMINAL else 202
     headers = {"Location": f"/v1/jobs/{record.id}"}
     if record.node:
         headers["X-Modelbay-Node"] = record.node
-    return jsonify(record.public()), 202, headers
+    return jsonify(record.public()), status, headers
 
 
 @bp.get("/<job_id>")
@@ -86,9 +99,7 @@ def submit():
             Ok(200, JobRecord, "the job", headers=("X-Modelbay-Node",)), errors=(400, 404, 503),
             query={"wait": _wait_query})
 def get(job_id: str):
-    limit = f" seconds (the upper limit is the setting {env_name('max_wait_s')})"
-    wait_s = _float_arg("wait", 0, mb().settings.max_wait_s, limit)
-    record = _job(job_id, wait_s or 0.0)
+    record = _job(job_id, _wait_arg())
     live = mb().live.job_progress(record)
     if live is not None:
         record.progress = live
