@@ -52,8 +52,34 @@ return redis.call('HLEN', KEYS[1])
 """
 
 
+CHUNK_PRIORITY = 9  # kombu's Redis transport: 0 (every other message) is taken first, 9 last
+_CHUNK_MARK = "b"    # the 13th hex digit of a chunk job's id (a uuid4's is always "4")
+
+
 def new_batch_id() -> str:
     return "batch_" + uuid.uuid4().hex
+
+
+def new_chunk_job_id() -> str:
+    """A job id (32 hex digits, as any) that says it is a batch chunk's (see :func:`chunk_route`)."""
+    hexid = uuid.uuid4().hex
+    return hexid[:12] + _CHUNK_MARK + hexid[13:]
+
+
+def is_chunk_job(job_id: str) -> bool:
+    return len(job_id) == 32 and job_id[12] == _CHUNK_MARK
+
+
+def chunk_route(name: str, args: tuple[Any, ...] | list[Any] | None, kwargs: dict[str, Any] | None,
+                options: dict[str, Any], task: object = None, **_: object) -> dict[str, Any] | None:
+    """A Celery router (``task_routes``): a chunk job's message goes with :data:`CHUNK_PRIORITY`,
+    so on a model's queue a waiting interactive job is always taken before any chunk (kombu's
+    Redis transport keeps each priority in its own list and BRPOPs the lists of priority 0
+    first); every other message keeps the default (0). Every route of a chunk job (the split,
+    a requeue by the reaper, a re-route) is sent by a worker, whose app has this router."""
+    if args and isinstance(args[0], str) and is_chunk_job(args[0]):
+        return {"priority": CHUNK_PRIORITY}
+    return None
 
 
 def part_key(batch_id: str, chunk: int, kind: Literal["out", "err", "in"]) -> str:

@@ -14,11 +14,15 @@ import pytest
 import requests
 
 from helpers import poll, unique
+from tasks.batches import CHUNK_PRIORITY
+from tasks.names import model_queue
+from workers.node.stranded import parse_message
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.usefixtures("worker")
 
 FINAL = {"completed", "failed", "expired", "cancelled"}
+FINAL_JOB = {"succeeded", "failed", "cancelled"}
 
 
 def sdk(url: str) -> openai.OpenAI:
@@ -210,3 +214,37 @@ def test_too_many_lines_is_a_400(short_web: str) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
         client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h")
     assert exc.value.body["code"] == "limit_exceeded"
+
+
+def test_an_interactive_job_goes_before_chunks_already_waiting(web_url: str, store) -> None:
+    client = sdk(web_url)
+    name = register(web_url, {"token_delay_s": 0.05})
+    lines = [line(f"p{i}", "/v1/completions", {"model": name, "prompt": "word"}) for i in range(3000)]
+    upload = client.files.create(file=("r.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+
+    def chunks() -> dict:
+        return store.jobs(list(store.batches.chunk_jobs(batch.id).values()))
+
+    def waiting() -> set[str]:
+        found = chunks()
+        running = any(j.status == "running" for j in found.values())
+        queued = {j.id for j in found.values() if j.status == "queued"}
+        return queued if running and queued else set()
+
+    poll(waiting, 120, "chunks running and chunks waiting")
+    submitted = requests.post(f"{web_url}/v1/jobs", json={"model": name, "task": "generate", "input": "hi"},
+                              timeout=30)
+    assert submitted.status_code == 202, submitted.text
+    # The chunk messages still in the queue once the job's is there (kombu keeps priority 9 in
+    # a list of its own): none of them may start before the job.
+    raws = store.queues.messages(model_queue(name) + "\x06\x16" + str(CHUNK_PRIORITY))
+    behind = {m.job_id for raw in raws if (m := parse_message(raw)) is not None}
+    assert behind
+    job = poll(lambda: (j := requests.get(f"{web_url}/v1/jobs/{submitted.json()['id']}?wait=5",
+                                          timeout=30).json())["status"] in FINAL_JOB and j, 90, "the job")
+    assert job["status"] == "succeeded", job
+    client.batches.cancel(batch.id)
+    poll(lambda: client.batches.retrieve(batch.id).status == "cancelled", 60, "the batch to cancel")
+    started = [j.started_at for j in chunks().values() if j.id in behind and j.started_at]
+    assert all(job["started_at"] < s for s in started), (job["started_at"], sorted(started)[:3])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from tasks.batches import chunk_route
 from tasks.celery_app import make_celery
 from tasks.settings import Settings, load_settings
 from workers.node.agent import gpus
@@ -23,6 +24,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     app.conf.worker_concurrency = settings.worker_threads(sum(1 for g in gpus() if not g.get("error")))
     app.modelbay_settings = settings  # read by NodeStep
     app.conf.include = ["workers.jobs.tasks", "workers.jobs.batch"]
+    app.conf.task_routes = (chunk_route,)  # batch chunks behind every other job (tasks/batches.py)
     app.steps["worker"].add(NodeStep)
     return app
 

@@ -19,6 +19,9 @@ under a lease so that one worker at a time advances it:
 The web sends the first ``advance``; the last chunk to finish sends one; and the reaper's round
 (:func:`workers.jobs.batch_watch.watch`) sends one for any batch that needs a step and has no
 lease (a worker that died while advancing it, a chunk job that failed without running, expiry).
+
+Chunk messages go with a low priority (:func:`tasks.batches.chunk_route`): on a model's queue a
+waiting interactive job, or a synchronous OpenAI call, is always taken before any chunk.
 """
 from __future__ import annotations
 
@@ -32,15 +35,15 @@ from celery import Task, shared_task
 
 from tasks.backends import check_task
 from tasks.batches import (BATCH_CANCELLED, BATCH_EXPIRED, ENDPOINTS, FINAL, BatchRecord, ChunkDone, batch_prefix,
-                           error_line, part_key, tally)
+                           error_line, new_chunk_job_id, part_key, tally)
 from tasks.errors import ModelbayError
 from tasks.files import save_file
 from tasks.names import TASK_BATCH_ADVANCE
 from tasks.schemas import JobRecord
-from tasks.store import new_job_id
 from workers.jobs.batch_chunk import run_chunk
 from workers.jobs.batch_files import filestore
 from workers.jobs.batch_split import split
+from workers.jobs.batch_watch import pending_chunks
 from workers.jobs.inference import RUNNERS
 from workers.runtime import Runtime, runtime_of
 
@@ -92,15 +95,8 @@ def _step(rt: Runtime, batch_id: str, holder: str) -> None:
 
 def settled(rt: Runtime, batch: BatchRecord) -> bool:
     """Every chunk is marked done, or its job ended without running to the end."""
-    done = rt.store.batches.done(batch.id)
-    if len(done) >= batch.chunks:
-        return True
-    jobs = rt.store.batches.chunk_jobs(batch.id)
-    if len(jobs) < batch.chunks:
-        return False
-    pending = [job_id for index, job_id in jobs.items() if str(index) not in done]
-    records = rt.store.jobs(pending)
-    return all(r.terminal for r in records.values()) and len(records) == len(pending)
+    done, records, missing = pending_chunks(rt.store, batch)
+    return done >= batch.chunks or (missing == 0 and all(r.terminal for r in records.values()))
 
 
 def _route_chunks(rt: Runtime, batch: BatchRecord) -> None:
@@ -112,7 +108,7 @@ def _route_chunks(rt: Runtime, batch: BatchRecord) -> None:
         if rt.store.batches.get(batch.id) is None or rt.store.batches.closed(batch.id):
             return
         model = batch.models[batch.chunk_models[index]]
-        job_id = rt.store.batches.claim_chunk(batch.id, index, new_job_id())
+        job_id = rt.store.batches.claim_chunk(batch.id, index, new_chunk_job_id())
         record = JobRecord(id=job_id, kind="inference", model=model, task="batch",
                            input={"batch": batch.id, "chunk": index})
         manifest = rt.store.get_manifest(model)

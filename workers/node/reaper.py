@@ -112,7 +112,7 @@ class Reaper:
                 more[key] = more.get(key, 0) + value
         counts.update({k: v for k, v in more.items() if v})  # the stranded-queue part, when it acted
         try:  # batches that need a step nobody is taking (workers/jobs/batch_watch.py)
-            watch_batches(self.store, self.dispatcher.celery, self.settings.node_queue)
+            watch_batches(self.store, self.dispatcher, self.settings.node_queue, self.settings.stranded_s)
         except Exception:
             log.exception("reaper: looking at the batches failed")
         if any(counts.values()):
