@@ -254,6 +254,16 @@ def test_a_multi_gpu_model_charges_each_gpu_its_share() -> None:
     assert use["G0"].used_mb == use["G1"].used_mb == 15_000 and use["G2"].used_mb == 0
 
 
+def test_a_multi_gpu_model_never_spans_mig_instances() -> None:
+    found = gpus.read_inventory(FakeNvml([FakeGpu("GPU-a", 80, mig=[("MIG-1", 40), ("MIG-2", 40)]),
+                                          FakeGpu("GPU-b", 80)]), None)
+    pool = Pool.for_gpus(found.devices(), 0.9, 500, "node n1")
+    assert [s.mig for s in pool.slots] == [True, True, False]
+    assert pool.plan("small", 10_000, 1, []).slots == ("MIG-1",)
+    with pytest.raises(NoRoom, match="1 whole GPUs; a process can use one MIG instance at most"):
+        pool.plan("wide", 20_000, 2, [])
+
+
 def test_the_cpu_pool_keeps_the_node_budget_and_its_message() -> None:
     pool = Pool.for_cpu(1000, "node n1")
     assert pool.plan("a", 1000, 1, []).slots == ("cpu",)

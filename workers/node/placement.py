@@ -32,6 +32,7 @@ class Slot:
     name: str
     total_mb: int
     budget_mb: int  # total × headroom, before the processes' overheads
+    mig: bool = False  # a MIG instance: CUDA shows a process one MIG instance at most
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class Pool:
     def for_gpus(cls, gpus: Iterable[dict[str, object]], headroom: float, overhead_mb: int, where: str) -> Pool:
         slots = [Slot(id=str(g["uuid"]), index=int(str(g.get("index", 0))), name=str(g.get("name", "")),
                       total_mb=int(str(g["memory_total_mb"])),
-                      budget_mb=int(int(str(g["memory_total_mb"])) * headroom)) for g in gpus]
+                      budget_mb=int(int(str(g["memory_total_mb"])) * headroom), mig="mig_slot" in g) for g in gpus]
         return cls(slots, overhead_mb, where, gpu=True)
 
     @classmethod
@@ -135,7 +136,8 @@ class Pool:
         if need > max(s.budget_mb for s in self.slots):
             raise NoRoom(self._too_large(model, size_mb, count))
         use = self.usage(holdings)
-        options = [o for o in (self._option(s.id, need, use[s.id], holdings) for s in self.slots) if o is not None]
+        slots = [s for s in self.slots if count == 1 or not s.mig]  # one process spans whole GPUs only
+        options = [o for o in (self._option(s.id, need, use[s.id], holdings) for s in slots) if o is not None]
         if len(options) < count:
             raise NoRoom(self._busy(model, size_mb, count, use))
         chosen = sorted(options)[:count]
@@ -181,6 +183,9 @@ class Pool:
                 f"{self._sizes()}{hint}")
 
     def _busy(self, model: str, size_mb: int, count: int, use: dict[str, SlotUse]) -> str:
+        if count > 1 and sum(1 for s in self.slots if not s.mig) < count:
+            return (f"{model} asks for {count} GPUs (manifest gpus) but {self.where} has "
+                    f"{sum(1 for s in self.slots if not s.mig)} whole GPUs; a process can use one MIG instance at most")
         if not self.gpu:
             slot = use[CPU]
             return (f"{model} needs {size_mb} MB; {self.where} has {slot.free_mb} MB free of "
