@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import get_args
 
 from tasks.errors import ErrorCode, InvalidRequest
-from tasks.schemas import TaskName
+from tasks.schemas import Manifest, TaskName, manifest_device
 
 TASK_NAMES: tuple[TaskName, ...] = get_args(TaskName)
 
@@ -99,6 +99,16 @@ def check_backend(name: str, options: Mapping[str, object]) -> None:
             raise InvalidRequest(f"backend {name!r} has no option {key!r}{_closest(key, known)} "
                                  f"Its options: {', '.join(known)}",
                                  param=f"options.{key}", code=ErrorCode.UNKNOWN_OPTION)
+
+
+def check_device(manifest: Manifest) -> None:
+    """Registration's device check: 400 ``invalid_params`` when ``manifest`` names a GPU by
+    number (``cuda:1``), gives ``device`` and ``options.device`` that disagree, or an
+    ``options.gpu_count`` other than its ``gpus`` (:func:`tasks.schemas.manifest_device`)."""
+    _, problem = manifest_device(manifest)
+    if problem is not None:
+        param = "options.gpu_count" if problem.startswith("options.gpu_count") else "options.device"
+        raise InvalidRequest(problem, param=param, code=ErrorCode.INVALID_PARAMS)
 
 
 def check_task(name: str, task: str, *, model: str, param: str = "task") -> None:

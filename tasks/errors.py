@@ -76,6 +76,7 @@ class ErrorCode(StrEnum):
     # 503 (with Retry-After): retrying later may work
     UNAVAILABLE = "unavailable", 503, SERVICE_UNAVAILABLE
     STORE_UNAVAILABLE = "store_unavailable", 503, SERVICE_UNAVAILABLE
+    FILE_STORE_UNAVAILABLE = "file_store_unavailable", 503, SERVICE_UNAVAILABLE  # S3 unreachable or failing
     NO_NODE = "no_node", 503, SERVICE_UNAVAILABLE
     LOAD_COOLDOWN = "load_cooldown", 503, SERVICE_UNAVAILABLE
     MODEL_LOADING = "model_loading", 503, SERVICE_UNAVAILABLE
@@ -164,6 +165,12 @@ class FileTooLarge(ModelbayError):
     code = ErrorCode.FILE_TOO_LARGE
 
 
+class FileStoreUnavailable(ModelbayError):
+    """The file store (S3) did not answer, or answered with a server error; 503."""
+
+    code = ErrorCode.FILE_STORE_UNAVAILABLE
+
+
 class UnsupportedMediaType(ModelbayError):
     code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
 
@@ -193,5 +200,6 @@ class JobFailed(Exception):
 
 
 __all__ = ["ErrorCode", "OPENAI_TYPES", "ModelbayError", "InvalidRequest", "Unauthorized", "NotFound",
-           "MethodNotAllowed", "Conflict", "PayloadTooLarge", "FileTooLarge", "UnsupportedMediaType", "Unprocessable",
+           "MethodNotAllowed", "Conflict", "PayloadTooLarge", "FileTooLarge", "FileStoreUnavailable",
+           "UnsupportedMediaType", "Unprocessable",
            "Unavailable", "JobFailed"]

@@ -17,15 +17,16 @@ segment is refused with ``ValueError``.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, ParamSpec, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
-from tasks.errors import FileTooLarge, NotFound
+from tasks.errors import FileStoreUnavailable, FileTooLarge, NotFound
 from tasks.settings import Settings
 
 if TYPE_CHECKING:
@@ -158,8 +159,31 @@ def _read_file(f: IO[bytes], chunk_bytes: int) -> Iterator[bytes]:
             yield chunk
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _reachable(method: Callable[P, R]) -> Callable[P, R]:
+    """S3 unreachable, timing out or answering 5xx becomes :class:`FileStoreUnavailable`
+    (503, retry later); its other errors (a 403, say) stay what they are."""
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return method(*args, **kwargs)
+        except ClientError as exc:
+            if int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 500) >= 500:
+                raise FileStoreUnavailable(f"the file store failed: {exc}") from exc
+            raise
+        except BotoCoreError as exc:  # no connection, a timeout, no credentials
+            raise FileStoreUnavailable(f"the file store is unreachable: {exc}") from exc
+    return call
+
+
 class S3FileStore:
-    """Objects in one bucket under a prefix, through boto3 (whose clients are thread-safe)."""
+    """Objects in one bucket under a prefix, through boto3 (whose clients are thread-safe).
+    Its calls raise :class:`FileStoreUnavailable` when S3 cannot be reached."""
 
     def __init__(self, url: str, client: S3Client, bucket: str, prefix: str, part_bytes: int = 8 << 20) -> None:
         self.url = url
@@ -193,6 +217,7 @@ class S3FileStore:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    @_reachable
     def put_stream(self, key: str, chunks: Iterable[bytes], max_bytes: int | None = None) -> int:
         """One PUT for an object that fits in a part; else a multipart upload whose parts
         are ``part_bytes`` or a chunk more (one part in memory at a time), aborted on any
@@ -216,7 +241,7 @@ class S3FileStore:
                 self.client.put_object(Bucket=self.bucket, Key=full, Body=buffer)
             else:
                 if buffer:
-                    upload.send(bytes(buffer))
+                    upload.send(buffer)
                 upload.complete()
                 upload = None
         finally:
@@ -224,10 +249,12 @@ class S3FileStore:
                 upload.abort()
         return written
 
+    @_reachable
     def put_bytes(self, key: str, data: bytes) -> None:
         self.ensure_bucket()
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
+    @_reachable
     def iter_bytes(self, key: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
         """The object's bytes in chunks, streamed from one GET; raises :class:`NotFound` at
         once when there is none."""
@@ -240,6 +267,7 @@ class S3FileStore:
     def iter_lines(self, key: str) -> Iterator[bytes]:
         return split_lines(self.iter_bytes(key))
 
+    @_reachable
     def size(self, key: str) -> int | None:
         from botocore.exceptions import ClientError
 
@@ -250,15 +278,18 @@ class S3FileStore:
                 return None
             raise
 
+    @_reachable
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
+    @_reachable
     def delete_prefix(self, prefix: str) -> None:
         keys = self.list_keys(prefix)
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
+    @_reachable
     def list_keys(self, prefix: str) -> list[str]:
         strip = len(self.prefix) + 1 if self.prefix else 0
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
@@ -314,7 +345,7 @@ def open_filestore(settings: Settings) -> FileStore:
         endpoint = settings.s3_endpoint_url or None
         # Path-style URLs for a store of one's own (its endpoint seldom resolves bucket names).
         config = Config(s3={"addressing_style": "path" if endpoint else "auto"},
-                        retries={"max_attempts": 5, "mode": "standard"})
+                        retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60)
         client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
         return S3FileStore(url, client, parsed.netloc, unquote(parsed.path), settings.s3_part_mb << 20)
     if parsed.scheme == "file":

@@ -17,7 +17,7 @@ import requests
 
 from modelbay.services import descendants
 from modelbay.stack import LocalStack
-from tasks.errors import FileTooLarge, NotFound
+from tasks.errors import FileStoreUnavailable, FileTooLarge, NotFound
 from tasks.filestore import FileStore, open_filestore
 from tasks.files import FileIndex, FileObject, content_key, new_file_id, save_file
 from tasks.settings import load_settings
@@ -308,3 +308,23 @@ def test_no_whole_file_is_held_in_the_web_process(files_web: FilesWeb) -> None:
                                                  timeout=120).content)
     assert got == data and grew < size // MiB // 2, f"download: peak +{grew} MiB"
     files_web.sdk.files.delete(created.id)
+
+
+def test_an_unreachable_s3_is_503(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing listens at the endpoint: every call is FileStoreUnavailable (503, Retry-After),
+    not a 500; a key that is not one is still a ValueError."""
+    from modelbay.services import free_port
+    from s3server import CREDENTIALS
+
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    fs = open_filestore(load_settings({"MODELBAY_FILES_URL": "s3://nowhere/files",
+                                       "MODELBAY_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}))
+    for call in (lambda: fs.put_bytes("files/a", b"x"), lambda: fs.size("files/a"),
+                 lambda: fs.iter_bytes("files/a"), lambda: fs.list_keys("files/"), lambda: fs.delete("files/a"),
+                 lambda: fs.put_stream("files/a", [b"x"])):
+        with pytest.raises(FileStoreUnavailable) as caught:
+            call()
+        assert caught.value.status == 503 and caught.value.headers["Retry-After"]
+    with pytest.raises(ValueError):
+        fs.size("../a")

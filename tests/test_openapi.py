@@ -301,10 +301,10 @@ def test_the_operations_stream_keeps_to_the_document(fuzzed: Fuzzed) -> None:
 MIN_REQUESTS = int(os.environ.get("MODELBAY_FUZZ_MIN_REQUESTS", "400"))
 # How a load of an echo manifest the fuzz registered may legitimately fail: more memory than
 # the node has, files that cannot be staged, options echo refuses, unloaded while loading, a
-# load that raced an unload. Any other load_failed, a backend_start_failed or a
+# load that raced an unload, "device": "cuda" on this stack's CPU-only node. Any other load_failed, a backend_start_failed or a
 # backend_crashed means loading itself is broken.
 LOAD_FAILURES = frozenset({"insufficient_memory", "source_unreachable", "staging_failed", "invalid_params",
-                           "unloaded", "load_failed: raced an unload"})
+                           "unloaded", "load_failed: raced an unload", "device_unavailable"})
 INFERENCE = ("POST /v1/jobs", "POST /v1/embeddings", "POST /v1/chat/completions", "POST /v1/completions")
 
 

@@ -68,9 +68,25 @@ def test_a_refused_replacement_leaves_the_manifest_as_it_was(client, register) -
 
 def test_every_real_option_registers(client) -> None:
     for spec in BACKENDS.values():
-        resp = client.put(f"/v1/models/{unique('all')}", json={"backend": spec.name,
-                                                               "options": dict.fromkeys(spec.options, 1)})
+        options: dict[str, object] = dict.fromkeys(spec.options, 1)
+        if "device" in options:
+            options["device"] = "cpu"  # the one option whose values registration checks
+        resp = client.put(f"/v1/models/{unique('all')}", json={"backend": spec.name, "options": options})
         assert resp.status_code == 201, resp.get_json()
+
+
+@pytest.mark.parametrize("manifest,param,words", [
+    ({"options": {"device": "cuda:1"}}, "options.device", "the worker assigns GPUs"),
+    ({"options": {"device": "tpu"}}, "options.device", "must be 'cpu' or 'cuda'"),
+    ({"device": "cpu", "options": {"device": "cuda"}}, "options.device", "disagree"),
+    ({"gpus": 2, "options": {"gpu_count": 3}}, "options.gpu_count", "set \"gpus\": 3"),
+])
+def test_a_device_the_worker_cannot_honour_is_refused_at_registration(client, manifest, param, words) -> None:
+    name = unique("dev")
+    body = {"backend": "sentence-transformers", **manifest}
+    err = assert_envelope(client.put(f"/v1/models/{name}", json=body), 400, "invalid_params", param)
+    assert words in err["message"], err
+    assert_envelope(client.get(f"/v1/models/{name}"), 404, "model_not_found")
 
 
 # ---- submission ---------------------------------------------------------------------------

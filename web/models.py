@@ -5,7 +5,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
-from tasks.backends import check_backend
+from tasks.backends import check_backend, check_device
 from tasks.schemas import JobRecord, LoadRequest, Manifest, ModelNode
 from tasks.sources import check_manifest
 from web.extensions import mb
@@ -65,6 +65,7 @@ def put_model(name: str):
     check_model_name(name)
     manifest = parse_body(Manifest)
     check_backend(manifest.backend, manifest.options)  # a typo in the backend or an option: 400
+    check_device(manifest)  # "cuda:1" (the worker assigns GPUs), or device settings that disagree: 400
     check_manifest(name, manifest, mb().settings)  # hostile sources and paths: 400
     created = mb().store.put_manifest(name, manifest)
     body = model_object(name, manifest, mb().store.model_nodes(name), full=True)
