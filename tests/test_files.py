@@ -154,7 +154,10 @@ def test_the_sdk_round_trip(files_web: FilesWeb) -> None:
     assert (created.filename, created.purpose, created.status) == ("requests.jsonl", "batch", "processed")
     assert sdk.files.retrieve(created.id) == created
     assert sdk.files.content(created.id).content == data
-    small = sdk.files.create(file=("b.jsonl", b'{"x": 1}\n'), purpose="batch")
+    small = sdk.files.create(file=("données 文件.jsonl", b'{"x": 1}\n'), purpose="batch")
+    assert small.filename == "données 文件.jsonl"
+    got = requests.get(f"{files_web.url}/v1/files/{small.id}/content", headers=AUTH, timeout=30)
+    assert got.content == b'{"x": 1}\n' and "filename*=UTF-8''donn%C3%A9es%20" in got.headers["Content-Disposition"]
     listed = sdk.files.list(limit=1)
     assert [f.id for f in listed.data] == [small.id] and listed.has_more
     assert created.id in [f.id for f in sdk.files.list(purpose="batch", order="asc")]

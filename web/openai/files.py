@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from urllib.parse import quote
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Literal
 
@@ -140,8 +141,7 @@ def retrieve(file_id: str):
 def content(file_id: str):
     obj = _get(file_id)
     chunks = filestore().iter_bytes(content_key(file_id))  # NotFound (404) before any byte is sent
-    headers = {"Content-Length": str(obj.bytes),
-               "Content-Disposition": f'attachment; filename="{_quoted(obj.filename)}"'}
+    headers = {"Content-Length": str(obj.bytes), "Content-Disposition": _disposition(obj.filename)}
     return Response(chunks, mimetype="application/octet-stream", headers=headers)
 
 
@@ -160,8 +160,10 @@ def _get(file_id: str) -> FileObject:
     return obj
 
 
-def _quoted(name: str) -> str:
-    return "".join(c if c.isprintable() and c not in '"\\' else "_" for c in name)
+def _disposition(name: str) -> str:
+    """``attachment`` with the name in ASCII and, per RFC 6266, in UTF-8 (``filename*``)."""
+    plain = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
 def _too_large(limit: int) -> Response:
