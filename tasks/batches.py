@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from datetime import UTC, datetime
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -221,6 +222,12 @@ class BatchStore:
     def active_ids(self) -> list[str]:
         return sorted(self._r.smembers(BATCHES_ACTIVE))
 
+    def active(self) -> list[BatchRecord]:
+        """The batches not yet in a final state (one SMEMBERS, one MGET)."""
+        ids = self.active_ids()
+        raws = self._r.mget([batch_key(i) for i in ids]) if ids else []
+        return [BatchRecord.model_validate_json(raw) for raw in raws if raw]
+
     def update(self, batch_id: str, fn: Callable[[BatchRecord], BatchRecord | None]) -> BatchRecord | None:
         """Apply ``fn(record) -> record | None`` atomically; a final record is never passed
         to it. Returns the record as stored after (None if there is none)."""
@@ -318,6 +325,24 @@ class BatchStore:
 
     def leased(self, batch_id: str) -> bool:
         return bool(self._r.exists(batch_key(batch_id, "lease")))
+
+
+def operation_row(batch: BatchRecord, done: dict[str, ChunkDone], now_s: float) -> dict[str, Any]:
+    """A running batch as a row of ``GET /api/operations`` (kind ``batch``): lines done of its
+    total, its rate since it started running (lines/s) and the time left at that rate (s). From
+    Valkey alone, so every replica shows the same row."""
+    completed, failed, _ = tally(done)
+    lines, total = completed + failed, batch.request_counts.total
+    started = batch.in_progress_at or batch.created_at
+    elapsed_s = max(0.0, now_s - started)
+    rate = lines / elapsed_s if lines and elapsed_s > 0 else None
+    eta = round((total - lines) / rate, 1) if rate else None
+    stamp = datetime.fromtimestamp(started, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return {"id": batch.id, "kind": "batch", "model": ",".join(batch.models) or None, "node": None, "job": batch.id,
+            "phase": batch.status, "progress": round(100.0 * lines / total, 1) if total else None,
+            "message": f"{lines}/{total} lines ({failed} failed)", "error": None, "started_at": stamp,
+            "updated_at": stamp, "lines_done": lines, "lines_total": total,
+            "rate_lps": round(rate, 2) if rate else None, "eta_s": eta, "live": False}
 
 
 def output_line(custom_id: str, body: dict[str, Any], status_code: int = 200) -> bytes:

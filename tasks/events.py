@@ -61,7 +61,7 @@ class ProgressEvent(Transfer):
 
 
 class OperationRow(Transfer):
-    """A live operation (a load, an unload, a staging, a streamed inference)."""
+    """A live operation (a load, an unload, a staging, a streamed inference, a batch)."""
 
     id: str
     kind: str | None = None
@@ -75,6 +75,10 @@ class OperationRow(Transfer):
     started_at: str | None = None
     updated_at: str | None = None
     live: bool = Field(description="true when live progress (NATS) is laid over the job record")
+    # A batch's row (kind "batch", read from Valkey): its lines answered, of its total, and lines/s.
+    lines_done: int | None = None
+    lines_total: int | None = None
+    rate_lps: float | None = None
 
 
 # The fields of a row that come from the event or the job record (``live`` is set by the merge).

@@ -168,13 +168,19 @@ def _slow_chat_lines(name: str, n: int) -> list[dict]:
                  {"model": name, "messages": [{"role": "user", "content": " ".join(["w"] * 10)}]}) for i in range(n)]
 
 
-def test_cancel_stops_the_batch_with_a_partial_output(web_url: str) -> None:
+def test_cancel_stops_the_batch_with_a_partial_output(web_url: str, worker_metrics_port: int) -> None:
     client = sdk(web_url)
     name = register(web_url, {"token_delay_s": 0.05})
     lines = _slow_chat_lines(name, 400)
     upload = client.files.create(file=("r.jsonl", jsonl(lines)), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
     poll(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 4, 120, "some lines to complete")
+    rows = requests.get(f"{web_url}/api/operations", timeout=10).json()["operations"]
+    row = next(r for r in rows if r["id"] == batch.id)
+    assert row["kind"] == "batch" and row["lines_total"] == 400 and 4 <= row["lines_done"] < 400, row
+    assert row["rate_lps"] > 0 and row["eta_s"] > 0 and row["model"] == name
+    scraped = requests.get(f"{web_url}/metrics", timeout=10).text
+    assert 'modelbay_batches{status="in_progress"}' in scraped
     cancelling = client.batches.cancel(batch.id)
     assert cancelling.status == "cancelling" and cancelling.cancelling_at
     ended = poll(lambda: (b := client.batches.retrieve(batch.id)).status in FINAL and b, 30, "the batch to cancel")
@@ -184,6 +190,12 @@ def test_cancel_stops_the_batch_with_a_partial_output(web_url: str) -> None:
     assert {e["error"]["code"] for e in err} == {"batch_cancelled"}
     jobs = requests.get(f"{web_url}/v1/jobs", params={"model": name, "limit": 100}, timeout=10).json()["data"]
     assert jobs and all(j["status"] in ("succeeded", "cancelled") for j in jobs)
+    rows = requests.get(f"{web_url}/api/operations", timeout=10).json()["operations"]
+    assert batch.id not in {r["id"] for r in rows}
+    worker_side = requests.get(f"http://127.0.0.1:{worker_metrics_port}/metrics", timeout=10).text
+    assert 'modelbay_batches_total{status="cancelled"}' in worker_side
+    assert 'modelbay_batch_lines_total{outcome="completed"}' in worker_side
+    assert 'modelbay_batch_lines_total{outcome="cancelled"}' in worker_side
 
 
 @pytest.fixture(scope="module")

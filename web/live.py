@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from tasks.bus import Bus
+from tasks.batches import operation_row
 from tasks.events import ROW_FIELDS, ProgressEvent
 from tasks.names import progress_wildcards
 from tasks.schemas import JobProgress, JobRecord
@@ -80,6 +81,9 @@ class Live:
                 # it failed (its error lingers for a grace period).
                 rows[key] = overlay(None, op)
             # else: its job already ended in Redis and the "complete" was lost: no phantom.
+        for batch in self.store.batches.active():  # batches: from Valkey alone (tasks/batches.py)
+            if batch.status in ("in_progress", "finalizing", "cancelling"):
+                rows[batch.id] = operation_row(batch, self.store.batches.done(batch.id), time.time())
         return sorted(rows.values(), key=_row_order)
 
     def _live_nodes(self) -> set[str]:

@@ -3,7 +3,9 @@
 Counted here: jobs submitted by kind and task. Computed from Redis at each scrape (every
 replica gives the same answer): live nodes (``modelbay_nodes_up``, draining ones apart) and
 the messages waiting in each Celery queue (``modelbay_queue_depth{queue}``: every live
-node's ``node.<id>`` and every catalog model's ``model.<token>``). Also whether this
+node's ``node.<id>`` and every catalog model's ``model.<token>``; batch chunks wait in a
+priority list of their own and are not in it), and the batches not yet ended by status
+(``modelbay_batches{status}``). Also whether this
 process's NATS subscriber is connected. The workers' own metrics (jobs by final status,
 queue wait and run time, loads, staging bytes, evictions, in-flight per model) are served by
 each worker on ``MODELBAY_WORKER_METRICS_PORT``.
@@ -14,6 +16,7 @@ the counters of all worker processes are summed; elsewhere the process's own reg
 from __future__ import annotations
 
 import os
+from collections import Counter as Tally
 from collections.abc import Iterator
 
 from flask import Blueprint, Response
@@ -50,6 +53,11 @@ class StateCollector:
         for queue, length in zip(queues, lengths, strict=True):
             depth.add_metric([queue], length)
         yield depth
+        batches = GaugeMetricFamily("modelbay_batches", "Batches not yet ended, by status (the workers count "
+                                    "the ended ones: modelbay_batches_total)", labels=["status"])
+        for status, count in sorted(Tally(b.status for b in store.batches.active()).items()):
+            batches.add_metric([status], count)
+        yield batches
         bus = mb().live.bus
         yield GaugeMetricFamily("modelbay_web_nats_connected", "1 when this web process's NATS subscriber is up",
                                 value=1.0 if bus is not None and bus.connected.is_set() else 0.0)

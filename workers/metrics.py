@@ -7,7 +7,10 @@
 - ``modelbay_staging_bytes_total``: bytes transferred into the model cache;
 - ``modelbay_evictions_total``: models unloaded to make room;
 - ``modelbay_inflight{model}``: jobs running on each model here;
-- ``modelbay_worker_nats_connected``: 1 while the progress bus is connected.
+- ``modelbay_worker_nats_connected``: 1 while the progress bus is connected;
+- ``modelbay_batches_total{status}``: batches this worker finalized, by final status, and
+  ``modelbay_batch_lines_total{outcome}``: batch lines answered here (completed, failed, and at
+  finalizing those that never ran: cancelled, expired).
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ LOAD_SECONDS = Histogram("modelbay_load_seconds", "Seconds a load took, staging 
 STAGING_BYTES = Counter("modelbay_staging_bytes_total", "Bytes transferred into the model cache")
 EVICTIONS = Counter("modelbay_evictions_total", "Models unloaded to make room for another")
 INFLIGHT = Gauge("modelbay_inflight", "Jobs running on a model on this worker", ["model"])
+BATCHES = Counter("modelbay_batches_total", "Batches finalized on this worker, by final status", ["status"])
+BATCH_LINES = Counter("modelbay_batch_lines_total", "Batch lines answered on this worker, by outcome", ["outcome"])
 NATS_CONNECTED = Gauge("modelbay_worker_nats_connected", "1 while this worker's NATS connection is up")
 
 
@@ -54,6 +59,16 @@ def job_ended(record: JobRecord | None) -> None:
             LOAD_SECONDS.observe(run_s)
     if record.kind == "load":
         LOADS.labels(status=record.status).inc()
+
+
+def batch_lines(outcome: str, count: int) -> None:
+    """Count ``count`` batch lines answered with ``outcome`` (completed, failed, cancelled, expired)."""
+    if count > 0:
+        BATCH_LINES.labels(outcome=outcome).inc(count)
+
+
+def batch_ended(status: str) -> None:
+    BATCHES.labels(status=status).inc()
 
 
 def serve(port: int, nats_connected: Callable[[], bool]) -> None:

@@ -40,6 +40,7 @@ from tasks.errors import ModelbayError
 from tasks.files import save_file
 from tasks.names import TASK_BATCH_ADVANCE
 from tasks.schemas import JobRecord
+from workers import metrics
 from workers.jobs.batch_chunk import run_chunk
 from workers.jobs.batch_files import filestore
 from workers.jobs.batch_split import split
@@ -152,17 +153,20 @@ def finalize(rt: Runtime, batch: BatchRecord) -> None:
     def not_done(index: int) -> Iterator[bytes]:
         record = records.get(jobs.get(index, ""))
         if record is not None and record.status == "failed" and record.error is not None:
-            code, message, failed = record.error.type, record.error.message, True
+            code, message, outcome = record.error.type, record.error.message, "failed"
         elif batch.ending == "expired":
-            code, message, failed = BATCH_EXPIRED, "the batch expired before this request ran", False
+            code, message, outcome = BATCH_EXPIRED, "the batch expired before this request ran", "expired"
         elif batch.ending or batch.status == "cancelling":
-            code, message, failed = BATCH_CANCELLED, "the batch was cancelled before this request ran", False
+            code, message, outcome = BATCH_CANCELLED, "the batch was cancelled before this request ran", "cancelled"
         else:
-            code, message, failed = "batch_failed", "the request did not run", True
+            code, message, outcome = "batch_failed", "the request did not run", "failed"
+        count = 0
         for raw in fs.iter_lines(part_key(batch.id, index, "in")):
             if raw.strip():
-                lost["failed"] += failed
+                count += 1
                 yield error_line(str(json.loads(raw).get("custom_id")), code, message)
+        lost["failed"] += count if outcome == "failed" else 0
+        metrics.batch_lines(outcome, count)
 
     def joined(kind: str) -> Iterator[bytes]:
         for index in range(batch.chunks):
@@ -196,6 +200,7 @@ def _end(rt: Runtime, batch: BatchRecord, done: dict[int, ChunkDone], lost: int,
                                   output_file_id=output, error_file_id=errors, request_counts=counts,
                                   usage=usage.model_dump())
     if final is not None and final.status in FINAL:
+        metrics.batch_ended(final.status)
         filestore(rt.settings).delete_prefix(batch_prefix(batch.id))
         log.info("batch %s %s: %d completed, %d failed of %d", batch.id, final.status, completed,
                  failed + lost, batch.request_counts.total)

@@ -33,6 +33,7 @@ from tasks.names import TASK_BATCH_ADVANCE
 from tasks.openai_bodies import completion_body, embeddings_body
 from tasks.openai_requests import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest
 from tasks.schemas import JobRecord
+from workers import metrics
 from workers.jobs.batch_files import filestore
 from workers.jobs.inference import Delivery
 from workers.runtime import Runtime
@@ -191,6 +192,7 @@ def _write(rt: Runtime, batch_id: str, index: int, lines: list[dict[str, Any]], 
     out, err = bytearray(), bytearray()
     done = ChunkDone()
     stopped: tuple[str, str] | None = None
+    skipped = 0
     for line, outcome in zip(lines, outcomes):
         if outcome.ran:
             (out if outcome.ok else err).extend(outcome.line)
@@ -205,10 +207,15 @@ def _write(rt: Runtime, batch_id: str, index: int, lines: list[dict[str, Any]], 
             stopped = ((BATCH_EXPIRED, "the batch expired before this request ran") if expired else
                        (BATCH_CANCELLED, "the batch was cancelled before this request ran"))
         err.extend(error_line(str(line.get("custom_id")), *stopped))
+        skipped += 1
     fs = filestore(rt.settings)
     fs.put_bytes(part_key(batch_id, index, "out"), bytes(out))
     fs.put_bytes(part_key(batch_id, index, "err"), bytes(err))
     count = rt.store.batches.mark_done(batch_id, index, done)
+    if count is not None:
+        metrics.batch_lines("completed", done.completed)
+        metrics.batch_lines("failed", done.failed)
+        metrics.batch_lines("expired" if stopped and stopped[0] == BATCH_EXPIRED else "cancelled", skipped)
     batch = rt.store.batches.get(batch_id)
     if count is not None and batch is not None and count >= batch.chunks and not cancelled:
         rt.dispatcher.celery.send_task(TASK_BATCH_ADVANCE, args=[batch_id], queue=rt.settings.node_queue)
