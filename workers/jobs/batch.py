@@ -106,8 +106,9 @@ def _route_chunks(rt: Runtime, batch: BatchRecord) -> None:
     for index in range(batch.chunks):
         if index in have:
             continue
-        if rt.store.batches.get(batch.id) is None or rt.store.batches.closed(batch.id):
-            return
+        current = rt.store.batches.get(batch.id)
+        if current is None or current.status != "in_progress" or rt.store.batches.closed(batch.id):
+            return  # cancelled or expired meanwhile: no more chunks
         model = batch.models[batch.chunk_models[index]]
         job_id = rt.store.batches.claim_chunk(batch.id, index, new_chunk_job_id())
         record = JobRecord(id=job_id, kind="inference", model=model, task="batch",

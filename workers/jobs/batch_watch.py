@@ -81,15 +81,19 @@ def watch(store: Store, dispatcher: Dispatcher, queue: str, stranded_s: float) -
     """Send ``advance`` (to ``queue``) for each batch that needs one, and route stuck chunks
     again; how many advances were sent."""
     sent = 0
+    seen: set[str] = set()
     for batch_id in store.batches.active_ids():
         batch = store.batches.get(batch_id)
         if batch is None:
             continue
         pending = pending_chunks(store, batch) if batch.status == "in_progress" else None
         if pending is not None:
+            seen.update(pending[1])
             unstick(store, dispatcher, pending[1], stranded_s)
         if store.batches.leased(batch_id) or not needs_step(store, batch, pending):
             continue
         dispatcher.celery.send_task(TASK_BATCH_ADVANCE, args=[batch_id], queue=queue)
         sent += 1
+    for job_id in set(_stuck) - seen:  # ended, or its batch did
+        _stuck.pop(job_id, None)
     return sent
