@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 
 from celery import Celery, Task, bootsteps
@@ -20,7 +21,7 @@ from tasks.store import Store
 from workers import metrics
 from workers.node.agent import NodeAgent, devices, memory_budget_mb
 from workers.node.cancel import CancelWatcher
-from workers.node.drain import Background
+from workers.node.drain import Background, bounded
 from workers.node.models import ModelManager
 from workers.progress.live import LivePublisher
 from workers.staging.stage import sweep
@@ -51,6 +52,7 @@ class Runtime:
         self.instance = uuid.uuid4().hex  # this worker process; jobs it runs carry it as ``runner``
         self.background = Background(settings, self.store, self.dispatcher, self.cancels, self.instance)
         self.agent: NodeAgent | None = None
+        self.stop_deadline: float | None = None  # monotonic s: SIGTERM + worker_stop_grace_s
 
     def ready(self, hostname: str) -> None:
         """The worker consumes: register the node, take over from a previous process with the
@@ -71,17 +73,30 @@ class Runtime:
 
     def shutting_down(self) -> None:
         """SIGTERM: drain (see :mod:`workers.node.drain`) while Celery waits for the running tasks."""
+        self.stop_deadline = time.monotonic() + self.settings.worker_stop_grace_s
         threading.Thread(target=self.background.drain, args=(self.agent,), name="modelbay-drain", daemon=True).start()
 
     def stop(self) -> None:
-        """The worker has stopped: stop every backend process and deregister the node."""
+        """The worker has stopped: stop every backend process and deregister the node.
+
+        Redis and NATS may be unreachable now: the last writes go through a store that does
+        not ride out an outage, and each step is :func:`~workers.node.drain.bounded` by what
+        is left of the stop grace (at least ``backend_stop_grace_s`` + 1 s, so the backends
+        get their SIGTERM-then-SIGKILL), so the worker exits whatever is down."""
+        settings = self.settings
         self.background.stop()
         self.cancels.stop()
-        self.manager.stop_all()
-        self.bus.close()
+        quick = Store.from_settings(settings, outage_s=0.0)  # no tasks run any more: fail fast
+        self.manager.store = quick
         if self.agent is not None:
-            self.agent.stop()
-        log.info("node %s stopped", self.settings.node_id)
+            self.agent.store = quick
+        deadline = self.stop_deadline or time.monotonic() + settings.worker_stop_grace_s
+        floor_s = settings.backend_stop_grace_s + 1.0
+        bounded(self.manager.stop_all, max(floor_s, deadline - time.monotonic()), "stopping the backends")
+        self.bus.close(timeout_s=2.0)
+        if self.agent is not None:
+            bounded(self.agent.stop, max(1.0, deadline - time.monotonic()), "removing the node record")
+        log.info("node %s stopped", settings.node_id)
 
 
 class NodeStep(bootsteps.Step):

@@ -8,12 +8,19 @@ withdrawn, so new jobs load their model elsewhere) and gives its running jobs
 goes back to the queue (it runs again on another node) and its backend call is cancelled,
 so the task returns at once. Celery then shuts down, the backends stop and the node record
 is removed.
+
+Redis or NATS may be gone while the worker stops (the whole stack is shutting down, or an
+outage): every step here and in :meth:`workers.runtime.Runtime.stop` that writes to them runs
+:func:`bounded`, so a worker with no jobs exits within ``worker_stop_grace_s`` whatever is
+reachable (the node record then expires by its TTL; the reaper of another node requeues
+what it held).
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from tasks.dispatch import Dispatcher
 from tasks.settings import Settings
@@ -53,9 +60,9 @@ class Background:
         """See the module docstring; runs in its own thread while Celery waits for tasks."""
         settings, store = self.settings, self.store
         try:
-            if agent is not None:
-                agent.drain()
             deadline = time.monotonic() + settings.worker_stop_grace_s
+            if agent is not None:  # Redis may be down: the grace counts from SIGTERM all the same
+                bounded(agent.drain, settings.worker_stop_grace_s, "marking the node draining")
             while self.cancels.watched() and time.monotonic() < deadline:
                 self._stop.wait(0.1)
             handed = self.cancels.take_all()
@@ -71,3 +78,27 @@ class Background:
             log.exception("drain failed")
         finally:
             self.drained.set()
+
+
+def bounded(step: Callable[[], object], timeout_s: float, what: str) -> bool:
+    """Run ``step`` in a daemon thread and wait for it at most ``timeout_s`` seconds. True
+    when it returned in time; otherwise (or when it raised) log and go on: the thread is left
+    to finish or to die with the process. For stop steps that talk to Redis or NATS."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            step()
+        except Exception as exc:  # reported below, in the stopping thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name=f"modelbay-stop-{what[:20]}", daemon=True)
+    thread.start()
+    thread.join(max(0.0, timeout_s))
+    if thread.is_alive():
+        log.warning("%s did not finish within %.1fs (Redis or NATS unreachable?); stopping anyway", what, timeout_s)
+        return False
+    if failed:
+        log.warning("%s failed: %s", what, failed[0])
+        return False
+    return True
