@@ -260,3 +260,15 @@ def test_an_interactive_job_goes_before_chunks_already_waiting(web_url: str, sto
     poll(lambda: client.batches.retrieve(batch.id).status == "cancelled", 60, "the batch to cancel")
     started = [j.started_at for j in chunks().values() if j.id in behind and j.started_at]
     assert all(job["started_at"] < s for s in started), (job["started_at"], sorted(started)[:3])
+
+
+def test_a_chunk_whose_backend_keeps_crashing_answers_its_lines_in_the_error_file(web_url: str) -> None:
+    client = sdk(web_url)
+    name = register(web_url, {"crash_at": "generate"})
+    lines = [line(f"x{i}", "/v1/completions", {"model": name, "prompt": "a b c"}) for i in range(5)]
+    batch = run_batch(client, jsonl(lines), "/v1/completions")
+    assert batch.status == "completed" and batch.output_file_id is None, batch
+    assert batch.request_counts.failed == 5 and batch.request_counts.completed == 0
+    _, err = every_id_once(client, batch, [x["custom_id"] for x in lines])
+    assert {e["error"]["code"] for e in err} == {"backend_crashed"}, err[0]
+    assert all(e["response"] is None and e["error"]["message"] for e in err)

@@ -127,6 +127,15 @@ def _generate(chunk: Chunk, body: dict[str, Any]) -> tuple[dict[str, Any], tuple
                                                                           usage["completion_tokens"])
 
 
+def _died(proc: BackendProcess, exc: BackendCallError) -> bool:
+    """The call failed because the backend process died (not because it refused the request)."""
+    if not proc.alive():
+        return True
+    if exc.grpc_code not in (None, "UNAVAILABLE", "CANCELLED", "UNKNOWN", "INTERNAL"):
+        return False  # the backend answered: the request's own failure
+    return proc.crash_reason(wait_s=1.0) is not None
+
+
 def _one(chunk: Chunk, line: dict[str, Any]) -> Outcome:
     """Run one line; its outcome. A dead backend is noted (the chunk fails after)."""
     custom_id = str(line.get("custom_id"))
@@ -146,7 +155,7 @@ def _one(chunk: Chunk, line: dict[str, Any]) -> Outcome:
     except BackendCallError as exc:
         if chunk.calls.cancelled:
             return Outcome(ran=False)
-        if not chunk.proc.alive:
+        if _died(chunk.proc, exc):
             chunk.crashed.append(exc)
             return Outcome(ran=False)
         return Outcome(error_line(custom_id, exc.job_code.value, str(exc)))
