@@ -16,6 +16,8 @@ from celery import Celery
 
 from tasks.errors import Conflict, ErrorCode, InvalidRequest, NotFound, Unavailable
 from tasks.backends import BACKEND_EXTRAS
+from tasks.batches import chunk_route
+from tasks.publish import queue_key, task_message
 from tasks.names import TASK_INFER, TASK_LOAD, TASK_UNLOAD, model_queue, node_queue
 from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode, NodeRecord, manifest_device, model_size_mb
 from tasks.store import Store, new_job_id
@@ -150,8 +152,17 @@ class Dispatcher:
         kwargs: dict[str, int] = {"route": record.routed}
         if reroutes:
             kwargs["reroutes"] = reroutes
-        self.celery.send_task(TASK_INFER, args=[record.id], kwargs=kwargs, queue=queue)
+        self._send_infer(record.id, kwargs, queue)
         return record
+
+    def _send_infer(self, job_id: str, kwargs: dict[str, int], queue: str) -> None:
+        """The job's message: one LPUSH (:mod:`tasks.publish`), a batch chunk's at its low
+        priority; through Celery's producer while task events are on (Flower's ``task-sent``)."""
+        if self.store.settings.celery_events:
+            self.celery.send_task(TASK_INFER, args=[job_id], kwargs=kwargs, queue=queue)
+            return
+        priority = int((chunk_route(TASK_INFER, [job_id], kwargs, {}) or {}).get("priority", 0))
+        self.store.queues.push(queue_key(queue, priority), task_message(TASK_INFER, [job_id], kwargs, queue, priority))
 
     def unload(self, model: str, node: str | None = None) -> list[JobRecord]:
         """One unload job per node that holds (or is loading) ``model``."""

@@ -34,6 +34,11 @@ class QueueStore:
                 pipe.llen(queue)
             return [int(n) for n in pipe.execute()]
 
+    def push(self, key: str, message: bytes) -> None:
+        """Send: ``message`` onto the list ``key``, as kombu's Redis transport does (LPUSH; its
+        consumers BRPOP). See :mod:`tasks.publish`."""
+        self._r.lpush(key, message)
+
     def messages(self, queue: str) -> list[str]:
         """The raw messages waiting in ``queue``, newest first, as stored (one LRANGE)."""
         raws: list[str] = self._r.lrange(queue, 0, -1)
