@@ -89,13 +89,16 @@ def serve(stack: LocalStack, args: argparse.Namespace) -> None:
 
 def start_stack(stack: LocalStack, args: argparse.Namespace) -> Settings:
     """Valkey and NATS (unless ``MODELBAY_REDIS_URL`` / ``MODELBAY_NATS_URL`` name running
-    ones), ``args.workers`` worker nodes (``<node id>-<n>`` when more than one, each with its own
+    ones; ``--nats-cluster N``: N routed nats-servers), ``args.workers`` worker nodes (``<node id>-<n>`` when more than one, each with its own
     metrics port and its share of the GPUs: :mod:`modelbay.gpus`), then web; the settings they
     run with."""
     if env_name("redis_url") not in os.environ:
         stack.start_valkey(args.redis_port)
     if env_name("nats_url") not in os.environ:
-        stack.start_nats(args.nats_port)
+        if args.nats_cluster > 1:
+            stack.start_nats_cluster(args.nats_cluster, args.nats_port)
+        else:
+            stack.start_nats(args.nats_port)
     settings = load_settings({**os.environ, **stack.env})
     found = gpus.visible(gpus.nvml_gpus())
     for i, plan in enumerate(gpus.worker_plans(settings, args.workers, found, gpus.machine_cpus()), start=1):
@@ -116,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--catalog", help="a JSON file {name: manifest}; default: the demo catalog")
     up.add_argument("--data-dir", default="./.modelbay")
     up.add_argument("--redis-port", type=int, default=None)
-    up.add_argument("--nats-port", type=int, default=None)
+    up.add_argument("--nats-port", type=int, default=None,
+                    help="NATS client port (with --nats-cluster: the first node's; the others follow)")
+    up.add_argument("--nats-cluster", type=int, default=1, metavar="N",
+                    help="run N nats-server processes routed as one cluster (every process names them all)")
     up.set_defaults(func=cmd_up)
     web = sub.add_parser("web", help="run the HTTP API under gunicorn")
     web.add_argument("--port", type=int, default=8080)

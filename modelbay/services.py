@@ -87,6 +87,7 @@ class Service(Started):
     """valkey-server or nats-server (or gunicorn): a :class:`Started` that clients reach at ``url``."""
 
     url: str = ""
+    monitor_url: str = ""  # nats-server's HTTP monitoring (/varz, /connz, /routez), when asked for
 
     def stop(self, grace_s: float = 10.0) -> str:
         return stop_process(self.proc, grace_s)
@@ -180,18 +181,89 @@ def start_valkey(data_dir: Path, port: int | None = None, appendonly: bool = Tru
     return Service("valkey", proc, log_path, f"redis://{auth}127.0.0.1:{port}/0")
 
 
+def start_valkey_replica(data_dir: Path, primary_port: int, port: int | None = None,
+                         log_path: Path | None = None) -> Service:
+    """valkey-server replicating the one on ``primary_port`` (no persistence of its own)."""
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [valkey_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+           "--appendonly", "no", "--save", "", "--replicaof", "127.0.0.1", str(primary_port)]
+    proc = _spawn(cmd, log_path)
+    wait_until(lambda: _redis_ping(port), 20, "valkey-server (replica)", proc)
+    return Service("valkey-replica", proc, log_path, f"redis://127.0.0.1:{port}/0")
+
+
+def start_sentinel(conf_dir: Path, master: str, primary_port: int, port: int | None = None, quorum: int = 2,
+                   down_after_ms: int = 1000, failover_timeout_ms: int = 3000,
+                   log_path: Path | None = None) -> Service:
+    """A Sentinel (``valkey-server <conf> --sentinel``) monitoring the master on
+    ``primary_port`` as ``master``; it is judged down after ``down_after_ms`` without an
+    answer, by ``quorum`` Sentinels. Its URL is ``sentinel://127.0.0.1:<port>``."""
+    port = port or free_port()
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    conf = conf_dir / f"sentinel-{port}.conf"  # a Sentinel rewrites its config: its own file
+    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {conf_dir}\n"
+                    f"sentinel monitor {master} 127.0.0.1 {primary_port} {quorum}\n"
+                    f"sentinel down-after-milliseconds {master} {down_after_ms}\n"
+                    f"sentinel failover-timeout {master} {failover_timeout_ms}\n")
+    proc = _spawn([valkey_binary(), str(conf), "--sentinel"], log_path)
+    wait_until(lambda: _redis_ping(port), 20, "valkey sentinel", proc)
+    return Service("sentinel", proc, log_path, f"sentinel://127.0.0.1:{port}")
+
+
 def start_nats(port: int | None = None, log_path: Path | None = None, user: str | None = None,
-               password: str | None = None) -> Service:
+               password: str | None = None, cluster_port: int | None = None,
+               routes: Sequence[int] = (), cluster_name: str = "mb", monitor_port: int | None = None) -> Service:
     """nats-server on 127.0.0.1; with ``user``/``password`` it requires them and the
-    returned URL carries them."""
+    returned URL carries them. With ``cluster_port`` it is one node of the NATS cluster
+    ``cluster_name``, listening for routes there and connecting to the other nodes' route
+    ports ``routes`` (see :func:`start_nats_cluster`). With ``monitor_port`` it serves its
+    HTTP monitoring there (``monitor_url``)."""
     port = port or free_port()
     cmd = [nats_binary(), "-a", "127.0.0.1", "-p", str(port)]
     if user and password:
         cmd += ["--user", user, "--pass", password]
+    if cluster_port:
+        cmd += ["-cluster", f"nats://127.0.0.1:{cluster_port}", "-cluster_name", cluster_name]
+        if routes:
+            cmd += ["-routes", ",".join(f"nats://127.0.0.1:{p}" for p in routes)]
+    if monitor_port:
+        cmd += ["-m", str(monitor_port)]
     proc = _spawn(cmd, log_path)
     wait_until(lambda: _nats_info(port), 20, "nats-server", proc)
     auth = f"{user}:{password}@" if user and password else ""
-    return Service("nats", proc, log_path, f"nats://{auth}127.0.0.1:{port}")
+    return Service("nats", proc, log_path, f"nats://{auth}127.0.0.1:{port}",
+                   f"http://127.0.0.1:{monitor_port}" if monitor_port else "")
+
+
+def start_nats_cluster(size: int, log_dir: Path | None = None, ports: Sequence[int] = (),
+                       cluster_ports: Sequence[int] = (), monitor: bool = False) -> list[Service]:
+    """``size`` nats-server processes routed to each other as one cluster (``mb``), on free
+    ports unless given, logging to ``log_dir/nats-<i>.log``. Clients name them all:
+    :func:`nats_urls`. Returns once every node answers (routes form within a second or two;
+    a client connected to any node reaches the subscribers of every other). With ``monitor``
+    each serves its HTTP monitoring on a free port (``monitor_url``)."""
+    ports = list(ports) or [free_port() for _ in range(size)]
+    cluster_ports = list(cluster_ports) or [free_port() for _ in range(size)]
+    started: list[Service] = []
+    try:
+        for i in range(size):
+            others = [p for j, p in enumerate(cluster_ports) if j != i]
+            started.append(start_nats(ports[i], log_dir / f"nats-{i}.log" if log_dir else None,
+                                      cluster_port=cluster_ports[i], routes=others,
+                                      monitor_port=free_port() if monitor else None))
+    except BaseException:
+        for one in started:
+            one.stop()
+        raise
+    for i, one in enumerate(started):
+        one.name = f"nats-{i}"
+    return started
+
+
+def nats_urls(servers: Sequence[Service]) -> str:
+    """The ``MODELBAY_NATS_URL`` naming every server of a cluster, comma-separated."""
+    return ",".join(s.url for s in servers)
 
 
 def _spawn(cmd: Sequence[str], log_path: Path | None, env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -116,6 +116,18 @@ class LocalStack:
         self.env[env_name("nats_url")] = self.nats.url
         return self._track(self.nats, lambda: self.start_nats(port))
 
+    def start_nats_cluster(self, size: int = 3, port: int | None = None) -> list[Service]:
+        """``size`` nats-server processes routed as one cluster (client ports ``port``,
+        ``port + 1``, ... when given, else free ones; logs ``nats-<i>.log``); the stack's
+        ``MODELBAY_NATS_URL`` names them all, so every process fails over between them."""
+        ports = [port + i for i in range(size)] if port else []
+        servers = services.start_nats_cluster(size, self.log_dir, ports)
+        self.nats = servers[0]
+        self.env[env_name("nats_url")] = services.nats_urls(servers)
+        for one in servers:
+            self.parts.append(one)  # not restartable one by one: the cluster is started whole
+        return servers
+
     def start_worker(self, node_id: str, concurrency: int = 8, env: Mapping[str, str] | None = None,
                      ready: Check | None = None, timeout_s: float = 60.0) -> Worker:
         """A worker node with the stack's env (``env`` over it). With ``ready`` (say, the node's

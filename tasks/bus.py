@@ -4,6 +4,13 @@ Used by workers (publishing progress) and by each web process (subscribing to it
 thread connects and reconnects forever; :meth:`Bus.publish` never blocks and never raises,
 so progress degrades when NATS is down and no task fails because of it (architecture §5).
 Start a bus after fork (gunicorn workers each start their own).
+
+``MODELBAY_NATS_URL`` may name several servers of one NATS cluster, comma-separated
+(``nats://a:4222,nats://b:4222``): the client connects to one of them (in random order, so
+processes spread over the cluster) and, when it is lost, reconnects to another, forever.
+nats-py sends the subscriptions again on every reconnect; the callbacks given to
+:meth:`Bus.on_reconnect` run after it (workers re-publish the state of their live
+operations there, so no web replica waits for the next tick or keepalive).
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ class Bus:
     def __init__(self, url: str, name: str, reconnect_wait_s: float = 0.5,
                  pending_mb: float = 8.0) -> None:
         self.url = url
+        self.servers = servers(url)
         self.name = name
         self.reconnect_wait_s = reconnect_wait_s
         self.pending_bytes = int(pending_mb * 1024 * 1024)
@@ -35,6 +43,7 @@ class Bus:
         self.nc: Client | None = None
         self.connected = threading.Event()
         self._subscriptions: list[tuple[str, Handler]] = []
+        self._reconnected: list[Callable[[], None]] = []
         self._dropped = 0
         self._thread = threading.Thread(target=self._run, name=f"modelbay-bus-{name}", daemon=True)
 
@@ -48,6 +57,11 @@ class Bus:
         if self.nc is not None and self.nc.is_connected:
             asyncio.run_coroutine_threadsafe(self._subscribe(subject, handler), self.loop)
 
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (on the bus thread; it must be quick and may :meth:`publish`)
+        after every reconnect, once the subscriptions are live again."""
+        self._reconnected.append(callback)
+
     def publish(self, subject: str, data: bytes) -> None:
         """Fire and forget, from any thread. Drops the message when NATS is unavailable."""
         nc = self.nc
@@ -59,9 +73,16 @@ class Bus:
         except RuntimeError:  # the loop is gone (process shutting down)
             self._drop()
 
-    def close(self) -> None:
-        if self.nc is not None:
-            asyncio.run_coroutine_threadsafe(self.nc.close(), self.loop)
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Close the connection, waiting at most ``timeout_s`` seconds (a NATS that is gone
+        must not hold up a stopping process)."""
+        nc = self.nc
+        if nc is None or nc.is_closed:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(nc.close(), self.loop).result(timeout_s)
+        except Exception as exc:  # timed out, or the loop is gone: the process ends anyway
+            log.info("bus %s: close did not finish (%s)", self.name, type(exc).__name__)
 
     async def _publish(self, nc: Client, subject: str, data: bytes) -> None:
         try:
@@ -94,14 +115,15 @@ class Bus:
         while True:
             try:
                 self.nc = await nats.connect(
-                    servers=[self.url], name=f"modelbay-{self.name}", connect_timeout=2,
+                    servers=self.servers, name=f"modelbay-{self.name}", connect_timeout=2, ping_interval=5, max_outstanding_pings=2,
                     allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=self.reconnect_wait_s,
                     pending_size=self.pending_bytes, error_cb=self._on_error,
                     disconnected_cb=self._on_disconnect, reconnected_cb=self._on_reconnect)
                 break
             except Exception as exc:  # not reachable yet: keep trying, quietly after the first
                 if wait_s == self.reconnect_wait_s:
-                    log.warning("bus %s: cannot reach NATS at %s (%s); retrying", self.name, _safe(self.url), exc)
+                    log.warning("bus %s: cannot reach NATS at %s (%s); retrying", self.name,
+                                ", ".join(_safe(u) for u in self.servers), exc)
                 await asyncio.sleep(wait_s)
                 wait_s = min(wait_s * 2, 5.0)
         for subject, handler in self._subscriptions:
@@ -121,7 +143,20 @@ class Bus:
 
     async def _on_reconnect(self) -> None:
         self.connected.set()
-        log.info("bus %s: reconnected to NATS", self.name)
+        nc = self.nc
+        log.info("bus %s: reconnected to NATS at %s", self.name,
+                 _safe(str(nc.connected_url.geturl())) if nc is not None and nc.connected_url else "?")
+        for callback in self._reconnected:
+            try:
+                callback()
+            except Exception:  # one callback must not stop the others
+                log.exception("bus %s: reconnect callback failed", self.name)
+
+
+def servers(url: str) -> list[str]:
+    """The servers named by a ``MODELBAY_NATS_URL``: one URL, or several comma-separated."""
+    found = [part.strip() for part in url.split(",") if part.strip()]
+    return found or [url]
 
 
 def _safe(url: str) -> str:

@@ -126,6 +126,9 @@ class LivePublisher:
         self._ops: dict[str, Operation] = {}
         self._lock = threading.Lock()
         threading.Thread(target=self._keepalives, name="modelbay-keepalive", daemon=True).start()
+        on_reconnect = getattr(bus, "on_reconnect", None)  # a test's stand-in bus may have none
+        if on_reconnect is not None:
+            on_reconnect(self.republish)
 
     def operation(self, op_id: str, kind: str, model: str, job: str | None = None,
                   quiet_s: float = 0.0) -> Operation:
@@ -137,6 +140,15 @@ class LivePublisher:
     def forget(self, op: Operation) -> None:
         with self._lock:
             self._ops.pop(op.id, None)
+
+    def republish(self) -> None:
+        """Send the whole state of every live operation now (a keepalive carries it all): after
+        a NATS reconnect, what was published while the link was down may be lost, and a web
+        replica that was reconnected too should not wait for the next tick to show the rows."""
+        with self._lock:
+            ops = list(self._ops.values())
+        for op in ops:
+            op.keepalive()
 
     def _keepalives(self) -> None:
         every_s = self.settings.ops_ttl_s / 3
