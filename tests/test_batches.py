@@ -73,14 +73,17 @@ def test_sdk_embeddings_batch_on_echo_answers_as_the_route(web_url: str) -> None
     bodies[7] = {"model": name, "input": ["a", "b"], "encoding_format": "base64"}
     lines = [line(f"req-{i}", "/v1/embeddings", b) for i, b in enumerate(bodies)]
     lines.append(line("bad-body", "/v1/embeddings", {"model": name, "input": []}))
+    lines.append(line("too-many", "/v1/embeddings", {"model": name, "input": ["x"] * 2049}))  # MODELBAY_MAX_INPUTS
     batch = run_batch(client, jsonl(lines), "/v1/embeddings")
     assert batch.status == "completed", batch
-    assert batch.request_counts.total == 151 and batch.request_counts.completed == 150
-    assert batch.request_counts.failed == 1 and batch.metadata == {"test": "yes"}
+    assert batch.request_counts.total == 152 and batch.request_counts.completed == 150
+    assert batch.request_counts.failed == 2 and batch.metadata == {"test": "yes"}
     assert batch.usage.input_tokens > 0 and batch.completed_at and batch.in_progress_at and batch.finalizing_at
     out, err = every_id_once(client, batch, [x["custom_id"] for x in lines])
-    assert [e["custom_id"] for e in err] == ["bad-body"] and err[0]["response"] is None
-    assert err[0]["error"]["code"] == "invalid_request" and "input" in err[0]["error"]["message"]
+    errors = {e["custom_id"]: e for e in err}
+    assert sorted(errors) == ["bad-body", "too-many"] and errors["bad-body"]["response"] is None
+    assert errors["bad-body"]["error"]["code"] == "invalid_request" and "input" in errors["bad-body"]["error"]["message"]
+    assert errors["too-many"]["error"]["code"] == "limit_exceeded", errors["too-many"]
     by_id = {x["custom_id"]: x for x in out}
     for i in (0, 7, 149):
         got = by_id[f"req-{i}"]

@@ -28,7 +28,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from tasks.batches import BATCH_CANCELLED, BATCH_EXPIRED, ENDPOINTS, FINAL, ChunkDone, error_line, output_line, part_key
-from tasks.errors import ErrorCode, JobFailed
+from tasks.errors import ErrorCode, JobFailed, ModelbayError
+from tasks.limits import check_limits
 from tasks.names import TASK_BATCH_ADVANCE
 from tasks.openai_bodies import completion_body, embeddings_body
 from tasks.openai_requests import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest
@@ -97,6 +98,7 @@ class Chunk:
 def _embed(chunk: Chunk, body: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int]]:
     req = EmbeddingsRequest.model_validate(body)
     texts = [req.input] if isinstance(req.input, str) else list(req.input)
+    check_limits("embed", req.input, {}, chunk.rt.settings, params_prefix="")
     vectors, tokens = chunk.proc.embed(texts, {}, chunk.rt.settings.inference_timeout_s, on_call=chunk.calls.add)
     result = {"embeddings": vectors, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
     return embeddings_body(req.model, result, req.encoding_format), (tokens, 0)
@@ -107,10 +109,12 @@ def _generate(chunk: Chunk, body: dict[str, Any]) -> tuple[dict[str, Any], tuple
     req: ChatCompletionRequest | CompletionRequest
     if chat:
         req = ChatCompletionRequest.model_validate(body)
-        call = chunk.proc.generate("", [m.as_job() for m in req.messages], req.params(),
-                                   chunk.rt.settings.inference_timeout_s)
+        messages = [m.as_job() for m in req.messages]
+        check_limits("chat", messages, req.params(), chunk.rt.settings, input_name="messages", params_prefix="")
+        call = chunk.proc.generate("", messages, req.params(), chunk.rt.settings.inference_timeout_s)
     else:
         req = CompletionRequest.model_validate(body)
+        check_limits("generate", req.text(), req.params(), chunk.rt.settings, input_name="prompt", params_prefix="")
         call = chunk.proc.generate(req.text(), [], req.params(), chunk.rt.settings.inference_timeout_s)
     chunk.calls.add(call.cancel)
     pieces: list[str] = []
@@ -159,7 +163,7 @@ def _one(chunk: Chunk, line: dict[str, Any]) -> Outcome:
             chunk.crashed.append(exc)
             return Outcome(ran=False)
         return Outcome(error_line(custom_id, exc.job_code.value, str(exc)))
-    except JobFailed as exc:
+    except (JobFailed, ModelbayError) as exc:  # a limit (limit_exceeded), a backend's own refusal
         return Outcome(error_line(custom_id, exc.code.value, exc.message))
     except Exception as exc:  # a bug answers this line, not the whole chunk
         log.exception("batch line %s of job %s crashed", custom_id, chunk.job.id)
