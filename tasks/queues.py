@@ -34,6 +34,16 @@ class QueueStore:
                 pipe.llen(queue)
             return [int(n) for n in pipe.execute()]
 
+    def oldest(self, queues: list[str]) -> list[str | None]:
+        """The oldest message waiting in each of ``queues`` (the list's tail: kombu LPUSHes and
+        BRPOPs), raw, or None when it is empty; one round trip, no scan (``/metrics``)."""
+        if not queues:
+            return []
+        with self._r.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.lindex(queue, -1)
+            return list(pipe.execute())
+
     def push(self, key: str, message: bytes) -> None:
         """Send: ``message`` onto the list ``key``, as kombu's Redis transport does (LPUSH; its
         consumers BRPOP). See :mod:`tasks.publish`."""

@@ -5,7 +5,13 @@ replica gives the same answer): live nodes (``modelbay_nodes_up``, draining ones
 the messages waiting in each Celery queue (``modelbay_queue_depth{queue}``: every live
 node's ``node.<id>`` and every catalog model's ``model.<token>``; batch chunks wait in a
 priority list of their own and are not in it), and the batches not yet ended by status
-(``modelbay_batches{status}``). Also whether this
+(``modelbay_batches{status}``). For autoscaling (deploy/kubernetes: KEDA), per catalog
+model: the age of the oldest job waiting in its queue (``modelbay_queue_oldest_age_seconds
+{model}``: the tail of ``model.<token>``, LINDEX -1, and its job record's ``created_at``;
+0 when none waits), the nodes holding it ready (``modelbay_model_holders{model}``) and the
+jobs waiting per holder (``modelbay_model_jobs_per_holder{model}``: the queue's depth over
+its holders, the whole depth when none holds it). Each scrape costs a fixed number of round
+trips (one per live node, plus three), never a scan of a queue. Also whether this
 process's NATS subscriber is connected. The workers' own metrics (jobs by final status,
 queue wait and run time, loads, staging bytes, evictions, in-flight per model) are served by
 each worker on ``MODELBAY_WORKER_METRICS_PORT``.
@@ -15,9 +21,14 @@ the counters of all worker processes are summed; elsewhere the process's own reg
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import os
+import time
 from collections import Counter as Tally
 from collections.abc import Iterator
+from datetime import datetime
 
 from flask import Blueprint, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, generate_latest
@@ -25,6 +36,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from tasks.names import model_queue, node_queue
+from tasks.schemas import NodeRecord
+from tasks.store import Store
 from web.extensions import mb
 from web.openapi import STORE, Ok, documented
 
@@ -47,12 +60,14 @@ class StateCollector:
         up.add_metric(["false"], sum(1 for n in nodes if not n.draining))
         up.add_metric(["true"], sum(1 for n in nodes if n.draining))
         yield up
-        queues = [node_queue(n.id) for n in nodes] + [model_queue(name) for name in store.manifests()]
+        models = list(store.manifests())
+        queues = [node_queue(n.id) for n in nodes] + [model_queue(name) for name in models]
         lengths = store.queues.depths(queues)
         depth = GaugeMetricFamily("modelbay_queue_depth", "Messages waiting in a Celery queue", labels=["queue"])
         for queue, length in zip(queues, lengths, strict=True):
             depth.add_metric([queue], length)
         yield depth
+        yield from backlog(store, nodes, models, lengths[len(nodes):])
         batches = GaugeMetricFamily("modelbay_batches", "Batches not yet ended, by status (the workers count "
                                     "the ended ones: modelbay_batches_total)", labels=["status"])
         for status, count in sorted(Tally(b.status for b in store.batches.active()).items()):
@@ -61,6 +76,50 @@ class StateCollector:
         bus = mb().live.bus
         yield GaugeMetricFamily("modelbay_web_nats_connected", "1 when this web process's NATS subscriber is up",
                                 value=1.0 if bus is not None and bus.connected.is_set() else 0.0)
+
+
+def backlog(store: Store, nodes: list[NodeRecord], models: list[str], depths: list[int]) -> Iterator[Metric]:
+    """The autoscaling gauges of each model in ``models`` (``depths``: its queue's, in order):
+    the oldest waiting job's age in seconds, the nodes holding it ready, jobs per holder."""
+    holders: Tally[str] = Tally()
+    for node in nodes:
+        if not node.draining:
+            holders.update(m for m, state in store.node_models(node.id).items() if state.state == "ready")
+    tails = store.queues.oldest([model_queue(name) for name in models])
+    waiting = {name: job_id for name, raw in zip(models, tails, strict=True) if (job_id := message_job(raw))}
+    records = store.jobs(list(waiting.values()))
+    now = time.time()
+    age = GaugeMetricFamily("modelbay_queue_oldest_age_seconds", "Age of the oldest job waiting in a model's "
+                            "queue, from its record's created_at (0: none waits)", labels=["model"])
+    held = GaugeMetricFamily("modelbay_model_holders", "Live nodes (not draining) holding a model ready",
+                             labels=["model"])
+    per = GaugeMetricFamily("modelbay_model_jobs_per_holder", "Jobs waiting in a model's queue per node holding "
+                            "it (the whole depth when none does)", labels=["model"])
+    for name, length in zip(models, depths, strict=True):
+        record = records.get(waiting.get(name, ""))
+        age.add_metric([name], max(0.0, now - _epoch(record.created_at)) if record is not None and length else 0.0)
+        held.add_metric([name], holders[name])
+        per.add_metric([name], length / max(1, holders[name]))
+    yield from (age, held, per)
+
+
+def message_job(raw: str | None) -> str | None:
+    """The job id a queued Celery message carries (its first argument), or None."""
+    if not raw:
+        return None
+    try:
+        message = json.loads(raw)
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+    except (ValueError, KeyError, IndexError, TypeError, binascii.Error):
+        return None
+    return str(args[0]) if args else None
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 @bp.get("/metrics")
