@@ -225,3 +225,30 @@ def test_modelbay_up_runs_a_nats_cluster_and_stops_it(tmp_path):
     assert up.returncode == 0, (tmp_path / "up.log").read_text()
     assert "killed" not in (tmp_path / "up.log").read_text()
     poll(lambda: not [p for p in started if pid_alive(p)], 10, "every process started by up to exit")
+
+
+def test_the_compose_nats_cluster_file_routes_three_nodes_and_names_them_all():
+    """compose.nats-cluster.yaml (static: no Docker here), merged over compose.yaml as
+    ``docker compose -f compose.yaml -f compose.nats-cluster.yaml`` would."""
+    import yaml
+
+    from tasks.settings import env_name
+
+    root = Path(__file__).resolve().parents[1]
+    base = yaml.safe_load((root / "compose.yaml").read_text())
+    overlay = yaml.safe_load((root / "compose.nats-cluster.yaml").read_text())
+    assert "compose.nats-cluster.yaml" in (root / "compose.yaml").read_text()  # documented where people look
+    nodes = ["nats", "nats-1", "nats-2"]
+    assert set(nodes) <= set(overlay["services"])
+    for name in nodes:
+        command = overlay["services"][name]["command"]
+        assert command[command.index("-cluster_name") + 1] == "mb"
+        assert command[command.index("-cluster") + 1].endswith(":6222")
+        routes = command[command.index("-routes") + 1].split(",")
+        assert sorted(r.split("//")[1].split(":")[0] for r in routes) == sorted(set(nodes) - {name})
+        assert command[command.index("-p") + 1] == "4222"
+        assert overlay["services"][name]["image"] == base["services"]["nats"]["image"]
+    for name in ("web", "worker"):
+        url = overlay["services"][name]["environment"][env_name("nats_url")]
+        assert sorted(u.split("//")[1].split(":")[0] for u in servers(url)) == sorted(nodes)
+        assert name in base["services"] and set(overlay["services"][name]) == {"environment"}
