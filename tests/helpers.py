@@ -80,6 +80,18 @@ def start_worker(env: dict[str, str], node_id: str, log_dir: Path, store: Store,
     return worker
 
 
+def pushed(store: Store, queue: str) -> list[str]:
+    """The job ids of the inference messages waiting on ``queue``, in the order a worker takes
+    them (priority lists in order, oldest first in each): the dispatcher pushes them onto the
+    lists itself (tasks/publish.py), so a fake Celery never sees them."""
+    import base64
+
+    from tasks.publish import PRIORITY_STEPS, queue_key
+
+    raws = [raw for step in PRIORITY_STEPS for raw in reversed(store.queues.messages(queue_key(queue, step)))]
+    return [json.loads(base64.b64decode(json.loads(raw)["body"]))[0][0] for raw in raws]
+
+
 def wait_job(client: Any, job_id: str, timeout_s: float = 30, statuses: set[str] | None = None) -> dict:
     """Long-poll a job until its status is in ``statuses`` (default: terminal)."""
     want = statuses or TERMINAL

@@ -8,6 +8,7 @@ import time
 import fakeredis
 import pytest
 
+from helpers import pushed
 from tasks.dispatch import Dispatcher, choose_node
 from tasks.errors import Conflict, ErrorCode, NotFound, Unavailable
 from tasks.names import invalid_model_name, model_from_token, model_queue, model_token
@@ -306,7 +307,7 @@ def test_dispatch_places_one_load_and_queues_jobs_on_the_model_queue(store: Stor
     assert j1.status == j2.status == "loading" and j1.load_job == j2.load_job
     loads = [s for s in celery.sent if s[0] == "modelbay.load"]
     assert loads == [("modelbay.load", [j1.load_job], "node.n1")]
-    assert [s[2] for s in celery.sent if s[0] == "modelbay.infer"] == ["model.org_2fm"] * 2
+    assert pushed(store, "model.org_2fm") == [j1.id, j2.id]
     assert set(store.pop_waiters(j1.load_job)) == {j1.id, j2.id}
 
 
@@ -317,11 +318,11 @@ def test_dispatch_ready_model_needs_no_load_and_pins_go_to_the_node_queue(store:
     store.heartbeat(node("n2"))
     store.set_model_state(ModelNode(model="m", node="n1", state="ready"))
     job = d.submit(JobRequest(model="m", task="embed", input="x"), Manifest(backend="echo"))
-    assert job.status == "queued" and celery.sent == [("modelbay.infer", [job.id], "model.m")]
+    assert job.status == "queued" and celery.sent == [] and pushed(store, "model.m") == [job.id]
     pinned = d.submit(JobRequest(model="m", task="embed", input="x", node="n2"), Manifest(backend="echo"))
     assert pinned.status == "loading"
     assert ("modelbay.load", [pinned.load_job], "node.n2") in celery.sent
-    assert celery.sent[-1] == ("modelbay.infer", [pinned.id], "node.n2")
+    assert pushed(store, "node.n2") == [pinned.id]
     with pytest.raises(NotFound):
         d.ensure_load("m", Manifest(backend="echo"), "ghost")
     with pytest.raises(Conflict):
