@@ -21,7 +21,7 @@ from tasks.store import Store
 from workers import metrics
 from workers.node.agent import NodeAgent, devices, memory_budget_mb
 from workers.node.cancel import CancelWatcher
-from workers.node.drain import Background, bounded
+from workers.node.drain import Background, StopWatchdog, bounded
 from workers.node.models import ModelManager
 from workers.progress.live import LivePublisher
 from workers.staging.stage import sweep
@@ -53,6 +53,7 @@ class Runtime:
         self.background = Background(settings, self.store, self.dispatcher, self.cancels, self.instance)
         self.agent: NodeAgent | None = None
         self.stop_deadline: float | None = None  # monotonic s: SIGTERM + worker_stop_grace_s
+        self.watchdog: StopWatchdog | None = None
 
     def ready(self, hostname: str) -> None:
         """The worker consumes: register the node, take over from a previous process with the
@@ -72,8 +73,16 @@ class Runtime:
         log.info("node %s ready as %s, consuming %s", settings.node_id, hostname, settings.node_queue)
 
     def shutting_down(self) -> None:
-        """SIGTERM: drain (see :mod:`workers.node.drain`) while Celery waits for the running tasks."""
-        self.stop_deadline = time.monotonic() + self.settings.worker_stop_grace_s
+        """SIGTERM: drain (see :mod:`workers.node.drain`) while Celery waits for the running
+        tasks; a :class:`~workers.node.drain.StopWatchdog` ends the process if the stop hangs."""
+        settings = self.settings
+        if self.stop_deadline is not None:  # a second SIGTERM: the first one's drain goes on
+            return
+        self.stop_deadline = time.monotonic() + settings.worker_stop_grace_s
+        # The stop's own bounds (see stop()) at most: the backends, the bus, the node record.
+        stop_budget_s = settings.worker_stop_grace_s + settings.backend_stop_grace_s + 1.0 + 2.0 + 1.0
+        self.watchdog = StopWatchdog(self.background.drained, settings.worker_stop_grace_s, stop_budget_s)
+        self.watchdog.start()
         threading.Thread(target=self.background.drain, args=(self.agent,), name="modelbay-drain", daemon=True).start()
 
     def stop(self) -> None:
@@ -84,6 +93,8 @@ class Runtime:
         is left of the stop grace (at least ``backend_stop_grace_s`` + 1 s, so the backends
         get their SIGTERM-then-SIGKILL), so the worker exits whatever is down."""
         settings = self.settings
+        if self.watchdog is not None:
+            self.watchdog.stopping.set()
         self.background.stop()
         self.cancels.stop()
         quick = Store.from_settings(settings, outage_s=0.0)  # no tasks run any more: fail fast
@@ -97,6 +108,8 @@ class Runtime:
         if self.agent is not None:
             bounded(self.agent.stop, max(1.0, deadline - time.monotonic()), "removing the node record")
         log.info("node %s stopped", settings.node_id)
+        if self.watchdog is not None:
+            self.watchdog.stopped.set()
 
 
 class NodeStep(bootsteps.Step):

@@ -13,11 +13,14 @@ Redis or NATS may be gone while the worker stops (the whole stack is shutting do
 outage): every step here and in :meth:`workers.runtime.Runtime.stop` that writes to them runs
 :func:`bounded`, so a worker with no jobs exits within ``worker_stop_grace_s`` whatever is
 reachable (the node record then expires by its TTL; the reaper of another node requeues
-what it held).
+what it held). A broker that accepts connections but never answers can still hold Celery's
+own loop in a socket read (kombu's Redis client has no read timeout): the
+:class:`StopWatchdog` then ends the process once the drain is over.
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +33,9 @@ from workers.node.cancel import CancelWatcher
 from workers.node.reaper import Reaper, requeue
 
 log = logging.getLogger("modelbay.worker")
+
+MARK_DRAINING_S = 2.0  # the most the drain waits to mark the node draining (a beat and a withdraw)
+STOP_MARGIN_S = 3.0    # after the drain (or the stop), how long Celery may take to reach its next step
 
 
 class Background:
@@ -62,7 +68,7 @@ class Background:
         try:
             deadline = time.monotonic() + settings.worker_stop_grace_s
             if agent is not None:  # Redis may be down: the grace counts from SIGTERM all the same
-                bounded(agent.drain, settings.worker_stop_grace_s, "marking the node draining")
+                bounded(agent.drain, min(MARK_DRAINING_S, settings.worker_stop_grace_s), "marking the node draining")
             while self.cancels.watched() and time.monotonic() < deadline:
                 self._stop.wait(0.1)
             handed = self.cancels.take_all()
@@ -78,6 +84,44 @@ class Background:
             log.exception("drain failed")
         finally:
             self.drained.set()
+
+
+class StopWatchdog:
+    """Ends this process when its stop is stuck outside modelbay's code: the drain is over
+    (``drained``) but Celery has not begun its stop (:meth:`stopping` is not set) within
+    ``STOP_MARGIN_S``, or the stop has ended (``stopped``) and the process still runs after
+    ``STOP_MARGIN_S``, or the stop itself overran ``stop_budget_s`` (it bounds its steps;
+    this is the backstop). Running jobs were handed back by the drain by then, and backend
+    processes stop on their own when their worker is gone. Exit status 1 when the stop did
+    not finish, 0 when only the process's own exit hung."""
+
+    def __init__(self, drained: threading.Event, drain_s: float, stop_budget_s: float) -> None:
+        self.drained = drained
+        self.drain_s = drain_s
+        self.stop_budget_s = stop_budget_s
+        self.stopping = threading.Event()
+        self.stopped = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="modelbay-stop-watchdog", daemon=True).start()
+
+    def _run(self) -> None:
+        wait = threading.Event().wait
+        if not self.drained.wait(self.drain_s + STOP_MARGIN_S):
+            self._exit(1, "the drain did not end")
+        if not self.stopping.wait(STOP_MARGIN_S):
+            self._exit(1, "Celery did not begin its stop after the drain (is the broker answering?)")
+        if not self.stopped.wait(self.stop_budget_s + STOP_MARGIN_S):
+            self._exit(1, "the stop did not end")
+        wait(STOP_MARGIN_S)
+        self._exit(0, "the stop ended but the process did not exit")
+
+    @staticmethod
+    def _exit(status: int, why: str) -> None:
+        log.error("stop watchdog: %s; exiting now (status %d)", why, status)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(status)
 
 
 def bounded(step: Callable[[], object], timeout_s: float, what: str) -> bool:
