@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from fileserver import FileServer, payload, sha
 from helpers import backend_pids, poll, start_worker, unique
 from modelbay.services import start_nats, start_valkey
 from modelbay.stack import Worker
 from tasks.settings import load_settings
 from tasks.store import Store
 
+MiB = 1 << 20
 GRACE_S = 6.0
 SLACK_S = 10.0  # a loaded test machine: the process may take this much longer to be reaped
 
@@ -31,7 +33,8 @@ def parts(artifacts: Path, tmp_path: Path) -> Iterator[dict]:
     nats = start_nats()
     env = {"MODELBAY_REDIS_URL": valkey.url, "MODELBAY_NATS_URL": nats.url, "MODELBAY_RUN_DIR": str(tmp_path),
            "MODELBAY_MODELS_DIR": str(tmp_path / "models"), "MODELBAY_WORKER_STOP_GRACE_S": str(GRACE_S),
-           "MODELBAY_BACKEND_STOP_GRACE_S": "2", "MODELBAY_NODE_TTL_S": "3"}
+           "MODELBAY_BACKEND_STOP_GRACE_S": "2", "MODELBAY_NODE_TTL_S": "3",
+           "MODELBAY_ALLOW_PRIVATE_SOURCES": "1"}
     store = Store.from_settings(load_settings(env))
     node = unique("stop")[:24]
     box: dict = {"valkey": valkey, "nats": nats, "env": env, "store": store, "node": node, "frozen": []}
@@ -46,11 +49,16 @@ def parts(artifacts: Path, tmp_path: Path) -> Iterator[dict]:
             service.stop()
 
 
-def load_echo(box: dict) -> str:
-    """Load an echo model on the worker (through the web app, in process); its name."""
+def web_client(box: dict):
+    """The web app, in process, on the test's Valkey and NATS."""
     from web import create_app
 
-    client = create_app({"TESTING": True, "MODELBAY_ENV": box["env"]}).test_client()
+    return create_app({"TESTING": True, "MODELBAY_ENV": box["env"]}).test_client()
+
+
+def load_echo(box: dict) -> str:
+    """Load an echo model on the worker; its name."""
+    client = web_client(box)
     name = unique("echo")
     assert client.put(f"/v1/models/{name}", json={"backend": "echo"}).status_code == 201
     job = client.post(f"/v1/models/{name}/load").get_json()
@@ -104,3 +112,26 @@ def test_the_worker_still_deregisters_when_everything_is_up(parts):
     assert parts["store"].get_node(parts["node"]) is not None
     assert sigterm_and_wait(parts["worker"]) == 0
     assert parts["store"].get_node(parts["node"]) is None
+
+
+def test_a_load_still_staging_at_sigterm_is_waited_for_not_cut_short(parts):
+    """Loads are not handed back by the drain: Celery waits for them, and the stop watchdog
+    waits with it (it acts only once no task runs)."""
+    client, files = web_client(parts), FileServer()
+    try:
+        data = payload(3 * MiB, seed=3)
+        files.files["/w.bin"] = data
+        files.rate_bps = 0.4 * MiB  # about 7 s of staging: longer than the drain and the watchdog's margin
+        name = unique("slow")
+        manifest = {"backend": "echo", "files": [{"uri": files.url("/w.bin"), "sha256": sha(data), "size": len(data)}]}
+        assert client.put(f"/v1/models/{name}", json=manifest).status_code == 201
+        job = client.post(f"/v1/models/{name}/load").get_json()
+        poll(lambda: (client.get(f"/v1/jobs/{job['id']}").get_json().get("progress") or {}).get("bytes_done"), 30,
+             "the staging to start")
+        os.kill(parts["worker"].proc.pid, signal.SIGTERM)
+        poll(lambda: parts["worker"].proc.poll() is not None, 60, "the worker to exit after its load")
+        assert parts["worker"].proc.returncode == 0, parts["worker"].log()[-2000:]
+        assert "stop watchdog" not in parts["worker"].log()
+        assert client.get(f"/v1/jobs/{job['id']}").get_json()["status"] == "succeeded"
+    finally:
+        files.close()

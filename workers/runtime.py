@@ -13,6 +13,7 @@ import uuid
 
 from celery import Celery, Task, bootsteps
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.worker import state as worker_state
 
 from tasks.bus import Bus
 from tasks.dispatch import Dispatcher
@@ -81,7 +82,8 @@ class Runtime:
         self.stop_deadline = time.monotonic() + settings.worker_stop_grace_s
         # The stop's own bounds (see stop()) at most: the backends, the bus, the node record.
         stop_budget_s = settings.worker_stop_grace_s + settings.backend_stop_grace_s + 1.0 + 2.0 + 1.0
-        self.watchdog = StopWatchdog(self.background.drained, settings.worker_stop_grace_s, stop_budget_s)
+        self.watchdog = StopWatchdog(self.background.drained, settings.worker_stop_grace_s, stop_budget_s,
+                                     busy=lambda: bool(worker_state.active_requests))
         self.watchdog.start()
         threading.Thread(target=self.background.drain, args=(self.agent,), name="modelbay-drain", daemon=True).start()
 

@@ -87,18 +87,22 @@ class Background:
 
 
 class StopWatchdog:
-    """Ends this process when its stop is stuck outside modelbay's code: the drain is over
-    (``drained``) but Celery has not begun its stop (:meth:`stopping` is not set) within
-    ``STOP_MARGIN_S``, or the stop has ended (``stopped``) and the process still runs after
-    ``STOP_MARGIN_S``, or the stop itself overran ``stop_budget_s`` (it bounds its steps;
-    this is the backstop). Running jobs were handed back by the drain by then, and backend
-    processes stop on their own when their worker is gone. Exit status 1 when the stop did
-    not finish, 0 when only the process's own exit hung."""
+    """Ends this process when its stop is stuck outside modelbay's code. Once the drain is
+    over (``drained``, or its time is up) and no task runs (``busy()`` is false: Celery
+    legitimately waits for its tasks, a load included), Celery must begin its stop
+    (:attr:`stopping`) within ``STOP_MARGIN_S``; the stop must end (:attr:`stopped`) within
+    ``stop_budget_s`` (it bounds its own steps; this is the backstop), and the process must
+    then exit within ``STOP_MARGIN_S``. Otherwise the process exits at once: status 1 when
+    the stop did not finish, 0 when only the process's own exit hung. Jobs still running
+    were handed back by the drain, and backend processes stop on their own when their worker
+    is gone."""
 
-    def __init__(self, drained: threading.Event, drain_s: float, stop_budget_s: float) -> None:
+    def __init__(self, drained: threading.Event, drain_s: float, stop_budget_s: float,
+                 busy: Callable[[], bool]) -> None:
         self.drained = drained
         self.drain_s = drain_s
         self.stop_budget_s = stop_budget_s
+        self.busy = busy
         self.stopping = threading.Event()
         self.stopped = threading.Event()
 
@@ -106,14 +110,14 @@ class StopWatchdog:
         threading.Thread(target=self._run, name="modelbay-stop-watchdog", daemon=True).start()
 
     def _run(self) -> None:
-        wait = threading.Event().wait
-        if not self.drained.wait(self.drain_s + STOP_MARGIN_S):
-            self._exit(1, "the drain did not end")
+        self.drained.wait(self.drain_s + STOP_MARGIN_S)
+        while self.busy() and not self.stopping.wait(0.2):
+            pass  # Celery waits for its running tasks: so does the watchdog
         if not self.stopping.wait(STOP_MARGIN_S):
             self._exit(1, "Celery did not begin its stop after the drain (is the broker answering?)")
         if not self.stopped.wait(self.stop_budget_s + STOP_MARGIN_S):
             self._exit(1, "the stop did not end")
-        wait(STOP_MARGIN_S)
+        threading.Event().wait(STOP_MARGIN_S)
         self._exit(0, "the stop ended but the process did not exit")
 
     @staticmethod
