@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="forbid")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # One NATS server, or every server of a NATS cluster comma-separated: each process connects
+    # to one (random order) and fails over to the others (tasks/bus.py)
     nats_url: str = "nats://127.0.0.1:4222"
     nats_prefix: str = "modelbay"
     node_id: str = Field(default_factory=_default_node_id, pattern=NODE_ID_PATTERN)
