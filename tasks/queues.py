@@ -44,6 +44,20 @@ class QueueStore:
                 pipe.lindex(queue, -1)
             return list(pipe.execute())
 
+    def depths_and_oldest(self, keys: list[str]) -> list[tuple[int, str | None]]:
+        """(messages waiting, the oldest one raw or None) of each list in ``keys``: LLEN and
+        LINDEX -1 of each, in one pipeline (one round trip, no scan; the operations page's
+        ``GET /api/queues``). Not a transaction: a message taken between the two reads may
+        leave a depth of 1 next to no message."""
+        if not keys:
+            return []
+        with self._r.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.llen(key)
+                pipe.lindex(key, -1)
+            replies = pipe.execute()
+        return [(int(replies[i]), replies[i + 1]) for i in range(0, len(replies), 2)]
+
     def push(self, key: str, message: bytes) -> None:
         """Send: ``message`` onto the list ``key``, as kombu's Redis transport does (LPUSH; its
         consumers BRPOP). See :mod:`tasks.publish`."""

@@ -19,7 +19,7 @@ class ModelbayFlask(Flask):
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app. ``test_config`` may hold ``MODELBAY_ENV`` (``MODELBAY_*`` variables laid
     over the environment), ``MODELBAY`` (typed settings overrides) and any Flask config key."""
-    from web import auth, errors, jobs, metrics, models, nodes, openapi, operations, ui
+    from web import auth, errors, jobs, metrics, models, nodes, openapi, operations, queues, ui
     from web.extensions import Modelbay
     from web.openai import batches as openai_batches
     from web.openai import files as openai_files
@@ -41,6 +41,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         app.register_blueprint(blueprint)
     app.register_blueprint(openai_files.bp)  # /v1/files
     app.register_blueprint(openai_batches.bp)  # /v1/batches
+    app.register_blueprint(queues.bp)  # /api/queues: the operations page's queue view
     openapi.check_documented(app)  # a route without @documented stops the app here
     # The progress subscriber starts here, in the serving process: gunicorn imports the app
     # after fork (never run it with --preload); Live also restarts it if the pid changes.
