@@ -93,6 +93,9 @@ def test_start_health_load_generate_embed(backends: Callable[..., BackendProcess
     for v in vectors:
         assert math.isclose(math.sqrt(sum(x * x for x in v)), 1.0, rel_tol=1e-6)
     assert vectors[1] == [f32(x) for x in embed_text("beta", 5)]
+    # Each text's own token count (several requests' texts in one call split their usage by it).
+    each, counts = bp.embed_each(["one two", "three", ""], {}, timeout_s=5)
+    assert counts == [2, 1, 0] and len(each) == 3
 
     # The same text gives the same vector in another process.
     other = started(backends, {"dim": 5})

@@ -171,6 +171,11 @@ def test_backend_batches_32_concurrent_calls(backends: Callable[..., BackendProc
     many = [r for rs in run_concurrently(24, stream) for r in rs]
     for vectors, tokens in many:
         assert len(vectors) == 8 and all(len(v) == 384 for v in vectors) and tokens >= 8 * 3
+    # Each text's own token count in a call of several: the same as each text alone
+    # ([CLS] and [SEP] included), so requests sharing a call split their usage exactly.
+    mixed = ["short", "a rather longer sentence than the first one", "mid length text"]
+    _, counts = bp.embed_each(mixed, {}, 60)
+    assert counts == [bp.embed([t], {}, 60)[1] for t in mixed] and counts[0] < counts[2] < counts[1]
     with pytest.raises(BackendCallError) as info_bad:
         bp.embed(["x"], {"normalize": "yes"}, 10)
     assert info_bad.value.grpc_code == "INVALID_ARGUMENT" and "normalize" in str(info_bad.value)

@@ -275,3 +275,22 @@ def test_a_chunk_whose_backend_keeps_crashing_answers_its_lines_in_the_error_fil
     _, err = every_id_once(client, batch, [x["custom_id"] for x in lines])
     assert {e["error"]["code"] for e in err} == {"backend_crashed"}, err[0]
     assert all(e["response"] is None and e["error"]["message"] for e in err)
+
+
+def test_an_embeddings_chunk_the_backend_refuses_fails_only_the_line_at_fault(web_url: str) -> None:
+    """An embeddings chunk is one Embed call; when the backend refuses it (one text it cannot
+    take), each line runs alone: the others are answered as the synchronous route answers them."""
+    client = sdk(web_url)
+    name = register(web_url, {"dim": 4, "refuse_text": "poison"})
+    inputs = {"a": "alpha", "b": ["beta", "poison"], "c": ["gamma", "delta"], "d": "epsilon words here"}
+    lines = [line(cid, "/v1/embeddings", {"model": name, "input": text}) for cid, text in inputs.items()]
+    batch = run_batch(client, jsonl(lines), "/v1/embeddings")
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (3, 1)
+    out, err = every_id_once(client, batch, list(inputs))
+    assert [(e["custom_id"], e["error"]["code"]) for e in err] == [("b", "invalid_params")], err
+    for got in out:
+        sync = client.embeddings.create(model=name, input=inputs[got["custom_id"]])
+        body = got["response"]["body"]
+        assert [d["embedding"] for d in body["data"]] == [d.embedding for d in sync.data]
+        assert body["usage"] == {"prompt_tokens": sync.usage.prompt_tokens, "total_tokens": sync.usage.total_tokens}

@@ -14,6 +14,8 @@ LoadModel options (``options_json``):
 - ``crash_at`` (str, optional): the process kills itself with SIGSEGV, as a native library's
   fault would, at "warmup" (inside LoadModel, after the load) or at "generate" (the first
   token of every generation). For the tests of warm-up failures and crash loops.
+- ``refuse_text`` (str, optional): Embed refuses (INVALID_ARGUMENT) any call holding this text,
+  as a model refuses an input it cannot take; the other texts of the call go unanswered too.
 
 Generate streams back the words of the input (the prompt, or the content of the last chat
 message), one per message, each followed by a space except the input's last word; so a
@@ -79,6 +81,7 @@ class EchoModel(BackendModel):
         self.dim = 8
         self.token_delay_s = 0.0
         self.crash_at: str | None = None
+        self.refuse_text: str | None = None
 
     def load(self, files: list[str], model_dir: str, options: dict[str, Any], device: str) -> LoadInfo:
         load_delay_s = _number(options, "load_delay_s", 0.0, float, 0.0)
@@ -91,11 +94,14 @@ class EchoModel(BackendModel):
         crash_at = options.get("crash_at")
         if crash_at not in (None, *CRASH_POINTS):
             raise InvalidParams(f"crash_at must be one of {', '.join(CRASH_POINTS)}, got {crash_at!r}")
+        refuse_text = options.get("refuse_text")
+        if refuse_text is not None and not isinstance(refuse_text, str):
+            raise InvalidParams(f"refuse_text must be a string, got {refuse_text!r}")
         if wait_or_cancel(load_delay_s, self.stopping.is_set):
             raise RuntimeError("load interrupted: the backend is shutting down")
         if fail_load:
             raise RuntimeError("echo load failed on purpose (option fail_load=true)")
-        self.dim, self.token_delay_s, self.crash_at = dim, token_delay_s, crash_at
+        self.dim, self.token_delay_s, self.crash_at, self.refuse_text = dim, token_delay_s, crash_at, refuse_text
         return LoadInfo(memory_mb=memory_mb, device=device or "cpu", dim=dim)
 
     def warmup(self) -> None:
@@ -104,6 +110,8 @@ class EchoModel(BackendModel):
 
     def embed(self, texts: list[str], params: dict[str, Any],
               cancelled: Callable[[], bool] = lambda: False) -> list[list[float]]:
+        if self.refuse_text is not None and self.refuse_text in texts:
+            raise InvalidParams(f"echo refuses the text {self.refuse_text!r} (option refuse_text)")
         return [embed_text(text, self.dim) for text in texts]
 
     def generate(

@@ -109,10 +109,11 @@ class BackendModel(abc.ABC):
         return sum(self.count_tokens(m["content"]) for m in messages) if messages else self.count_tokens(prompt)
 
     def embed_with_usage(self, texts: list[str], params: dict[str, Any],
-                         cancelled: Callable[[], bool]) -> tuple[list[list[float]], int]:
-        """:meth:`embed` plus the prompt token count (:meth:`count_tokens` of each text)."""
+                         cancelled: Callable[[], bool]) -> tuple[list[list[float]], list[int]]:
+        """:meth:`embed` plus each text's token count (:meth:`count_tokens`), in order: a
+        caller that sent several requests' texts in one call splits the usage by request."""
         vectors = self.embed(texts, params, cancelled)
-        return vectors, sum(self.count_tokens(t) for t in texts)
+        return vectors, [self.count_tokens(t) for t in texts]
 
     def count_tokens(self, text: str) -> int:
         """Token count used for usage figures; whitespace words unless overridden."""

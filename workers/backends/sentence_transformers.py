@@ -134,13 +134,13 @@ class SentenceTransformerModel(BackendModel):
         return list(zip(vectors.unbind(0), (int(n) for n in counts), strict=True))
 
     def embed_with_usage(self, texts: list[str], params: dict[str, Any],
-                         cancelled: Callable[[], bool]) -> tuple[list[list[float]], int]:
+                         cancelled: Callable[[], bool]) -> tuple[list[list[float]], list[int]]:
         normalize = option(params, "normalize", bool, self._normalize)
         batcher = self._batcher
         if batcher is None:
             raise RuntimeError("the model is not loaded")
         rows = batcher.submit(texts, cancelled)
-        return _rows([v for v, _ in rows], normalize), sum(n for _, n in rows)
+        return _rows([v for v, _ in rows], normalize), [n for _, n in rows]
 
     def embed(self, texts: list[str], params: dict[str, Any],
               cancelled: Callable[[], bool] = lambda: False) -> list[list[float]]:

@@ -204,18 +204,19 @@ class BackendServicer(pb_grpc.BackendServicer):
         texts = list(request.texts)
         self._begin(generation=False)
         try:
-            vectors, prompt_tokens = self.model.embed_with_usage(texts, params, lambda: not context.is_active())
+            vectors, text_tokens = self.model.embed_with_usage(texts, params, lambda: not context.is_active())
         except Exception as exc:  # any model failure becomes an error status
             if not context.is_active():
                 context.abort(grpc.StatusCode.CANCELLED, "embed cancelled by the caller")
             self._abort_for(context, exc, "embed")
         finally:
             self._count_end("embed")
-        if len(vectors) != len(texts):
-            context.abort(grpc.StatusCode.INTERNAL, f"embed returned {len(vectors)} vectors for {len(texts)} texts")
+        if len(vectors) != len(texts) or len(text_tokens) != len(texts):
+            context.abort(grpc.StatusCode.INTERNAL, f"embed returned {len(vectors)} vectors and {len(text_tokens)} "
+                                                    f"token counts for {len(texts)} texts")
         return pb.EmbedResponse(embeddings=[pb.Vector(values=v) for v in vectors],
                                 dim=len(vectors[0]) if vectors else self._info.dim,
-                                prompt_tokens=prompt_tokens)
+                                prompt_tokens=sum(text_tokens), text_tokens=text_tokens)
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         self._check(request.model, context, ready=True)

@@ -3,9 +3,10 @@
 requeued by the reaper and retried after a backend crash exactly as any job of its model).
 
 The chunk's lines (``batches/<id>/in/<chunk>.jsonl``) run together: an embeddings chunk sends
-every line's Embed call at once (the backend's batcher gathers them into forward passes; one
-call per line keeps each line's ``usage`` its own, as the synchronous route's), a generation
-chunk runs up to ``batch_generate_concurrency`` lines at a time. Each line's body is parsed and
+the texts of all its lines in one Embed call (the backend's batcher cuts it into forward passes;
+the backend answers each text's token count, so each line's ``usage`` is its own, as the
+synchronous route's), a generation chunk runs up to ``batch_generate_concurrency`` lines at a
+time. Each line's body is parsed and
 answered by the same code as the synchronous route (:mod:`tasks.openai_requests`,
 :mod:`tasks.openai_bodies`). The results go to one part per chunk (``.out.jsonl``/``.err.jsonl``,
 overwritten when the chunk runs again), then the chunk is marked done with its counts.
@@ -27,7 +28,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tasks.batches import BATCH_CANCELLED, BATCH_EXPIRED, ENDPOINTS, FINAL, ChunkDone, error_line, output_line, part_key
+from tasks.batches import BATCH_CANCELLED, BATCH_EXPIRED, FINAL, ChunkDone, error_line, output_line, part_key
 from tasks.errors import ErrorCode, JobFailed, ModelbayError
 from tasks.limits import check_limits
 from tasks.names import TASK_BATCH_ADVANCE
@@ -170,6 +171,64 @@ def _one(chunk: Chunk, line: dict[str, Any]) -> Outcome:
         return Outcome(error_line(custom_id, ErrorCode.INTERNAL_ERROR.value, f"the request failed unexpectedly: {exc}"))
 
 
+def _parse_embeds(chunk: Chunk) -> list[tuple[EmbeddingsRequest, list[str]] | Outcome]:
+    """Each line of an embeddings chunk: its request and texts, or (a line the synchronous route
+    would refuse) its error outcome, answered by :func:`_one` as a line run alone would be."""
+    parsed: list[tuple[EmbeddingsRequest, list[str]] | Outcome] = []
+    for line in chunk.lines:
+        try:
+            req = EmbeddingsRequest.model_validate(line.get("body") or {})
+            check_limits("embed", req.input, {}, chunk.rt.settings, params_prefix="")
+        except (ValidationError, JobFailed, ModelbayError):
+            parsed.append(_one(chunk, line))
+            continue
+        parsed.append((req, [req.input] if isinstance(req.input, str) else list(req.input)))
+    return parsed
+
+
+def _embed_together(chunk: Chunk) -> list[Outcome]:
+    """An embeddings chunk: the texts of all its lines in one Embed call (the backend's batcher
+    cuts them into forward passes), each line's rows and token counts split back out, so each
+    body and ``usage`` is the synchronous route's. When that call fails and the backend lives
+    (it refused some text), each line runs alone, so only the line at fault fails."""
+    parsed = _parse_embeds(chunk)
+    texts = [text for p in parsed if not isinstance(p, Outcome) for text in p[1]]
+    if not texts or chunk.calls.cancelled:
+        return [p if isinstance(p, Outcome) else Outcome(ran=False) for p in parsed]
+    try:
+        vectors, counts = chunk.proc.embed_each(texts, {}, chunk.rt.settings.inference_timeout_s,
+                                                on_call=chunk.calls.add)
+    except BackendCancelled:
+        return [p if isinstance(p, Outcome) else Outcome(ran=False) for p in parsed]
+    except BackendCallError as exc:
+        if chunk.calls.cancelled or _died(chunk.proc, exc):
+            if not chunk.calls.cancelled:
+                chunk.crashed.append(exc)
+            return [p if isinstance(p, Outcome) else Outcome(ran=False) for p in parsed]
+        return [p if isinstance(p, Outcome) else _one(chunk, line) for p, line in zip(parsed, chunk.lines)]
+    outcomes: list[Outcome] = []
+    at = 0
+    for p, line in zip(parsed, chunk.lines):
+        if isinstance(p, Outcome):
+            outcomes.append(p)
+            continue
+        req, n = p[0], len(p[1])
+        tokens = sum(counts[at:at + n])
+        result = {"embeddings": vectors[at:at + n], "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        at += n
+        body = embeddings_body(req.model, result, req.encoding_format)
+        outcomes.append(Outcome(output_line(str(line.get("custom_id")), body), ok=True, tokens=(tokens, 0)))
+    return outcomes
+
+
+def _run_lines(chunk: Chunk, concurrency: int) -> list[Outcome]:
+    """Every line's outcome: an embeddings chunk in one call, generations ``concurrency`` at a time."""
+    if chunk.endpoint == "/v1/embeddings":
+        return _embed_together(chunk)
+    with ThreadPoolExecutor(max(1, min(concurrency, len(chunk.lines))), thread_name_prefix="modelbay-batch") as pool:
+        return list(pool.map(lambda line: _one(chunk, line), chunk.lines))
+
+
 def run_chunk(rt: Runtime, job: JobRecord, proc: BackendProcess, delivery: Delivery) -> dict[str, Any]:
     """The ``batch`` task's runner (see the module); returns the chunk's counts."""
     spec = job.input if isinstance(job.input, dict) else {}
@@ -184,10 +243,8 @@ def run_chunk(rt: Runtime, job: JobRecord, proc: BackendProcess, delivery: Deliv
     fs = filestore(rt.settings)
     lines = [json.loads(raw) for raw in fs.iter_lines(part_key(batch_id, index, "in")) if raw.strip()]
     chunk = Chunk(rt, job, proc, batch.endpoint, lines, Calls(rt, job.id))
-    width = len(lines) if ENDPOINTS[batch.endpoint] == "embed" else rt.settings.batch_generate_concurrency
     try:
-        with ThreadPoolExecutor(max(1, min(width, len(lines))), thread_name_prefix="modelbay-batch") as pool:
-            outcomes = list(pool.map(lambda line: _one(chunk, line), lines))
+        outcomes = _run_lines(chunk, rt.settings.batch_generate_concurrency)
     finally:
         cancelled = chunk.calls.finish()
     if chunk.crashed and not cancelled:

@@ -79,6 +79,13 @@ class BackendClient:
         """Embed ``texts`` (deadline ``timeout_s`` seconds); returns (vectors, prompt_tokens).
         ``on_call`` receives the call's cancel function (thread-safe) before it is awaited;
         a cancelled call raises :class:`BackendCancelled`."""
+        vectors, counts = self.embed_each(texts, params, timeout_s, on_call)
+        return vectors, sum(counts)
+
+    def embed_each(self, texts: list[str], params: dict[str, Any], timeout_s: float,
+                   on_call: Callable[[Callable[[], None]], None] | None = None) -> tuple[list[list[float]], list[int]]:
+        """:meth:`embed`, with each text's token count instead of their sum: several requests'
+        texts embedded in one call, each request's usage its own."""
         req = pb.EmbedRequest(model=self._ref(), texts=texts, params_json=json.dumps(params))
         future = self._invoke("Embed", req, timeout_s, future=True)
         if on_call is not None:
@@ -89,7 +96,7 @@ class BackendClient:
             raise BackendCancelled("Embed cancelled by the caller") from None
         except grpc.RpcError as err:
             raise self._translate(err, "Embed", timeout_s) from None
-        return [list(v.values) for v in resp.embeddings], resp.prompt_tokens
+        return [list(v.values) for v in resp.embeddings], list(resp.text_tokens)
 
     def generate(self, prompt: str, messages: list[dict[str, str]], params: dict[str, Any],
                  timeout_s: float) -> GenerateCall:

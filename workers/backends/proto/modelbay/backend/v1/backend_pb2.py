@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n8workers/backends/proto/modelbay/backend/v1/backend.proto\x12\x13modelbay.backend.v1\"*\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08instance\x18\x02 \x01(\t\"\x88\x01\n\x10LoadModelRequest\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.modelbay.backend.v1.ModelRef\x12\r\n\x05\x66iles\x18\x02 \x03(\t\x12\x11\n\tmodel_dir\x18\x03 \x01(\t\x12\x14\n\x0coptions_json\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"p\n\x11LoadModelResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06load_s\x18\x03 \x01(\x01\x12\x11\n\tmemory_mb\x18\x04 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0b\n\x03\x64im\x18\x06 \x01(\x05\"=\n\rStatusRequest\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.modelbay.backend.v1.ModelRef\"\x89\x02\n\x0eStatusResponse\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.modelbay.backend.v1.ModelRef\x12\r\n\x05state\x18\x02 \x01(\t\x12\x14\n\x0c\x61\x63tive_calls\x18\x03 \x01(\x05\x12\x1b\n\x13generations_started\x18\x04 \x01(\x03\x12\x1d\n\x15generations_completed\x18\x05 \x01(\x03\x12\x1d\n\x15generations_cancelled\x18\x06 \x01(\x03\x12\x18\n\x10tokens_generated\x18\x07 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0b\n\x03pid\x18\t \x01(\x05\x12\x12\n\nstats_json\x18\n \x01(\t\"`\n\x0c\x45mbedRequest\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.modelbay.backend.v1.ModelRef\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"d\n\rEmbedResponse\x12/\n\nembeddings\x18\x01 \x03(\x0b\x32\x1b.modelbay.backend.v1.Vector\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x98\x01\n\x0fGenerateRequest\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.modelbay.backend.v1.ModelRef\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x32\n\x08messages\x18\x03 \x03(\x0b\x32 .modelbay.backend.v1.ChatMessage\x12\x13\n\x0bparams_json\x18\x04 \x01(\t\"\x86\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x05\"i\n\x14GenerateImageRequest\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.modelbay.backend.v1.ModelRef\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\",\n\rImageProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05steps\x18\x02 \x01(\x05\"A\n\x05Image\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x03\"\x85\x01\n\x15GenerateImageResponse\x12\x36\n\x08progress\x18\x01 \x01(\x0b\x32\".modelbay.backend.v1.ImageProgressH\x00\x12+\n\x05image\x18\x02 \x01(\x0b\x32\x1a.modelbay.backend.v1.ImageH\x00\x42\x07\n\x05\x65vent\";\n\x0b\x46reeRequest\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.modelbay.backend.v1.ModelRef\"\x1a\n\x0c\x46reeResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x32\x9a\x04\n\x07\x42\x61\x63kend\x12Z\n\tLoadModel\x12%.modelbay.backend.v1.LoadModelRequest\x1a&.modelbay.backend.v1.LoadModelResponse\x12Q\n\x06Status\x12\".modelbay.backend.v1.StatusRequest\x1a#.modelbay.backend.v1.StatusResponse\x12N\n\x05\x45mbed\x12!.modelbay.backend.v1.EmbedRequest\x1a\".modelbay.backend.v1.EmbedResponse\x12Y\n\x08Generate\x12$.modelbay.backend.v1.GenerateRequest\x1a%.modelbay.backend.v1.GenerateResponse0\x01\x12h\n\rGenerateImage\x12).modelbay.backend.v1.GenerateImageRequest\x1a*.modelbay.backend.v1.GenerateImageResponse0\x01\x12K\n\x04\x46ree\x12 .modelbay.backend.v1.FreeRequest\x1a!.modelbay.backend.v1.FreeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n8workers/backends/proto/modelbay/backend/v1/backend.proto\x12\x13modelbay.backend.v1\"*\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08instance\x18\x02 \x01(\t\"\x88\x01\n\x10LoadModelRequest\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.modelbay.backend.v1.ModelRef\x12\r\n\x05\x66iles\x18\x02 \x03(\t\x12\x11\n\tmodel_dir\x18\x03 \x01(\t\x12\x14\n\x0coptions_json\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"p\n\x11LoadModelResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06load_s\x18\x03 \x01(\x01\x12\x11\n\tmemory_mb\x18\x04 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0b\n\x03\x64im\x18\x06 \x01(\x05\"=\n\rStatusRequest\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.modelbay.backend.v1.ModelRef\"\x89\x02\n\x0eStatusResponse\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.modelbay.backend.v1.ModelRef\x12\r\n\x05state\x18\x02 \x01(\t\x12\x14\n\x0c\x61\x63tive_calls\x18\x03 \x01(\x05\x12\x1b\n\x13generations_started\x18\x04 \x01(\x03\x12\x1d\n\x15generations_completed\x18\x05 \x01(\x03\x12\x1d\n\x15generations_cancelled\x18\x06 \x01(\x03\x12\x18\n\x10tokens_generated\x18\x07 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0b\n\x03pid\x18\t \x01(\x05\x12\x12\n\nstats_json\x18\n \x01(\t\"`\n\x0c\x45mbedRequest\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.modelbay.backend.v1.ModelRef\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"y\n\rEmbedResponse\x12/\n\nembeddings\x18\x01 \x03(\x0b\x32\x1b.modelbay.backend.v1.Vector\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btext_tokens\x18\x04 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x98\x01\n\x0fGenerateRequest\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.modelbay.backend.v1.ModelRef\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x32\n\x08messages\x18\x03 \x03(\x0b\x32 .modelbay.backend.v1.ChatMessage\x12\x13\n\x0bparams_json\x18\x04 \x01(\t\"\x86\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x05\"i\n\x14GenerateImageRequest\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.modelbay.backend.v1.ModelRef\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\",\n\rImageProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05steps\x18\x02 \x01(\x05\"A\n\x05Image\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x03\"\x85\x01\n\x15GenerateImageResponse\x12\x36\n\x08progress\x18\x01 \x01(\x0b\x32\".modelbay.backend.v1.ImageProgressH\x00\x12+\n\x05image\x18\x02 \x01(\x0b\x32\x1a.modelbay.backend.v1.ImageH\x00\x42\x07\n\x05\x65vent\";\n\x0b\x46reeRequest\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.modelbay.backend.v1.ModelRef\"\x1a\n\x0c\x46reeResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x32\x9a\x04\n\x07\x42\x61\x63kend\x12Z\n\tLoadModel\x12%.modelbay.backend.v1.LoadModelRequest\x1a&.modelbay.backend.v1.LoadModelResponse\x12Q\n\x06Status\x12\".modelbay.backend.v1.StatusRequest\x1a#.modelbay.backend.v1.StatusResponse\x12N\n\x05\x45mbed\x12!.modelbay.backend.v1.EmbedRequest\x1a\".modelbay.backend.v1.EmbedResponse\x12Y\n\x08Generate\x12$.modelbay.backend.v1.GenerateRequest\x1a%.modelbay.backend.v1.GenerateResponse0\x01\x12h\n\rGenerateImage\x12).modelbay.backend.v1.GenerateImageRequest\x1a*.modelbay.backend.v1.GenerateImageResponse0\x01\x12K\n\x04\x46ree\x12 .modelbay.backend.v1.FreeRequest\x1a!.modelbay.backend.v1.FreeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,25 +46,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VECTOR']._serialized_start=807
   _globals['_VECTOR']._serialized_end=831
   _globals['_EMBEDRESPONSE']._serialized_start=833
-  _globals['_EMBEDRESPONSE']._serialized_end=933
-  _globals['_CHATMESSAGE']._serialized_start=935
-  _globals['_CHATMESSAGE']._serialized_end=979
-  _globals['_GENERATEREQUEST']._serialized_start=982
-  _globals['_GENERATEREQUEST']._serialized_end=1134
-  _globals['_GENERATERESPONSE']._serialized_start=1137
-  _globals['_GENERATERESPONSE']._serialized_end=1271
-  _globals['_GENERATEIMAGEREQUEST']._serialized_start=1273
-  _globals['_GENERATEIMAGEREQUEST']._serialized_end=1378
-  _globals['_IMAGEPROGRESS']._serialized_start=1380
-  _globals['_IMAGEPROGRESS']._serialized_end=1424
-  _globals['_IMAGE']._serialized_start=1426
-  _globals['_IMAGE']._serialized_end=1491
-  _globals['_GENERATEIMAGERESPONSE']._serialized_start=1494
-  _globals['_GENERATEIMAGERESPONSE']._serialized_end=1627
-  _globals['_FREEREQUEST']._serialized_start=1629
-  _globals['_FREEREQUEST']._serialized_end=1688
-  _globals['_FREERESPONSE']._serialized_start=1690
-  _globals['_FREERESPONSE']._serialized_end=1716
-  _globals['_BACKEND']._serialized_start=1719
-  _globals['_BACKEND']._serialized_end=2257
+  _globals['_EMBEDRESPONSE']._serialized_end=954
+  _globals['_CHATMESSAGE']._serialized_start=956
+  _globals['_CHATMESSAGE']._serialized_end=1000
+  _globals['_GENERATEREQUEST']._serialized_start=1003
+  _globals['_GENERATEREQUEST']._serialized_end=1155
+  _globals['_GENERATERESPONSE']._serialized_start=1158
+  _globals['_GENERATERESPONSE']._serialized_end=1292
+  _globals['_GENERATEIMAGEREQUEST']._serialized_start=1294
+  _globals['_GENERATEIMAGEREQUEST']._serialized_end=1399
+  _globals['_IMAGEPROGRESS']._serialized_start=1401
+  _globals['_IMAGEPROGRESS']._serialized_end=1445
+  _globals['_IMAGE']._serialized_start=1447
+  _globals['_IMAGE']._serialized_end=1512
+  _globals['_GENERATEIMAGERESPONSE']._serialized_start=1515
+  _globals['_GENERATEIMAGERESPONSE']._serialized_end=1648
+  _globals['_FREEREQUEST']._serialized_start=1650
+  _globals['_FREEREQUEST']._serialized_end=1709
+  _globals['_FREERESPONSE']._serialized_start=1711
+  _globals['_FREERESPONSE']._serialized_end=1737
+  _globals['_BACKEND']._serialized_start=1740
+  _globals['_BACKEND']._serialized_end=2278
 # @@protoc_insertion_point(module_scope)
