@@ -1,8 +1,8 @@
 """A job record's compare-and-set in one round trip (a Lua script), with its side effects.
 
 The record is replaced only when it is still, byte for byte, what the writer read; the
-indexes that follow a job's status (the operations set and its version, the in-flight set)
-change with it, and the new status is published on the job's channel, all atomically. A
+indexes that follow a job's status (the operations set and its version, the in-flight set,
+the model's queue counters of :mod:`tasks.modelstats`) change with it, and the new status is published on the job's channel, all atomically. A
 writer whose read is stale gets the current record back and decides again: so a terminal
 state is never overwritten, as with WATCH/MULTI, in two round trips fewer.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import redis
 
-from tasks.keys import INFLIGHT, OPS, OPS_VER, job_channel, job_key
+from tasks.keys import INFLIGHT, OPS, OPS_VER, job_channel, job_key, model_counts_key
 
 _SCRIPT = """
 local cur = redis.call('GET', KEYS[1])
@@ -33,6 +33,9 @@ end
 if ARGV[6] ~= '' then
   redis.call('PUBLISH', ARGV[8], ARGV[6])
 end
+if ARGV[9] ~= '' then
+  redis.call('HINCRBY', KEYS[5], ARGV[9], 1)
+end
 return {1}
 """
 
@@ -48,6 +51,8 @@ class Write:
     leaves_ops: bool      # a load or unload that ends: out of the operations set
     inflight: str         # "add" (starts running), "rem" (stops running) or ""
     publish: str          # the new status when it changed (sent on the job's channel), else ""
+    count: str = ""       # the model's queue counter it moves: "started", "gone" (tasks.modelstats) or ""
+    model: str = ""       # the job's model (whose counters ``count`` moves)
 
 
 class JobCas:
@@ -59,9 +64,10 @@ class JobCas:
 
     def __call__(self, w: Write) -> tuple[bool, str | None]:
         """``(True, None)`` when written; else ``(False, current JSON or None if gone)``."""
-        out = self._script(keys=[job_key(w.job_id), OPS, OPS_VER, INFLIGHT],
+        counts = model_counts_key(w.model) if w.count else OPS_VER  # an unused key when nothing moves
+        out = self._script(keys=[job_key(w.job_id), OPS, OPS_VER, INFLIGHT, counts],
                            args=[w.expected, w.new, w.ttl_s, "1" if w.leaves_ops else "0", w.inflight, w.publish,
-                                 w.job_id, job_channel(w.job_id)])
+                                 w.job_id, job_channel(w.job_id), w.count])
         if out[0] == 1:
             return True, None
         return False, out[1] if len(out) > 1 else None

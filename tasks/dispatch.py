@@ -17,6 +17,7 @@ from celery import Celery
 from tasks.errors import Conflict, ErrorCode, InvalidRequest, NotFound, Unavailable
 from tasks.backends import BACKEND_EXTRAS
 from tasks.batches import chunk_route
+from tasks.modelstats import Slot
 from tasks.publish import queue_key, task_message
 from tasks.names import TASK_INFER, TASK_LOAD, TASK_UNLOAD, model_queue, node_queue
 from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode, NodeRecord, manifest_device, model_size_mb
@@ -75,8 +76,8 @@ class Dispatcher:
         self.store = store
         self.celery = celery
 
-    def ensure_load(self, model: str, manifest: Manifest,
-                    node: str | None = None) -> tuple[JobRecord | None, bool]:
+    def ensure_load(self, model: str, manifest: Manifest, node: str | None = None,
+                    slot: Slot | None = None) -> tuple[JobRecord | None, bool]:
         """Make sure ``model`` is ready or loading (on ``node`` when pinned).
 
         Returns ``(None, False)`` when it is ready, else ``(load job, created)``: single-flight
@@ -85,7 +86,7 @@ class Dispatcher:
         _, problem = manifest_device(manifest)
         if problem is not None:
             raise InvalidRequest(problem, param="options.device", code=ErrorCode.INVALID_PARAMS)
-        nodes, states = self.store.placement_view(model)
+        nodes, states = self.store.placement_view(model, slot)  # with ``slot``: a queue place, or a 429
         if node is not None:
             target = self._pinned(nodes, node, manifest)
             states = [s for s in states if s.node == node]
@@ -121,18 +122,27 @@ class Dispatcher:
         record = JobRecord(id=new_job_id(), kind="inference", model=request.model,
                            task=request.task, input=request.input_json(), params=request.params,
                            node=request.node, pin=request.node, stream=stream)
-        return self.route(record, manifest, create=True)
+        cap = manifest.max_queued if manifest.max_queued is not None else self.store.settings.max_queued_per_model
+        slot = Slot(cap)  # its number in the model's queue; a 429 at the cap (tasks.modelstats)
+        try:
+            return self.route(record, manifest, create=True, slot=slot)
+        except Exception:
+            if slot.seq and not record.queue_seq:  # placed no job: give the place back
+                self.store.release_slot(record.model)
+            raise
 
-    def route(self, record: JobRecord, manifest: Manifest, *, create: bool = False, reroutes: int = 0) -> JobRecord:
+    def route(self, record: JobRecord, manifest: Manifest, *, create: bool = False, reroutes: int = 0,
+              slot: Slot | None = None) -> JobRecord:
         """Queue ``record`` where a holder of its model will take it, placing a load if none
         holds it. With ``create`` False the record already exists (a re-route): it must still
         be ``queued``/``loading`` and not routed by anyone else since ``record`` was read
         (its ``routed`` count), else nothing is sent and the current record is returned."""
-        load, _ = self.ensure_load(record.model, manifest, record.node)
+        load, _ = self.ensure_load(record.model, manifest, record.node, slot)
         status = "loading" if load is not None else "queued"
         load_id = load.id if load is not None else None
         if create:
             record.status, record.load_job, record.routed = status, load_id, 1
+            record.queue_seq = slot.seq if slot is not None else 0
             self.store.create_job(record)
         else:
             seen = record.routed

@@ -21,8 +21,9 @@ NOT_FOUND_ERROR = "not_found_error"
 CONFLICT_ERROR = "conflict_error"
 SERVICE_UNAVAILABLE = "service_unavailable"
 SERVER_ERROR = "server_error"
+RATE_LIMIT_ERROR = "rate_limit_error"
 OPENAI_TYPES = frozenset({INVALID_REQUEST_ERROR, AUTHENTICATION_ERROR, NOT_FOUND_ERROR, CONFLICT_ERROR,
-                          SERVICE_UNAVAILABLE, SERVER_ERROR})
+                          SERVICE_UNAVAILABLE, SERVER_ERROR, RATE_LIMIT_ERROR})
 
 
 @unique
@@ -74,6 +75,9 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", 415, INVALID_REQUEST_ERROR
     VALIDATION_ERROR = "validation_error", 422, INVALID_REQUEST_ERROR
     # 503 (with Retry-After): retrying later may work
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused", 422, INVALID_REQUEST_ERROR
+    IDEMPOTENCY_KEY_IN_USE = "idempotency_key_in_use", 409, CONFLICT_ERROR
+    QUEUE_FULL = "queue_full", 429, RATE_LIMIT_ERROR
     UNAVAILABLE = "unavailable", 503, SERVICE_UNAVAILABLE
     STORE_UNAVAILABLE = "store_unavailable", 503, SERVICE_UNAVAILABLE
     FILE_STORE_UNAVAILABLE = "file_store_unavailable", 503, SERVICE_UNAVAILABLE  # S3 unreachable or failing

@@ -37,6 +37,9 @@ Keys (all under ``mb:``):
 - ``mb:batch:<id>:done``      hash chunk index → that chunk's counts JSON, once its part is written
 - ``mb:batch:<id>:closed``    set when finalizing starts: a chunk that ends later is not counted
 - ``mb:batch:<id>:lease``     the worker that advances the batch now (expires)
+- ``mb:mq:<tok>``             a model's queue counters: enq, started, gone (:mod:`tasks.modelstats`)
+- ``mb:mstat:<tok>``          a model's throughput reports, one per node per heartbeat (zset by time)
+- ``mb:idem:<scope>:<hash>``  an Idempotency-Key: pending, then the id it created (:mod:`tasks.idempotency`)
 
 ``<tok>`` is :func:`tasks.names.model_token` of the model name. Outside ``mb:``, the store
 reads keys of kombu's Redis transport: each Celery queue is a list named after it
@@ -110,3 +113,15 @@ def file_key(file_id: str) -> str:
 def batch_key(batch_id: str, part: str = "") -> str:
     """``mb:batch:<id>``, or with ``part`` (jobs, done, closed, lease) ``mb:batch:<id>:<part>``."""
     return f"{P}batch:{batch_id}" + (f":{part}" if part else "")
+
+
+def model_counts_key(model: str) -> str:
+    return f"{P}mq:{model_token(model)}"
+
+
+def model_stats_key(model: str) -> str:
+    return f"{P}mstat:{model_token(model)}"
+
+
+def idempotency_key(scope: str, digest: str) -> str:
+    return f"{P}idem:{scope}:{digest}"

@@ -4,19 +4,34 @@ the heartbeats write and placement reads: ``mb:node:<id>``, ``mb:nodes`` and
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import redis
 
-from tasks.keys import GONE, NODES, node_key, node_models_key
+from tasks.errors import ErrorCode, ModelbayError
+from tasks.keys import GONE, NODES, model_counts_key, node_key, node_models_key
+from tasks.modelstats import ModelStats, Slot
 from tasks.schemas import ModelNode, NodeRecord
 from tasks.settings import Settings
 
 
 # Every node id's record, and one model's state on that node, in one round trip (the keys are
-# built in the script from their prefixes: modelbay runs on one Redis, never a cluster).
+# built in the script from their prefixes: modelbay runs on one Redis, never a cluster). With a
+# counters key (ARGV[4]), first a queue place for a new job: refused ({-1, queued}) at the cap
+# ARGV[5] (0: none), else the job's number and the jobs queued before it (tasks.modelstats).
 _PLACEMENT = """
 local out = {}
+if ARGV[4] ~= '' then
+  local c = redis.call('HMGET', ARGV[4], 'enq', 'started', 'gone')
+  local queued = (tonumber(c[1]) or 0) - (tonumber(c[2]) or 0) - (tonumber(c[3]) or 0)
+  if tonumber(ARGV[5]) > 0 and queued >= tonumber(ARGV[5]) then return {-1, queued} end
+  out[1] = redis.call('HINCRBY', ARGV[4], 'enq', 1)
+  out[2] = queued
+else
+  out[1] = 0
+  out[2] = 0
+end
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local node = redis.call('GET', ARGV[1] .. id)
   if node then
@@ -28,23 +43,44 @@ return out
 """
 
 
-class NodeStore:
+class QueueFull(ModelbayError):
+    """429 ``queue_full``: ``queued`` jobs wait for ``model``, its cap. ``Retry-After``: the
+    time the excess takes at the model's recent rate (5 s without one), 1 to 300 s."""
+
+    code = ErrorCode.QUEUE_FULL
+
+    def __init__(self, model: str, queued: int, stats: ModelStats) -> None:
+        rate = stats.model_throughput(model)["jobs_per_s"]
+        retry_s = min(300, max(1, math.ceil(1 / rate))) if isinstance(rate, float) and rate > 0 else 5
+        super().__init__(f"{queued} jobs already wait for model {model!r}, its limit: retry later",
+                         param="model", headers={"Retry-After": str(retry_s)})
+
+
+class NodeStore(ModelStats):
     """Node records and per-node model states (a mixin of :class:`tasks.store.Store`)."""
 
     _r: redis.Redis
     settings: Settings
     _placement: redis.commands.core.Script | None = None
 
-    def placement_view(self, model: str) -> tuple[list[NodeRecord], list[ModelNode]]:
+    def placement_view(self, model: str, slot: Slot | None = None) -> tuple[list[NodeRecord], list[ModelNode]]:
         """The live nodes that take new work (not draining), sorted by id, and ``model``'s
         state on each of them that has one: what placement reads, in one round trip. Each
-        record is the whole heartbeat, per-GPU budgets included (``NodeRecord.gpus``)."""
+        record is the whole heartbeat, per-GPU budgets included (``NodeRecord.gpus``).
+        With ``slot``, first a place in ``model``'s queue (filled into it), or a 429
+        ``queue_full`` (:class:`QueueFull`) when ``slot.cap`` jobs already wait."""
         if self._placement is None:
             self._placement = self._r.register_script(_PLACEMENT)
-        out = self._placement(keys=[NODES], args=[node_key(""), node_models_key(""), model])
+        counts = model_counts_key(model) if slot is not None else ""
+        out = self._placement(keys=[NODES], args=[node_key(""), node_models_key(""), model, counts,
+                                                   slot.cap if slot is not None else 0])
+        if slot is not None:
+            if int(out[0]) < 0:
+                raise QueueFull(model, int(out[1]), self)
+            slot.seq, slot.queued = int(out[0]), int(out[1])
         nodes: list[NodeRecord] = []
         states: list[ModelNode] = []
-        for raw_node, raw_state in zip(out[::2], out[1::2]):
+        for raw_node, raw_state in zip(out[2::2], out[3::2]):
             node = NodeRecord.model_validate_json(raw_node)
             if node.draining:
                 continue
@@ -63,6 +99,14 @@ class NodeStore:
             pipe.hdel(GONE, node.id)  # back (or never gone): see workers.node.stranded
             pipe.pexpire(node_models_key(node.id), ttl_ms * 4)
             pipe.execute()
+
+    def release_slot(self, model: str) -> None:
+        """Give back a queue place taken for a job that was then not created (its placement failed)."""
+        self._r.hincrby(model_counts_key(model), "gone", 1)
+
+    def queue_counts(self, model: str) -> dict[str, str]:
+        """``model``'s queue counters (``enq``, ``started``, ``gone``; see :mod:`tasks.modelstats`)."""
+        return self._r.hgetall(model_counts_key(model))
 
     def remove_node(self, node_id: str) -> None:
         """A graceful stop. The id and the model states stay until the reaper has marked the

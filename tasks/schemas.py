@@ -49,6 +49,9 @@ class Manifest(Strict):
     device: Literal["cpu", "cuda"] | None = None
     gpus: int = Field(default=1, ge=1, le=64)
     allow_cpu_fallback: bool = False
+    # Interactive jobs that may wait for this model at once (0: no cap); unset: the setting
+    # MODELBAY_MAX_QUEUED_PER_MODEL. Past it, submits answer 429 (batch chunks never count).
+    max_queued: int | None = Field(default=None, ge=0)
 
 
 def model_size_mb(manifest: Manifest) -> int:
@@ -216,6 +219,11 @@ class JobRecord(BaseModel):
 
 
 class ModelNode(BaseModel):
+    # chunk); while it waits, GET /v1/jobs/{id} adds ``queue_position`` (interactive jobs of the
+    # model ahead of it) and ``eta_s`` (seconds until it ends, at the model's recent rate).
+    queue_seq: int = 0
+    queue_position: int | None = None
+    eta_s: float | None = None
     """The state of one model on one node (``GET /v1/models/{name}`` → ``nodes``)."""
 
     model: str

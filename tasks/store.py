@@ -24,6 +24,7 @@ from tasks.batches import BatchStore
 from tasks.cas import JobCas, Write
 from tasks.errors import ErrorCode
 from tasks.files import FileIndex
+from tasks.modelstats import queue_count
 from tasks.keys import (CATALOG, CATALOG_CREATED, INFLIGHT, JOB_CHANNEL_PATTERN, JOBS, OPS, OPS_VER,
                         cooldown_key, crashes_key, job_key, load_flight_key, waiters_key)
 from tasks.schemas import (ACTIVE, TERMINAL, JobErrorInfo, JobProgress, JobRecord, Manifest,
@@ -116,7 +117,7 @@ class Store(NodeStore):
             written, raw = self._cas(Write(
                 job_id, raw, new_raw, self._ttl_for(new), leaves_ops=new.terminal and not inference,
                 inflight="add" if inference and running else "rem" if inference and was_running else "",
-                publish=new.status if new.status != current.status else ""))
+                count=queue_count(current, new), model=new.model))
             if written:
                 return Change(True, new, new_raw)
 

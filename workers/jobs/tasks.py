@@ -6,11 +6,13 @@ that is already terminal (cancelled while queued, or a duplicate) does nothing.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import Task, shared_task
 
 from tasks.errors import ErrorCode, JobFailed, ModelbayError
+from tasks.modelstats import RECORDER
 from tasks.names import TASK_INFER, TASK_LOAD, TASK_NOOP, TASK_UNLOAD
 from tasks.schemas import JobErrorInfo, JobRecord
 from workers import metrics
@@ -137,9 +139,11 @@ def infer(self: Task, job_id: str, reroutes: int = 0, route: int | None = None) 
                                      known=raw)
         if change.applied and change.record is not None:
             final: JobRecord | None = None
+            began = time.monotonic()
             try:
                 final = _run(rt, change.record, entry, reroutes, change.raw)
             finally:  # the final record of a success is at hand; others are read back
+                RECORDER.note(job.model, (time.monotonic() - began) * 1000)  # flushed with the heartbeat
                 metrics.job_ended(final if final is not None else rt.store.get_job(job_id))
     finally:
         rt.manager.release(entry)

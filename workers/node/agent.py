@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 
+from tasks.modelstats import RECORDER
 from tasks.schemas import GpuUsage, NodeRecord, utcnow
 from tasks.settings import Settings
 from tasks.store import Store
@@ -119,6 +120,8 @@ class NodeAgent:
         while not self._stop.wait(interval_s):
             try:
                 self.beat()
+                # the jobs/s and durations of the models' jobs since the last beat (tasks.modelstats)
+                self.store.flush_model_stats(self.settings.node_id, RECORDER.drain(), interval_s)
                 if not self.draining:
                     self.manager.expire_idle()
                     self.manager.republish()
