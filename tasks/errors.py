@@ -75,8 +75,11 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", 415, INVALID_REQUEST_ERROR
     VALIDATION_ERROR = "validation_error", 422, INVALID_REQUEST_ERROR
     # 503 (with Retry-After): retrying later may work
+    # an Idempotency-Key sent again with another body (tasks/idempotency.py)
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused", 422, INVALID_REQUEST_ERROR
+    # the first request with this Idempotency-Key is still being answered (past the wait)
     IDEMPOTENCY_KEY_IN_USE = "idempotency_key_in_use", 409, CONFLICT_ERROR
+    # 429 (with Retry-After): the model's queue is at its cap (MODELBAY_MAX_QUEUED_PER_MODEL)
     QUEUE_FULL = "queue_full", 429, RATE_LIMIT_ERROR
     UNAVAILABLE = "unavailable", 503, SERVICE_UNAVAILABLE
     STORE_UNAVAILABLE = "store_unavailable", 503, SERVICE_UNAVAILABLE

@@ -219,6 +219,7 @@ class JobRecord(BaseModel):
 
 
 class ModelNode(BaseModel):
+    # The job's number in its model's queue (tasks.modelstats; 0: not counted, e.g. a batch
     # chunk); while it waits, GET /v1/jobs/{id} adds ``queue_position`` (interactive jobs of the
     # model ahead of it) and ``eta_s`` (seconds until it ends, at the model's recent rate).
     queue_seq: int = 0

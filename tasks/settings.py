@@ -136,6 +136,7 @@ class Settings(BaseSettings):
     # Backpressure and retries (tasks/modelstats.py, tasks/idempotency.py): interactive jobs that
     # may wait per model (0: no cap; a manifest's max_queued overrides), past it a 429 with
     # Retry-After; how long an Idempotency-Key is remembered, and how long a request that finds
+    # the key's first request still creating waits for it.
     max_queued_per_model: int = Field(default=0, ge=0)
     idempotency_ttl_s: int = Field(default=86400, ge=1)
     idempotency_wait_s: float = Field(default=10.0, gt=0)

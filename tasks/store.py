@@ -117,6 +117,7 @@ class Store(NodeStore):
             written, raw = self._cas(Write(
                 job_id, raw, new_raw, self._ttl_for(new), leaves_ops=new.terminal and not inference,
                 inflight="add" if inference and running else "rem" if inference and was_running else "",
+                publish=new.status if new.status != current.status else "",
                 count=queue_count(current, new), model=new.model))
             if written:
                 return Change(True, new, new_raw)
