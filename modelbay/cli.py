@@ -89,9 +89,9 @@ def serve(stack: LocalStack, args: argparse.Namespace) -> None:
 
 def start_stack(stack: LocalStack, args: argparse.Namespace) -> Settings:
     """Valkey and NATS (unless ``MODELBAY_REDIS_URL`` / ``MODELBAY_NATS_URL`` name running
-    ones; ``--nats-cluster N``: N routed nats-servers), ``args.workers`` worker nodes (``<node id>-<n>`` when more than one, each with its own
-    metrics port and its share of the GPUs: :mod:`modelbay.gpus`), then web; the settings they
-    run with."""
+    ones; ``--nats-cluster N``: N routed nats-servers), ``args.workers`` worker nodes
+    (``<node id>-<n>`` when more than one, each with its own metrics port and its share of the
+    GPUs: :mod:`modelbay.gpus`), then web; the settings they run with."""
     if env_name("redis_url") not in os.environ:
         stack.start_valkey(args.redis_port)
     if env_name("nats_url") not in os.environ:

@@ -59,7 +59,8 @@ class Bus:
 
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (on the bus thread; it must be quick and may :meth:`publish`)
-        after every reconnect, once the subscriptions are live again."""
+        after every reconnect, once the subscriptions are live again, and after the first
+        connect when it came late (what was published before it was dropped)."""
         self._reconnected.append(callback)
 
     def publish(self, subject: str, data: bytes) -> None:
@@ -115,7 +116,8 @@ class Bus:
         while True:
             try:
                 self.nc = await nats.connect(
-                    servers=self.servers, name=f"modelbay-{self.name}", connect_timeout=2, ping_interval=5, max_outstanding_pings=2,
+                    servers=self.servers, name=f"modelbay-{self.name}", connect_timeout=2,
+                    ping_interval=5, max_outstanding_pings=2,  # a silent dead link is seen in ~10 s
                     allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=self.reconnect_wait_s,
                     pending_size=self.pending_bytes, error_cb=self._on_error,
                     disconnected_cb=self._on_disconnect, reconnected_cb=self._on_reconnect)
@@ -130,6 +132,8 @@ class Bus:
             await self._subscribe(subject, handler)
         self.connected.set()
         log.info("bus %s: connected to NATS", self.name)
+        if self._dropped:
+            self._run_callbacks()
 
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, SlowConsumerError):
@@ -146,6 +150,9 @@ class Bus:
         nc = self.nc
         log.info("bus %s: reconnected to NATS at %s", self.name,
                  _safe(str(nc.connected_url.geturl())) if nc is not None and nc.connected_url else "?")
+        self._run_callbacks()
+
+    def _run_callbacks(self) -> None:
         for callback in self._reconnected:
             try:
                 callback()

@@ -176,7 +176,8 @@ def test_killing_the_nats_servers_in_use_keeps_rows_and_ticks_on_every_replica(c
     first = poll(lambda: connected_to(nats, web_names(web_a)), 10, "the NATS server of web replica A")
     kill_and_watch(cluster, first, job["id"])
 
-    second = poll(lambda: connected_to(nats, {f"modelbay-worker-{worker.node_id}"}), 10, "the NATS server of the worker")
+    second = poll(lambda: connected_to(nats, {f"modelbay-worker-{worker.node_id}"}), 10,
+                  "the NATS server of the worker")
     kill_and_watch(cluster, second, job["id"])
     assert sum(1 for s in nats if s.proc.poll() is None) == 1  # everything now runs on the last one
 
