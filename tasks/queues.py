@@ -34,21 +34,11 @@ class QueueStore:
                 pipe.llen(queue)
             return [int(n) for n in pipe.execute()]
 
-    def oldest(self, queues: list[str]) -> list[str | None]:
-        """The oldest message waiting in each of ``queues`` (the list's tail: kombu LPUSHes and
-        BRPOPs), raw, or None when it is empty; one round trip, no scan (``/metrics``)."""
-        if not queues:
-            return []
-        with self._r.pipeline(transaction=False) as pipe:
-            for queue in queues:
-                pipe.lindex(queue, -1)
-            return list(pipe.execute())
-
     def depths_and_oldest(self, keys: list[str]) -> list[tuple[int, str | None]]:
         """(messages waiting, the oldest one raw or None) of each list in ``keys``: LLEN and
         LINDEX -1 of each, in one pipeline (one round trip, no scan; the operations page's
         ``GET /api/queues``). Not a transaction: a message taken between the two reads may
-        leave a depth of 1 next to no message."""
+        leave a depth of 1 next to no message. ``/metrics`` reads the model queues with it too."""
         if not keys:
             return []
         with self._r.pipeline(transaction=False) as pipe:

@@ -11,7 +11,7 @@ model: the age of the oldest job waiting in its queue (``modelbay_queue_oldest_a
 0 when none waits), the nodes holding it ready (``modelbay_model_holders{model}``) and the
 jobs waiting per holder (``modelbay_model_jobs_per_holder{model}``: the queue's depth over
 its holders, the whole depth when none holds it). Each scrape costs a fixed number of round
-trips (one per live node, plus three), never a scan of a queue. Also whether this
+trips whatever the queues hold (one per live node for its models, and a few), never a scan of a queue. Also whether this
 process's NATS subscriber is connected. The workers' own metrics (jobs by final status,
 queue wait and run time, loads, staging bytes, evictions, in-flight per model) are served by
 each worker on ``MODELBAY_WORKER_METRICS_PORT``.
@@ -62,12 +62,13 @@ class StateCollector:
         yield up
         models = list(store.manifests())
         queues = [node_queue(n.id) for n in nodes] + [model_queue(name) for name in models]
-        lengths = store.queues.depths(queues)
+        lists = [(n, None) for n in store.queues.depths(queues[:len(nodes)])]
+        lists += store.queues.depths_and_oldest(queues[len(nodes):])  # models: their tails too
         depth = GaugeMetricFamily("modelbay_queue_depth", "Messages waiting in a Celery queue", labels=["queue"])
-        for queue, length in zip(queues, lengths, strict=True):
+        for queue, (length, _) in zip(queues, lists, strict=True):
             depth.add_metric([queue], length)
         yield depth
-        yield from backlog(store, nodes, models, lengths[len(nodes):])
+        yield from backlog(store, nodes, models, lists[len(nodes):])
         batches = GaugeMetricFamily("modelbay_batches", "Batches not yet ended, by status (the workers count "
                                     "the ended ones: modelbay_batches_total)", labels=["status"])
         for status, count in sorted(Tally(b.status for b in store.batches.active()).items()):
@@ -78,15 +79,16 @@ class StateCollector:
                                 value=1.0 if bus is not None and bus.connected.is_set() else 0.0)
 
 
-def backlog(store: Store, nodes: list[NodeRecord], models: list[str], depths: list[int]) -> Iterator[Metric]:
-    """The autoscaling gauges of each model in ``models`` (``depths``: its queue's, in order):
-    the oldest waiting job's age in seconds, the nodes holding it ready, jobs per holder."""
+def backlog(store: Store, nodes: list[NodeRecord], models: list[str],
+            queues: list[tuple[int, str | None]]) -> Iterator[Metric]:
+    """The autoscaling gauges of each model in ``models`` (``queues``: its queue's depth and
+    oldest message, in order): the oldest waiting job's age in seconds, the nodes holding it
+    ready, jobs per holder."""
     holders: Tally[str] = Tally()
     for node in nodes:
         if not node.draining:
             holders.update(m for m, state in store.node_models(node.id).items() if state.state == "ready")
-    tails = store.queues.oldest([model_queue(name) for name in models])
-    waiting = {name: job_id for name, raw in zip(models, tails, strict=True) if (job_id := message_job(raw))}
+    waiting = {name: job_id for name, (_, raw) in zip(models, queues, strict=True) if (job_id := message_job(raw))}
     records = store.jobs(list(waiting.values()))
     now = time.time()
     age = GaugeMetricFamily("modelbay_queue_oldest_age_seconds", "Age of the oldest job waiting in a model's "
@@ -95,7 +97,7 @@ def backlog(store: Store, nodes: list[NodeRecord], models: list[str], depths: li
                              labels=["model"])
     per = GaugeMetricFamily("modelbay_model_jobs_per_holder", "Jobs waiting in a model's queue per node holding "
                             "it (the whole depth when none does)", labels=["model"])
-    for name, length in zip(models, depths, strict=True):
+    for name, (length, _) in zip(models, queues, strict=True):
         record = records.get(waiting.get(name, ""))
         age.add_metric([name], max(0.0, now - _epoch(record.created_at)) if record is not None and length else 0.0)
         held.add_metric([name], holders[name])
