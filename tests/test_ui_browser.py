@@ -4,14 +4,20 @@ with a rising value; while the backend loads, an animated indeterminate bar (no 
 is known then); the row leaves when the load completes. The page works behind the
 API key (typed into its form, kept in the browser). A screenshot is saved as a test artifact.
 
+The queues table: jobs of a model that is still loading wait in its queue, and the page shows
+its depth rising to their number and falling to zero once the model is loaded; a job is
+cancelled from the page (two clicks) and the model unloaded from its row.
+
 Skipped where chromium or the node package is missing, unless ``MODELBAY_REQUIRE_BROWSER=1``
 (CI installs both and sets it)."""
 from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,3 +94,50 @@ def test_a_staging_shows_a_rising_bar_that_leaves_when_done(keyed_web: str, arti
     assert shot.exists() and shot.stat().st_size > 1000
     status = requests.get(f"{keyed_web}/v1/jobs/{load['id']}", headers=auth, timeout=10).json()["status"]
     assert status == "succeeded"
+
+
+def _read_line(proc: subprocess.Popen, timeout_s: float) -> str:
+    """The next line the script prints, waiting at most ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            return proc.stdout.readline()
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"the browser script said nothing in {timeout_s} s: {proc.communicate()}")
+
+
+def test_queue_depth_rises_and_falls_and_a_job_is_cancelled_from_the_page(keyed_web: str, artifacts: Path) -> None:
+    auth = {"Authorization": f"Bearer {KEY}"}
+    name = unique("uiq")
+    requests.put(f"{keyed_web}/v1/models/{name}", headers=auth, timeout=10,
+                 json={"backend": "echo", "options": {"load_delay_s": 10}}).raise_for_status()
+    shot = artifacts / "operations-queues.png"
+    proc = subprocess.Popen(["node", str(BROWSER_DIR / "queue_ops.mjs"), f"{keyed_web}/", KEY, str(shot)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=BROWSER_DIR)
+    try:
+        assert json.loads(_read_line(proc, 60)) == {"ready": True}
+        jobs = []
+        for i in range(5):  # the first places the load; all wait in the model's queue while it loads
+            resp = requests.post(f"{keyed_web}/v1/jobs", headers=auth, timeout=10,
+                                 json={"model": name, "task": "generate", "input": f"queued {i}"})
+            assert resp.status_code == 202, resp.text
+            jobs.append(resp.json()["id"])
+        proc.stdin.write(json.dumps({"model": name, "depth": len(jobs), "cancel": jobs[-1]}) + "\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["rose"] and result["fell"] and max(result["depths"]) == len(jobs), result
+    assert result["depths"][-1] == 0 and max(result["spark"]) == len(jobs), result
+    assert result["cancelled"] and result["created_title"].startswith("20"), result  # ISO 8601 on hover
+    assert result["unloaded"] and any("unload" in s for s in result["statuses"]), result
+    assert shot.exists() and shot.stat().st_size > 1000
+    ended = {j: requests.get(f"{keyed_web}/v1/jobs/{j}", headers=auth, timeout=10).json()["status"] for j in jobs}
+    assert ended[jobs[-1]] == "cancelled" and all(ended[j] == "succeeded" for j in jobs[:-1]), ended
