@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import redis
 
-from tasks.keys import model_stats_key
+from tasks.keys import model_counts_key, model_stats_key
 from tasks.schemas import JobRecord
 
 HISTORY_S = 1800.0        # how long reports are kept, seconds
@@ -156,6 +156,14 @@ class ModelStats:
             out.append({"t": t, "jobs": jobs, "p50_ms": p50, "p95_ms": p95})
             t += bucket_s
         return out
+
+    def place_in_queue(self, record: JobRecord) -> None:
+        """Set ``record.queue_position`` and ``eta_s`` while it waits (a numbered job queued or
+        waiting for its load); two reads, no scan. ``eta_s`` is None without recent throughput."""
+        if not record.queue_seq or record.status not in ("queued", "loading"):
+            return
+        ahead, _ = position(record.queue_seq, self._r.hgetall(model_counts_key(record.model)))
+        record.queue_position, record.eta_s = ahead, self.eta_s(record.model, ahead)
 
     def eta_s(self, model: str, ahead: int) -> float | None:
         """Seconds until a job with ``ahead`` jobs before it ends, at the recent rate; None

@@ -11,6 +11,7 @@ import redis
 
 from tasks.errors import ErrorCode, ModelbayError
 from tasks.keys import GONE, NODES, model_counts_key, node_key, node_models_key
+from tasks.idempotency import IdempotencyKeys
 from tasks.modelstats import ModelStats, Slot
 from tasks.schemas import ModelNode, NodeRecord
 from tasks.settings import Settings
@@ -56,7 +57,7 @@ class QueueFull(ModelbayError):
                          param="model", headers={"Retry-After": str(retry_s)})
 
 
-class NodeStore(ModelStats):
+class NodeStore(ModelStats, IdempotencyKeys):
     """Node records and per-node model states (a mixin of :class:`tasks.store.Store`)."""
 
     _r: redis.Redis

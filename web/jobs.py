@@ -12,6 +12,7 @@ from web.metrics import count_submitted
 from tasks.schemas import ACTIVE, TERMINAL, JobRecord, JobRequest
 from tasks.settings import Settings, env_name
 from web.extensions import mb
+from web.idempotent import REPLAYED, once
 from web.openapi import BODY, EXAMPLE_MODEL, JOB_HEADERS, STORE, Ok, documented
 from web.schemas_http import JobList
 from web.util import check_model_name, not_found_model, parse_body, pin
@@ -70,8 +71,9 @@ def _wait_arg() -> float:
 @bp.post("")
 @documented("jobs", "Submit an inference job; with `wait`, answer once it ends (200) or the wait runs out (202)",
             Ok(202, JobRecord, "queued", headers=JOB_HEADERS, links=JOB_LINKS),
-            Ok(200, JobRecord, "ended within `wait`", headers=JOB_HEADERS, links=JOB_LINKS),
-            errors=(*BODY, 404, 409), body=JobRequest, pin=True, query={"wait": _wait_query},
+            Ok(200, JobRecord, "ended within `wait`, or an Idempotency-Key's replay",
+               headers=(*JOB_HEADERS, "Idempotent-Replayed"), links=JOB_LINKS),
+            errors=(*BODY, 404, 409, 429), idempotent=True, body=JobRequest, pin=True, query={"wait": _wait_query},
             example={"model": EXAMPLE_MODEL, "task": "generate", "input": "hello there", "params": {"max_tokens": 8}})
 def submit():
     wait_s = _wait_arg()  # checked before anything is queued
@@ -82,13 +84,14 @@ def submit():
     if manifest is None:
         raise not_found_model(req.model)
     check_task(manifest.backend, req.task, model=req.model)  # before anything is queued
-    record = mb().dispatcher.submit(req, manifest)
+    record, replayed = once(lambda: mb().dispatcher.submit(req, manifest), mb().store.get_job,
+                            lambda r: r.id)  # an Idempotency-Key's retry: the first request's job
     count_submitted("inference", req.task)
-    status = 202
+    status = 200 if replayed else 202
     if wait_s:  # submit and long-poll in one request: one HTTP round trip less per job
         record = mb().waiter.wait(record.id, wait_s) or record
-        status = 200 if record.status in TERMINAL else 202
-    headers = {"Location": f"/v1/jobs/{record.id}"}
+        status = 200 if record.status in TERMINAL or replayed else 202
+    headers = {"Location": f"/v1/jobs/{record.id}", **(REPLAYED if replayed else {})}
     if record.node:
         headers["X-Modelbay-Node"] = record.node
     return jsonify(record.public()), status, headers
@@ -103,6 +106,7 @@ def get(job_id: str):
     live = mb().live.job_progress(record)
     if live is not None:
         record.progress = live
+    mb().store.place_in_queue(record)  # queue_position and eta_s while it waits
     headers = {"X-Modelbay-Node": record.node} if record.node else {}
     return jsonify(record.public()), 200, headers
 

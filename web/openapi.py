@@ -50,7 +50,10 @@ ERRORS: dict[int, str] = {
          "backend, the job was cancelled",
     413: "the body is larger than MODELBAY_MAX_BODY_MB",
     415: "the body is not application/json",
-    422: "the JSON body does not fit the schema (`validation_error`, `param` names the field)",
+    422: "the JSON body does not fit the schema (`validation_error`, `param` names the field); an "
+         "Idempotency-Key sent before with another request (`idempotency_key_reused`)",
+    429: "the model's queue is full (`queue_full`: MODELBAY_MAX_QUEUED_PER_MODEL or the manifest's "
+         "`max_queued` interactive jobs wait); nothing was queued; see `Retry-After`",
     503: "the job store is unreachable, no live node can run the backend, a load is cooling down or "
          "still loading (`loading` tells its progress); see `Retry-After`",
 }
@@ -61,6 +64,20 @@ RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
     "X-Modelbay-Job": {"description": "the id of the inference job of this call", "schema": {"type": "string"}},
     "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}},
     "WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}},
+    "Idempotent-Replayed": {"description": "`true`: the answer of an earlier request with this "
+                            "Idempotency-Key (the same job, batch or file)", "schema": {"type": "string"}},
+    "Preference-Applied": {"description": "`respond-async`: the job was queued and not waited for (Prefer)",
+                           "schema": {"type": "string"}},
+}
+
+# Request headers a route may honour (documented(idempotent=..., prefer_async=...)).
+REQUEST_HEADERS: dict[str, dict[str, Any]] = {
+    "Idempotency-Key": {"description": "the same key with the same request (within MODELBAY_IDEMPOTENCY_TTL_S) "
+                        "answers what the first one created, with `Idempotent-Replayed: true`; with another "
+                        "request, 422 `idempotency_key_reused`. Scoped per API key", "schema": {"type": "string",
+                                                                                                "maxLength": 255}},
+    "Prefer": {"description": "`respond-async` (RFC 7240): answer 202 with the queued job, as POST /v1/jobs "
+               "does, instead of waiting for it", "schema": {"type": "string"}},
 }
 
 LINKS: dict[str, dict[str, Any]] = {
@@ -118,6 +135,8 @@ class Op:
     query: Mapping[str, QueryParam] = field(default_factory=dict)
     pin: bool = False          # honours the X-Modelbay-Node header
     open: bool = False         # needs no API key
+    idempotent: bool = False   # honours Idempotency-Key
+    prefer_async: bool = False  # honours Prefer: respond-async
 
 
 class Undocumented(RuntimeError):
@@ -127,12 +146,13 @@ class Undocumented(RuntimeError):
 def documented(tag: str, summary: str, *ok: Ok, errors: Iterable[int] = (), body: type[BaseModel] | None = None,
                body_required: bool = True, example: dict[str, Any] | None = None,
                query: Mapping[str, QueryParam] | None = None, pin: bool = False,
-               open: bool = False) -> Callable[[View], View]:
+               open: bool = False, idempotent: bool = False, prefer_async: bool = False) -> Callable[[View], View]:
     """Declare a view's OpenAPI operation: its ``tag`` (one of :data:`TAGS`), ``summary``, success
     answers ``ok`` and the error statuses it answers (401 is added unless the route is ``open``,
     needing no key). A name that is not in this module's vocabulary fails here, at import."""
     codes = set(errors) if open else {*errors, 401}
-    op = Op(tag, summary, ok, tuple(sorted(codes)), body, body_required, example, dict(query or {}), pin, open)
+    op = Op(tag, summary, ok, tuple(sorted(codes)), body, body_required, example, dict(query or {}), pin, open,
+            idempotent, prefer_async)
     _check(op)
 
     def mark(view: View) -> View:
@@ -210,6 +230,9 @@ def _parameters(op: Op, params: list[str], settings: Settings) -> list[dict[str,
         parameters.append({"name": "X-Modelbay-Node", "in": "header", "required": False,
                            "description": "run on this node (a pin); the body's `node` is the other way",
                            "schema": {"type": "string", "pattern": NODE_PATTERN}})
+    for name, on in (("Idempotency-Key", op.idempotent), ("Prefer", op.prefer_async)):
+        if on:
+            parameters.append({"name": name, "in": "header", "required": False, **REQUEST_HEADERS[name]})
     return parameters
 
 
@@ -230,7 +253,7 @@ def _responses(op: Op, refs: dict[Any, Any]) -> dict[str, Any]:
     for status in op.errors:
         model = UnavailableResponse if status == 503 else ErrorResponse
         entry = {"description": ERRORS[status], "content": _json(refs[(model, "serialization")])}
-        header = {401: "WWW-Authenticate", 503: "Retry-After"}.get(status)
+        header = {401: "WWW-Authenticate", 429: "Retry-After", 503: "Retry-After"}.get(status)
         if header:
             entry["headers"] = {header: RESPONSE_HEADERS[header]}
         responses[str(status)] = entry

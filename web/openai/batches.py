@@ -23,6 +23,7 @@ from tasks.files import content_key
 from tasks.filestore import FileStore, open_filestore
 from tasks.names import TASK_BATCH_ADVANCE, node_queue
 from web.extensions import mb
+from web.idempotent import REPLAYED, once
 from web.openai.protocol import BatchCreateRequest, parse
 from web.openapi import PATH_PARAMETERS, Ok, documented
 
@@ -46,8 +47,8 @@ class BatchList(BaseModel):
 
 
 @bp.post("/batches")
-@documented("openai", "Create a batch (OpenAI-compatible)", Ok(200, Batch, "the batch, `validating`"),
-            errors=(400, 404, 413, 415, 503), body=BatchCreateRequest,
+@documented("openai", "Create a batch (OpenAI-compatible)", Ok(200, Batch, "the batch, `validating`", headers=("Idempotent-Replayed",)),
+            errors=(400, 404, 409, 413, 415, 422, 503), idempotent=True, body=BatchCreateRequest,
             example={"input_file_id": "file-" + "0" * 32, "endpoint": "/v1/embeddings", "completion_window": "24h"})
 def create():
     req = parse(BatchCreateRequest)
@@ -68,9 +69,8 @@ def create():
                          completion_window=req.completion_window, created_at=int(now),
                          expires_at=int(now + window_s), expires_at_s=now + window_s, metadata=req.metadata,
                          request_counts=RequestCounts(total=lines))
-    mb().store.batches.create(record)
-    _kick(record.id)
-    return jsonify(record.public()), 200
+    record, replayed = once(lambda: _start(record), mb().store.batches.get, lambda r: r.id)  # Idempotency-Key
+    return jsonify(record.public()), 200, REPLAYED if replayed else {}
 
 
 @bp.get("/batches/<batch_id>")
@@ -112,6 +112,12 @@ def cancel(batch_id: str):
         raise Conflict(f"batch {batch_id} is {after.status}; it cannot be cancelled", code=ErrorCode.CONFLICT)
     _kick(batch_id)
     return jsonify(_public(after)), 200
+
+
+def _start(record: BatchRecord) -> BatchRecord:
+    mb().store.batches.create(record)
+    _kick(record.id)
+    return record
 
 
 def _get(batch_id: str) -> BatchRecord:

@@ -13,6 +13,7 @@ after, and the bytes are dropped. Contents stream back from the store.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from urllib.parse import quote
@@ -30,6 +31,7 @@ from tasks.filestore import FileStore, open_filestore, too_large
 from tasks.files import UPLOAD_PURPOSES, FileIndex, FileObject, content_key, delete_file, new_file_id
 from web.errors import drain_body, respond
 from web.extensions import mb
+from web.idempotent import REPLAYED, claim, once
 from web.openapi import PATH_PARAMETERS, Ok, documented
 
 bp = Blueprint("files", __name__, url_prefix="/v1")
@@ -76,7 +78,8 @@ def index() -> FileIndex:
 
 @bp.post("/files")
 @documented("openai", "Upload a file (OpenAI-compatible; multipart/form-data with `file` and `purpose=batch`)",
-            Ok(200, FileObject, "the file"), errors=(400, 413, 415, 503))
+            Ok(200, FileObject, "the file", headers=("Idempotent-Replayed",)), errors=(400, 409, 413, 415, 422, 503),
+            idempotent=True)
 def upload():
     limit = mb().settings.max_file_bytes
     boundary = _boundary()
@@ -84,14 +87,21 @@ def upload():
     file_id = new_file_id()
     key = content_key(file_id)
     fs = filestore()
+    digest = hashlib.sha256()  # of the file's bytes as they are stored: an Idempotency-Key's request hash
     try:
-        fields, saved = _read_form(request.stream, boundary, lambda chunks: fs.put_stream(key, chunks, limit))
+        fields, saved = _read_form(request.stream, boundary,
+                                   lambda chunks: fs.put_stream(key, _hashing(chunks, digest), limit))
         purpose = _purpose(fields.get("purpose"))
         if saved is None:
             raise InvalidRequest("the form has no file part named `file`", param="file")
         obj = FileObject(id=file_id, bytes=saved[1], created_at=int(time.time()), filename=saved[0],
                          purpose=purpose)
-        index().put(obj)
+        # With an Idempotency-Key: keyed on the filename, purpose, size and bytes' hash (known only
+        # once stored, so a retry stores its copy, then drops it and answers the first file).
+        obj, replayed = once(lambda: _indexed(obj), index().get, lambda f: f.id, take=lambda: claim(
+            obj.filename.encode(), obj.purpose.encode(), str(obj.bytes).encode(), digest.digest()))
+        if replayed:
+            fs.delete(key)
     except (FileTooLarge, RequestEntityTooLarge):
         fs.delete(key)
         return _too_large(limit)
@@ -100,7 +110,18 @@ def upload():
         if isinstance(exc, ModelbayError):
             drain_body(limit + FORM_SLACK_BYTES)  # so that the client reads the answer
         raise
-    return jsonify(obj.model_dump()), 200
+    return jsonify(obj.model_dump()), 200, REPLAYED if replayed else {}
+
+
+def _indexed(obj: FileObject) -> FileObject:
+    index().put(obj)
+    return obj
+
+
+def _hashing(chunks: Iterable[bytes], digest: hashlib._Hash) -> Iterator[bytes]:
+    for chunk in chunks:
+        digest.update(chunk)
+        yield chunk
 
 
 @bp.get("/files")

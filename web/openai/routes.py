@@ -17,20 +17,24 @@ from flask import Blueprint, Response, jsonify, stream_with_context
 from tasks.openai_bodies import completion_body, embeddings_body, usage_of
 from web.openai.protocol import (ChatCompletionRequest, CompletionRequest, EmbeddingsRequest, ImageRequest,
                                  Sampling, parse)
-from web.openai.serving import Call, ClientGone, job_error
+from web.openai.serving import Call, ClientGone, RespondAsync, job_error
 from web.openapi import EXAMPLE_MODEL, Ok, documented
+from tasks.schemas import JobRecord
 from web.schemas_http import ChatCompletion, Completion, EmbeddingList, Images
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
-CALL_ERRORS = (400, 404, 409, 413, 415, 503)  # documented() adds 401
-CALL_HEADERS = ("X-Modelbay-Job", "X-Modelbay-Node")
+CALL_ERRORS = (400, 404, 409, 413, 415, 422, 429, 503)  # documented() adds 401
+CALL_HEADERS = ("X-Modelbay-Job", "X-Modelbay-Node", "Idempotent-Replayed")
+# Prefer: respond-async (RFC 7240): the job, queued, as POST /v1/jobs answers it
+QUEUED = Ok(202, JobRecord, "queued (`Prefer: respond-async`); poll `Location`",
+            headers=("Location", "X-Modelbay-Job", "Preference-Applied"))
 STREAMED = "the completion; with `stream` server-sent chunks ending with `data: [DONE]`"
 
 
 @bp.post("/embeddings")
-@documented("openai", "Embeddings (OpenAI-compatible)", Ok(200, EmbeddingList, "the vectors", headers=CALL_HEADERS),
-            errors=CALL_ERRORS, body=EmbeddingsRequest, pin=True,
+@documented("openai", "Embeddings (OpenAI-compatible)", Ok(200, EmbeddingList, "the vectors", headers=CALL_HEADERS), QUEUED,
+            errors=CALL_ERRORS, idempotent=True, prefer_async=True, body=EmbeddingsRequest, pin=True,
             example={"model": EXAMPLE_MODEL, "input": ["hello", "world"]})
 def embeddings():
     req = parse(EmbeddingsRequest)
@@ -42,7 +46,8 @@ def embeddings():
 
 @bp.post("/completions")
 @documented("openai", "Text completion (OpenAI-compatible)",
-            Ok(200, Completion, STREAMED, stream=True, headers=CALL_HEADERS), errors=CALL_ERRORS,
+            Ok(200, Completion, STREAMED, stream=True, headers=CALL_HEADERS), QUEUED, errors=CALL_ERRORS,
+            idempotent=True, prefer_async=True,
             body=CompletionRequest, pin=True,
             example={"model": EXAMPLE_MODEL, "prompt": "one two three", "max_tokens": 2})
 def completions():
@@ -53,7 +58,8 @@ def completions():
 
 @bp.post("/chat/completions")
 @documented("openai", "Chat completion (OpenAI-compatible)",
-            Ok(200, ChatCompletion, STREAMED, stream=True, headers=CALL_HEADERS), errors=CALL_ERRORS,
+            Ok(200, ChatCompletion, STREAMED, stream=True, headers=CALL_HEADERS), QUEUED, errors=CALL_ERRORS,
+            idempotent=True, prefer_async=True,
             body=ChatCompletionRequest, pin=True,
             example={"model": EXAMPLE_MODEL, "messages": [{"role": "user", "content": "hello there"}]})
 def chat_completions():
@@ -65,7 +71,8 @@ def chat_completions():
 
 @bp.post("/images/generations")
 @documented("openai", "Image generation (OpenAI-compatible, `b64_json`)",
-            Ok(200, Images, "the image", headers=CALL_HEADERS), errors=CALL_ERRORS, body=ImageRequest, pin=True,
+            Ok(200, Images, "the image", headers=CALL_HEADERS), QUEUED, errors=CALL_ERRORS,
+            idempotent=True, prefer_async=True, body=ImageRequest, pin=True,
             example={"model": "tiny-sd", "prompt": "a lighthouse at dusk", "size": "256x256"})
 def images():
     req = parse(ImageRequest)
@@ -74,6 +81,11 @@ def images():
     call.wait()
     image = call.result().get("image") or {}
     return jsonify({"created": int(time.time()), "data": [{"b64_json": image.get("b64_png")}]}), 200, call.headers
+
+
+@bp.errorhandler(RespondAsync)
+def _respond_async(accepted: RespondAsync):
+    return jsonify(accepted.record.public()), accepted.status, accepted.headers
 
 
 @bp.errorhandler(ClientGone)

@@ -23,6 +23,7 @@ from web.limits import check_limits
 from tasks.schemas import TERMINAL, JobRecord, JobRequest
 from web.disconnect import client_gone
 from web.extensions import mb
+from web.idempotent import HEADER as IDEMPOTENCY_HEADER, REPLAYED, once
 from web.metrics import count_submitted
 from web.schemas_http import LoadingInfo
 from web.util import check_model_name, describe, not_found_model, pin
@@ -54,19 +55,26 @@ class Call:
             message, param = describe(exc)
             raise InvalidRequest(message, param=param) from None
         self.started = time.monotonic()
-        self.record = mb().dispatcher.submit(req, manifest, stream=stream)
+        # With an Idempotency-Key, a retry attaches to the first call's job (running or ended),
+        # and the job is never cancelled by a client that goes: its retry will read the result.
+        self.keyed = request.headers.get(IDEMPOTENCY_HEADER) is not None
+        self.record, self.replayed = once(lambda: mb().dispatcher.submit(req, manifest, stream=stream),
+                                          mb().store.get_job, lambda r: r.id)
         count_submitted("inference", task)
         self.environ = request.environ
+        if prefers_async():
+            raise RespondAsync(self)
 
     @property
     def headers(self) -> dict[str, str]:
-        out = {"X-Modelbay-Job": self.record.id}
+        out = {"X-Modelbay-Job": self.record.id, **(REPLAYED if self.replayed else {})}
         if self.record.node:
             out["X-Modelbay-Node"] = self.record.node
         return out
 
     def cancel(self) -> None:
-        mb().store.cancel(self.record.id, "the client disconnected")
+        if not self.keyed:  # a keyed call's job goes on for its retry
+            mb().store.cancel(self.record.id, "the client disconnected")
 
     def gone(self) -> bool:
         return client_gone(self.environ)
@@ -130,6 +138,22 @@ class Call:
         finally:
             if not done:
                 self.cancel()
+
+
+class RespondAsync(Exception):
+    """``Prefer: respond-async``: the call's job is queued; the route answers 202 with it."""
+
+    def __init__(self, call: Call) -> None:
+        super().__init__(call.record.id)
+        self.record = call.record
+        self.headers = {**call.headers, "Location": f"/v1/jobs/{call.record.id}", "Preference-Applied": "respond-async"}
+        self.status = 200 if call.replayed else 202
+
+
+def prefers_async() -> bool:
+    """Whether the request's ``Prefer`` header (RFC 7240) asks for ``respond-async``."""
+    prefs = ",".join(request.headers.getlist("Prefer")).split(",")
+    return any(p.split(";")[0].strip().lower() == "respond-async" for p in prefs)
 
 
 def job_error(record: JobRecord) -> ModelbayError:
