@@ -27,7 +27,8 @@ from typing import Any, Literal
 import redis
 from pydantic import BaseModel, Field
 
-from tasks.keys import BATCHES, BATCHES_ACTIVE, batch_key
+from tasks.keys import BATCHES, BATCHES_ACTIVE, WEBHOOKS_DUE, batch_key
+from tasks.schemas import WebhookState
 
 BatchStatus = Literal["validating", "in_progress", "finalizing", "completed", "failed", "expired",
                       "cancelling", "cancelled"]
@@ -163,9 +164,14 @@ class BatchRecord(Batch):
     chunk_models: list[int] = Field(default_factory=list)    # each chunk's model (an index into models)
     ending: Literal["", "cancelled", "expired"] = ""  # why finalizing started early
     expires_at_s: float = 0.0  # the deadline with sub-second precision (tests shorten the window)
+    callback_url: str | None = None       # where its end event goes (tasks/webhooks.py)
+    webhook: WebhookState | None = None   # that event's delivery, when anyone is to hear of it
 
     def public(self) -> dict[str, Any]:
-        return Batch.model_validate(self.model_dump(include=set(Batch.model_fields))).model_dump(mode="json")
+        out = Batch.model_validate(self.model_dump(include=set(Batch.model_fields))).model_dump(mode="json")
+        if self.webhook is not None:
+            out["webhook"] = self.webhook.model_dump(mode="json", exclude={"done"})
+        return out
 
 
 class ChunkDone(BaseModel):
@@ -249,6 +255,8 @@ class BatchStore:
                     pipe.set(key, new.model_dump_json(), ex=self.ttl_s if new.status in FINAL else None)
                     if new.status in FINAL:
                         pipe.srem(BATCHES_ACTIVE, batch_id)
+                        if new.webhook is not None and new.webhook.status == "pending":  # its end event is due
+                            pipe.zadd(WEBHOOKS_DUE, {f"batch:{batch_id}": time.time()})
                         for part in ("jobs", "done", "closed", "lease"):
                             pipe.expire(batch_key(batch_id, part), 3600)
                     pipe.execute()

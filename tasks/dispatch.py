@@ -22,6 +22,7 @@ from tasks.publish import queue_key, task_message
 from tasks.names import TASK_INFER, TASK_LOAD, TASK_UNLOAD, model_queue, node_queue
 from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode, NodeRecord, manifest_device, model_size_mb
 from tasks.store import Store, new_job_id
+from tasks.webhooks import pending
 
 
 def choose_node(nodes: list[NodeRecord], manifest: Manifest) -> NodeRecord:
@@ -121,7 +122,8 @@ class Dispatcher:
         token stream as they are generated."""
         record = JobRecord(id=new_job_id(), kind="inference", model=request.model,
                            task=request.task, input=request.input_json(), params=request.params,
-                           node=request.node, pin=request.node, stream=stream)
+                           node=request.node, pin=request.node, stream=stream,
+                           callback_url=request.callback_url, webhook=pending(request.callback_url, self.store.settings))
         cap = manifest.max_queued if manifest.max_queued is not None else self.store.settings.max_queued_per_model
         slot = Slot(cap)  # its number in the model's queue; a 429 at the cap (tasks.modelstats)
         try:

@@ -52,6 +52,7 @@ class ErrorCode(StrEnum):
     INVALID_REQUEST = "invalid_request", 400, INVALID_REQUEST_ERROR
     INVALID_MODEL_NAME = "invalid_model_name", 400, INVALID_REQUEST_ERROR
     INVALID_SOURCE = "invalid_source", 400, INVALID_REQUEST_ERROR
+    INVALID_CALLBACK_URL = "invalid_callback_url", 400, INVALID_REQUEST_ERROR  # a refused webhook target
     LIMIT_EXCEEDED = "limit_exceeded", 400, INVALID_REQUEST_ERROR
     UNKNOWN_BACKEND = "unknown_backend", 400, INVALID_REQUEST_ERROR
     UNKNOWN_OPTION = "unknown_option", 400, INVALID_REQUEST_ERROR

@@ -40,6 +40,8 @@ Keys (all under ``mb:``):
 - ``mb:mq:<tok>``             a model's queue counters: enq, started, gone (:mod:`tasks.modelstats`)
 - ``mb:mstat:<tok>``          a model's throughput reports, one per node per heartbeat (zset by time)
 - ``mb:idem:<scope>:<hash>``  an Idempotency-Key: pending, then the id it created (:mod:`tasks.idempotency`)
+- ``mb:webhooks``              sorted set ``job:<id>`` / ``batch:<id>`` → epoch seconds when its end event
+                              is next looked at (the webhook outbox, :mod:`tasks.webhooks`)
 
 ``<tok>`` is :func:`tasks.names.model_token` of the model name. Outside ``mb:``, the store
 reads keys of kombu's Redis transport: each Celery queue is a list named after it
@@ -67,6 +69,7 @@ GONE = f"{P}gone"
 FILES = f"{P}files"
 BATCHES = f"{P}batches"
 BATCHES_ACTIVE = f"{P}batches:active"
+WEBHOOKS_DUE = f"{P}webhooks"
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's Redis transport (its defaults)
 
 

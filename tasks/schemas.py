@@ -120,6 +120,8 @@ class JobRequest(Strict):
     input: str | list[str] | list[ChatMessage]
     params: dict[str, Any] = Field(default_factory=dict)
     node: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # Where the job's end event is posted (tasks/webhooks.py), besides MODELBAY_WEBHOOK_URLS.
+    callback_url: str | None = Field(default=None, min_length=1, max_length=2048)
 
     @field_validator("input", mode="before")
     @classmethod
@@ -173,6 +175,22 @@ class JobErrorInfo(BaseModel):
     message: str
 
 
+WebhookStatus = Literal["pending", "delivered", "failed"]
+
+
+class WebhookState(BaseModel):
+    """Where a job's (or batch's) end event stands (:mod:`tasks.webhooks`): ``pending`` until
+    every target took it (``delivered``) or one refused it or retries ran out (``failed``,
+    ``last_error`` says why). ``attempts``: delivery rounds so far (a round posts to every
+    target not yet done); ``done``: indexes of the targets done (``callback_url`` first, then
+    ``MODELBAY_WEBHOOK_URLS`` in order)."""
+
+    status: WebhookStatus = "pending"
+    attempts: int = 0
+    last_error: str | None = None
+    done: list[int] = Field(default_factory=list)
+
+
 class JobRecord(BaseModel):
     """The job as stored in Redis (``job:<id>``) and returned by ``GET /v1/jobs/{id}``.
 
@@ -201,6 +219,8 @@ class JobRecord(BaseModel):
     # How many times the job was sent to a queue. Each message carries the number it was sent
     # with; a message with an older number (the job was routed again since) does nothing.
     routed: int = 0
+    callback_url: str | None = None  # the client's webhook target (tasks/webhooks.py)
+    webhook: WebhookState | None = None  # set when the job's end is to be posted somewhere
     created_at: str = Field(default_factory=utcnow)
     started_at: str | None = None
     finished_at: str | None = None
@@ -215,6 +235,8 @@ class JobRecord(BaseModel):
         if self.kind != "inference":
             data.pop("input", None)
             data.pop("params", None)
+        if data.get("webhook"):
+            data["webhook"].pop("done", None)  # the deliverer's own bookkeeping
         return data
 
 

@@ -198,6 +198,25 @@ class Settings(BaseSettings):
     # A log line per HTTP request (gunicorn's access log) and per task (Celery's "received" and
     # "succeeded"): each costs about a tenth of a small job's CPU in its process.
     log_requests: bool = False
+    # Webhooks (tasks/webhooks.py, README "Webhooks"): every job's and batch's end event goes to
+    # these URLs (comma-separated) and to the request's callback_url, signed with the secret
+    # (whsec_<base64>; empty: unsigned) per Standard Webhooks. A failed post is retried with
+    # backoff (base doubling to max, jittered) until retry_s after the end; each post waits
+    # timeout_s. Each worker runs ``webhook_deliverers`` delivery threads (0: none), which look
+    # for due events every poll_s, and look again at a job still running every recheck_s.
+    webhook_urls: str = ""
+    webhook_secret: str = ""
+    webhook_retry_s: float = Field(default=3600.0, gt=0)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_backoff_base_s: float = Field(default=1.0, gt=0)
+    webhook_backoff_max_s: float = Field(default=300.0, gt=0)
+    webhook_poll_s: float = Field(default=0.5, gt=0)
+    webhook_recheck_s: float = Field(default=30.0, gt=0)
+    webhook_deliverers: int = Field(default=1, ge=0)
+    # Callback URLs on loopback, private or link-local addresses are refused unless this is on.
+    allow_private_webhooks: EnvBool = False
+    # Tests only: a worker waits this long between a job's end and scheduling its event.
+    webhook_test_hold_s: float = Field(default=0.0, ge=0)
 
     @classmethod
     def settings_customise_sources(
@@ -221,6 +240,11 @@ class Settings(BaseSettings):
         if raw.startswith("@"):
             raw = Path(raw[1:]).read_text().replace("\n", ",")
         return [k.strip() for k in raw.split(",") if k.strip()]
+
+    @property
+    def webhook_url_list(self) -> list[str]:
+        """The operator's webhook URLs (MODELBAY_WEBHOOK_URLS, comma-separated)."""
+        return [u.strip() for u in self.webhook_urls.split(",") if u.strip()]
 
     @property
     def file_root_list(self) -> list[Path]:

@@ -11,6 +11,7 @@ from web.limits import check_limits
 from web.metrics import count_submitted
 from tasks.schemas import ACTIVE, TERMINAL, JobRecord, JobRequest
 from tasks.settings import Settings, env_name
+from tasks.webhooks import check_callback_url, job_ended, watch_job
 from web.extensions import mb
 from web.idempotent import REPLAYED, once
 from web.openapi import BODY, EXAMPLE_MODEL, JOB_HEADERS, STORE, Ok, documented
@@ -84,8 +85,10 @@ def submit():
     if manifest is None:
         raise not_found_model(req.model)
     check_task(manifest.backend, req.task, model=req.model)  # before anything is queued
+    check_callback_url(req.callback_url, mb().settings)
     record, replayed = once(lambda: mb().dispatcher.submit(req, manifest), mb().store.get_job,
                             lambda r: r.id)  # an Idempotency-Key's retry: the first request's job
+    watch_job(mb().store, record, mb().settings)  # a webhook's outbox entry (none: no round trip)
     count_submitted("inference", req.task)
     status = 200 if replayed else 202
     if wait_s:  # submit and long-poll in one request: one HTTP round trip less per job
@@ -122,6 +125,7 @@ def cancel(job_id: str):
     if not change.applied:
         status = change.record.status if change.record else "gone"
         raise Conflict(f"job {job_id} is already {status}", code=ErrorCode.JOB_FINISHED)
+    job_ended(mb().store, change.record)  # its webhook is due (a worker posts it)
     return jsonify(change.record.public()), 202
 
 

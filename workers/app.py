@@ -15,6 +15,7 @@ from tasks.celery_app import make_celery
 from tasks.settings import Settings, load_settings
 from workers.node.agent import gpus
 from workers.runtime import NodeStep
+from workers.webhooks import WebhookStep
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -26,6 +27,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     app.conf.include = ["workers.jobs.tasks", "workers.jobs.batch"]
     app.conf.task_routes = (chunk_route,)  # batch chunks behind every other job (tasks/batches.py)
     app.steps["worker"].add(NodeStep)
+    app.steps["worker"].add(WebhookStep)  # posts the webhooks of ended jobs and batches (tasks/webhooks.py)
     return app
 
 

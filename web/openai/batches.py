@@ -22,6 +22,7 @@ from tasks.errors import Conflict, ErrorCode, InvalidRequest, NotFound
 from tasks.files import content_key
 from tasks.filestore import FileStore, open_filestore
 from tasks.names import TASK_BATCH_ADVANCE, node_queue
+from tasks.webhooks import check_callback_url, pending
 from web.extensions import mb
 from web.idempotent import REPLAYED, once
 from web.openai.protocol import BatchCreateRequest, parse
@@ -63,14 +64,26 @@ def create():
     if lines > settings.batch_max_lines:
         raise InvalidRequest(f"the input file has {lines} lines; a batch takes at most {settings.batch_max_lines} "
                              "(MODELBAY_BATCH_MAX_LINES)", param="input_file_id", code=ErrorCode.LIMIT_EXCEEDED)
+    callback_url = _callback_url()
     now = time.time()
     window_s = settings.batch_completion_window_s
     record = BatchRecord(id=new_batch_id(), endpoint=req.endpoint, input_file_id=file.id,
                          completion_window=req.completion_window, created_at=int(now),
                          expires_at=int(now + window_s), expires_at_s=now + window_s, metadata=req.metadata,
-                         request_counts=RequestCounts(total=lines))
+                         request_counts=RequestCounts(total=lines),
+                         callback_url=callback_url, webhook=pending(callback_url, settings))
     record, replayed = once(lambda: _start(record), mb().store.batches.get, lambda r: r.id)  # Idempotency-Key
     return jsonify(record.public()), 200, REPLAYED if replayed else {}
+
+
+def _callback_url() -> str | None:
+    """The body's ``callback_url`` (the SDK's ``extra_body``), checked (tasks/webhooks.py)."""
+    value = (request.get_json(silent=True) or {}).get("callback_url")
+    if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 2048):
+        raise InvalidRequest("callback_url must be a URL of at most 2048 characters", param="callback_url",
+                             code=ErrorCode.INVALID_CALLBACK_URL)
+    check_callback_url(value, mb().settings)
+    return value
 
 
 @bp.get("/batches/<batch_id>")

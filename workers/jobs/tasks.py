@@ -15,6 +15,7 @@ from tasks.errors import ErrorCode, JobFailed, ModelbayError
 from tasks.modelstats import RECORDER
 from tasks.names import TASK_INFER, TASK_LOAD, TASK_NOOP, TASK_UNLOAD
 from tasks.schemas import JobErrorInfo, JobRecord
+from tasks.webhooks import job_ended
 from workers import metrics
 from workers.jobs.inference import RUNNERS, Delivery
 from workers.progress.debounce import job_progress_sink
@@ -87,7 +88,16 @@ def load(self: Task, job_id: str) -> None:
 
 def _fail_waiters(rt: Runtime, load_job: JobRecord, exc: LoadFailed) -> None:
     for waiter in rt.store.pop_waiters(load_job.id):
-        rt.store.fail(waiter, exc.code, f"model load failed: {exc.message}")
+        _announce(rt, rt.store.fail(waiter, exc.code, f"model load failed: {exc.message}").record)
+
+
+def _announce(rt: Runtime, record: JobRecord | None) -> None:
+    """A job ended here: its webhook (if any) is due now. No round trip without one."""
+    if record is None or record.webhook is None or not record.terminal:
+        return
+    if rt.settings.webhook_test_hold_s:  # tests: a window in which to kill this worker
+        time.sleep(rt.settings.webhook_test_hold_s)
+    job_ended(rt.store, record)
 
 
 @shared_task(name=TASK_UNLOAD, bind=True)
@@ -130,7 +140,7 @@ def infer(self: Task, job_id: str, reroutes: int = 0, route: int | None = None) 
         _reroute(rt, job, reroutes)
         return
     except LoadFailed as exc:
-        rt.store.fail(job_id, exc.code, f"model load failed: {exc.message}")
+        _announce(rt, rt.store.fail(job_id, exc.code, f"model load failed: {exc.message}").record)
         return
     try:
         change = rt.store.transition(job_id, "running", allowed_from=("queued", "loading"),
@@ -144,7 +154,9 @@ def infer(self: Task, job_id: str, reroutes: int = 0, route: int | None = None) 
                 final = _run(rt, change.record, entry, reroutes, change.raw)
             finally:  # the final record of a success is at hand; others are read back
                 RECORDER.note(job.model, (time.monotonic() - began) * 1000)  # flushed with the heartbeat
-                metrics.job_ended(final if final is not None else rt.store.get_job(job_id))
+                final = final if final is not None else rt.store.get_job(job_id)
+                metrics.job_ended(final)
+                _announce(rt, final)
     finally:
         rt.manager.release(entry)
 
@@ -157,14 +169,14 @@ def _reroute(rt: Runtime, job: JobRecord, reroutes: int) -> None:
     manifest = rt.store.get_manifest(job.model)
     if manifest is None or reroutes >= MAX_REROUTES:
         reason = "not in the catalog" if manifest is None else "not available after several tries"
-        rt.store.fail(job.id, ErrorCode.MODEL_UNAVAILABLE, f"model {job.model!r} is {reason}")
+        _announce(rt, rt.store.fail(job.id, ErrorCode.MODEL_UNAVAILABLE, f"model {job.model!r} is {reason}").record)
         return
     try:
         rt.dispatcher.route(job, manifest, reroutes=reroutes + 1)
     except ModelbayError as exc:  # no node, a cooldown, the pinned node gone...
-        rt.store.fail(job.id, exc.code, str(exc))
+        _announce(rt, rt.store.fail(job.id, exc.code, str(exc)).record)
     except Exception as exc:
-        rt.store.fail(job.id, ErrorCode.MODEL_UNAVAILABLE, str(exc))
+        _announce(rt, rt.store.fail(job.id, ErrorCode.MODEL_UNAVAILABLE, str(exc)).record)
 
 
 def _run(rt: Runtime, job: JobRecord, entry: Entry, reroutes: int, raw: str | None) -> JobRecord | None:
