@@ -71,13 +71,23 @@ def test_a_staging_shows_a_rising_bar_that_leaves_when_done(keyed_web: str, arti
             "backend": "echo", "options": {"load_delay_s": 2},
             "files": [{"uri": server.url("/ui/weights.bin"), "sha256": sha(data)}]},
         ).raise_for_status()
-        load = requests.post(f"{keyed_web}/v1/models/{name}/load", headers={**auth, "X-Modelbay-Node": NODE},
-                             timeout=10).json()
         shot = artifacts / "operations-page.png"
-        out = subprocess.run(["node", str(BROWSER_DIR / "watch_ops.mjs"), f"{keyed_web}/", KEY, load["id"], str(shot)],
-                             capture_output=True, text=True, timeout=150, cwd=BROWSER_DIR, check=False)
+        proc = subprocess.Popen(["node", str(BROWSER_DIR / "watch_ops.mjs"), f"{keyed_web}/", KEY, "-", str(shot)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=BROWSER_DIR)
+        try:
+            assert json.loads(_read_line(proc, 60)) == {"ready": True}  # the page is up before the load starts
+            load = requests.post(f"{keyed_web}/v1/models/{name}/load", headers={**auth, "X-Modelbay-Node": NODE},
+                                 timeout=10).json()
+            proc.stdin.write(load["id"] + "\n")
+            proc.stdin.flush()
+            stdout, stderr = proc.communicate(timeout=150)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     finally:
         server.close()
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["saved"] and result["appeared"] and result["left"]
@@ -141,3 +151,33 @@ def test_queue_depth_rises_and_falls_and_a_job_is_cancelled_from_the_page(keyed_
     assert shot.exists() and shot.stat().st_size > 1000
     ended = {j: requests.get(f"{keyed_web}/v1/jobs/{j}", headers=auth, timeout=10).json()["status"] for j in jobs}
     assert ended[jobs[-1]] == "cancelled" and all(ended[j] == "succeeded" for j in jobs[:-1]), ended
+
+
+def test_the_page_renders_batches_sparklines_and_times_and_acts_with_the_key(artifacts: Path) -> None:
+    """The page against answers its script gives itself (no server): what it draws and sends."""
+    why = _missing()
+    if why:
+        if os.environ.get("MODELBAY_REQUIRE_BROWSER") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    shot = artifacts / "operations-mocked.png"
+    out = subprocess.run(["node", str(BROWSER_DIR / "page_mocked.mjs"), str(shot)], capture_output=True, text=True,
+                         timeout=120, cwd=BROWSER_DIR, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "40/100 lines" in result["batch_text"] and "3.5 lines/s" in result["batch_text"], result
+    assert "ETA 17 s" in result["batch_text"], result
+    assert result["validating"] == {"indeterminate": True, "animation": "indeterminate"}, result
+    assert result["started_text"].endswith("s ago") and result["started_title"].startswith("20"), result
+    assert result["oldest_title"].startswith("20") and "a" * 32 in result["oldest_title"], result
+    assert "1 min ago" in result["queue_text"] and "51 / 112 ms" in result["queue_text"], result
+    depth, rate, latency = result["sparklines"]
+    assert set(depth["values"]) == {3} and rate["lines"] == 1 and latency["lines"] == 2, result
+    assert rate["values"] == pytest.approx([i / 10 for i in range(12)]), result  # jobs per 10 s step, as jobs/s
+    assert result["after_one_click"] == 0 and result["ticked"], result  # the first click only arms
+    assert result["calls"] == [
+        {"method": "POST", "path": "/v1/batches/batch_run/cancel", "auth": "Bearer mocked-key"},
+        {"method": "POST", "path": "/v1/models/org/echo/unload", "auth": "Bearer mocked-key"}], result
+    assert "done (200)" in result["cancel_status"], result
+    assert "store_unavailable: try later" in result["unload_status"], result
+    assert shot.exists() and shot.stat().st_size > 1000

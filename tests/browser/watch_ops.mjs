@@ -1,13 +1,17 @@
 // Opens the operations page in headless Debian chromium (playwright-core), saves the API
 // key through the page's own form, then watches the progress bar of one operation:
 //   node watch_ops.mjs URL KEY OP_ID SCREENSHOT_PATH
+// With OP_ID "-" it prints {"ready": true} once the key is saved and reads the id from stdin
+// (one line), so the operation can start after the page is up: a slow browser start on a
+// loaded machine cannot miss it.
 // Prints one JSON line: the bar's values as they were sampled (every 100 ms while the row
 // exists; an indeterminate bar has no value), the samples taken while the row's phase was
 // "loading" (is the bar indeterminate, its animation's name), whether the row appeared and
 // left, and the rows' texts. Exit 1 on a timeout.
+import { createInterface } from "node:readline";
 import { chromium } from "playwright-core";
 
-const [url, key, opId, screenshot] = process.argv.slice(2);
+const [url, key, opArg, screenshot] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   headless: true,
@@ -20,6 +24,11 @@ try {
   await page.fill("#key", key);
   await page.click("#save-key");
   result.saved = (await page.evaluate(() => localStorage.getItem("modelbay-api-key"))) === key;
+  let opId = opArg;
+  if (opArg === "-") {
+    console.log(JSON.stringify({ ready: true }));
+    opId = (await new Promise((resolve) => createInterface({ input: process.stdin }).once("line", resolve))).trim();
+  }
   const selector = `#ops tr[data-op="${opId}"]`;
   await page.locator(selector).waitFor({ state: "attached", timeout: 30000 });
   result.appeared = true;

@@ -19,7 +19,8 @@ function headers() {
   return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
-function setStatus(text) { $("#status").textContent = text; }
+function setStatus(text, bad = false) { $("#status").textContent = text; $("#status").classList.toggle("bad", bad); }
+function setLive(text) { $("#live").textContent = text; }
 
 function cell(text, cls) {
   const td = document.createElement("td");
@@ -33,7 +34,7 @@ function modelPath(name) { return name.split("/").map(encodeURIComponent).join("
 
 async function getJSON(path) {
   const resp = await fetch(path, { headers: headers() });
-  if (resp.status === 401) { setStatus("this server needs an API key"); throw new Error("401"); }
+  if (resp.status === 401) { setStatus("this server needs an API key", true); throw new Error("401"); }
   if (!resp.ok) throw new Error(`${path}: ${resp.status}`);
   return resp.json();
 }
@@ -44,13 +45,14 @@ async function act(method, path, what) {
   try {
     const resp = await fetch(path, { method, headers: headers() });
     let text = `${what}: done (${resp.status})`;
-    if (!resp.ok) {
+    const bad = !resp.ok;
+    if (bad) {
       text = `${what}: failed (${resp.status})`;
       try { const e = (await resp.json()).error; text = `${what}: ${e.code}: ${e.message}`; } catch (_) { /* not JSON */ }
     }
-    setStatus(text);
+    setStatus(text, bad);
   } catch (err) {
-    setStatus(`${what}: ${err.message}`);
+    setStatus(`${what}: ${err.message}`, true);
   }
   refreshTables();
 }
@@ -65,7 +67,8 @@ function opDetail(op, unmeasured) {
   if (op.kind === "batch") {
     const rate = op.rate_lps ? ` · ${op.rate_lps} lines/s` : "";
     const eta = op.eta_s != null ? ` · ETA ${duration(op.eta_s)}` : "";
-    return `${op.lines_done ?? 0}/${op.lines_total ?? "?"} lines${rate}${eta}`;
+    if (!op.lines_total) return op.phase === "validating" ? "reading the input file" : (op.message || "");
+    return `${op.lines_done ?? 0}/${op.lines_total} lines${rate}${eta}`;
   }
   if (!op.bytes_total || unmeasured) return op.message || "";
   const rate = op.rate_bps ? ` · ${(op.rate_bps / 1e6).toFixed(1)} MB/s` : "";
@@ -118,7 +121,7 @@ async function followOperations() {
     try {
       const resp = await fetch("/api/operations/stream", { headers: headers() });
       if (!resp.ok) throw new Error(String(resp.status));
-      setStatus("live");
+      setLive("live");
       const reader = resp.body.getReader();
       const decoder = new TextDecoder();
       let buffer = "";
@@ -135,7 +138,7 @@ async function followOperations() {
         }
       }
     } catch (err) {
-      setStatus(`operations stream: ${err.message}; retrying`);
+      setLive(`operations stream: ${err.message}; retrying`);
     }
     await new Promise((r) => setTimeout(r, 1000));
   }
