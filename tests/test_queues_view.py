@@ -5,7 +5,8 @@ node queue; holders; an unreadable tail or a record gone still answers; no queue
 whole; the store's throughput measures pass through, and their absence or failure gives
 ``null``. On the real stack (a real worker): jobs of a model that is still loading wait in its
 queue, so its depth rises with them and its oldest job's age grows; once the model is loaded
-the depth falls to zero as they run, and the node that loaded it is its holder."""
+the depth falls to zero as they run, the node that loaded it is its holder, and its heartbeat
+reports their throughput."""
 from __future__ import annotations
 
 import time
@@ -140,6 +141,11 @@ def test_depth_rises_with_queued_jobs_and_falls_as_they_run(client, register, wo
         assert wait_job(client, job_id, 60)["status"] == "succeeded"
     nodes = client.get("/api/queues").get_json()["nodes"]
     assert any(n["node"] == NODE and n["depth"] == 0 for n in nodes)
+    if hasattr(Store, "model_throughput"):  # the workers' heartbeats report what they ran
+        measured = poll(lambda: (e := entry(client, name))["throughput"]["jobs_per_s"] and e, 30,
+                        "the model's throughput reported by its holder")
+        assert measured["throughput"]["p95_ms"] >= measured["throughput"]["p50_ms"] > 0
+        assert sum(p["jobs"] for p in measured["history"]) == len(jobs)
     client.post(f"/v1/models/{name}/unload")
 
 
@@ -150,3 +156,14 @@ def test_the_queue_view_needs_the_key(stack_env: dict[str, str]) -> None:
     refused = keyed.get("/api/queues")
     assert refused.status_code == 401 and refused.get_json()["error"]["code"]
     assert keyed.get("/api/queues", headers={"Authorization": "Bearer qv-key"}).status_code == 200
+
+
+def test_the_queue_view_without_valkey_is_a_503_envelope(stack_env: dict[str, str]) -> None:
+    from modelbay.services import free_port
+    from web import create_app
+
+    down = create_app({"TESTING": True, "MODELBAY_ENV": {
+        **stack_env, "MODELBAY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}}).test_client()
+    resp = down.get("/api/queues")
+    assert resp.status_code == 503 and resp.headers.get("Retry-After"), resp.get_data(as_text=True)
+    assert resp.get_json()["error"]["code"]
