@@ -170,7 +170,7 @@ class BatchRecord(Batch):
     def public(self) -> dict[str, Any]:
         out = Batch.model_validate(self.model_dump(include=set(Batch.model_fields))).model_dump(mode="json")
         if self.webhook is not None:
-            out["webhook"] = self.webhook.model_dump(mode="json", exclude={"done"})
+            out["webhook"] = self.webhook.model_dump(mode="json", exclude={"done", "refused"})
         return out
 
 

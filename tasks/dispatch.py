@@ -117,13 +117,17 @@ class Dispatcher:
             self.celery.send_task(TASK_LOAD, args=[record.id], queue=node_queue(target.id))
         return record, created
 
-    def submit(self, request: JobRequest, manifest: Manifest, *, stream: bool = False) -> JobRecord:
+    def submit(self, request: JobRequest, manifest: Manifest, *, stream: bool = False,
+               webhooks: bool = False) -> JobRecord:
         """Create an inference job and route it; with ``stream`` its pieces go to the job's
-        token stream as they are generated."""
+        token stream as they are generated; with ``webhooks`` (a ``/v1/jobs`` job, not one
+        behind a synchronous OpenAI route) its end is posted to its ``callback_url`` and the
+        operator's URLs (tasks/webhooks.py)."""
+        hook = pending(request.callback_url, self.store.settings) if webhooks else None
         record = JobRecord(id=new_job_id(), kind="inference", model=request.model,
                            task=request.task, input=request.input_json(), params=request.params,
                            node=request.node, pin=request.node, stream=stream,
-                           callback_url=request.callback_url, webhook=pending(request.callback_url, self.store.settings))
+                           callback_url=request.callback_url, webhook=hook)
         cap = manifest.max_queued if manifest.max_queued is not None else self.store.settings.max_queued_per_model
         slot = Slot(cap)  # its number in the model's queue; a 429 at the cap (tasks.modelstats)
         try:

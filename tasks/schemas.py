@@ -182,13 +182,14 @@ class WebhookState(BaseModel):
     """Where a job's (or batch's) end event stands (:mod:`tasks.webhooks`): ``pending`` until
     every target took it (``delivered``) or one refused it or retries ran out (``failed``,
     ``last_error`` says why). ``attempts``: delivery rounds so far (a round posts to every
-    target not yet done); ``done``: indexes of the targets done (``callback_url`` first, then
-    ``MODELBAY_WEBHOOK_URLS`` in order)."""
+    target not yet done); ``done`` and ``refused``: indexes of the targets that took it and of
+    those that refused it (``callback_url`` first, then ``MODELBAY_WEBHOOK_URLS`` in order)."""
 
     status: WebhookStatus = "pending"
     attempts: int = 0
     last_error: str | None = None
     done: list[int] = Field(default_factory=list)
+    refused: list[int] = Field(default_factory=list)
 
 
 class JobRecord(BaseModel):
@@ -236,7 +237,8 @@ class JobRecord(BaseModel):
             data.pop("input", None)
             data.pop("params", None)
         if data.get("webhook"):
-            data["webhook"].pop("done", None)  # the deliverer's own bookkeeping
+            for key in ("done", "refused"):  # the deliverer's own bookkeeping
+                data["webhook"].pop(key, None)
         return data
 
 

@@ -177,30 +177,27 @@ def backoff_s(attempts: int, base_s: float, max_s: float, rand: Callable[[], flo
 def advance(state: WebhookState, outcomes: dict[int, tuple[bool, str | None]], ended_s: float, now_s: float,
             settings: Settings, rand: Callable[[], float]) -> tuple[WebhookState, float | None]:
     """The state after one round and when to post again (None: done). ``outcomes``: target
-    index → (retry, error), error None when it took the event."""
+    index → (retry, error), error None when it took the event. Pending while a target may
+    still take it; then delivered, or failed when one refused it or the retries ran out."""
     new = state.model_copy(deep=True)
     new.attempts += 1
-    errors = []
-    for index, (retry, error) in sorted(outcomes.items()):
-        if error is None or not retry:
+    errors = [error for _, (_, error) in sorted(outcomes.items()) if error is not None]
+    for index, (retry, error) in outcomes.items():
+        if error is None:
             new.done = sorted({*new.done, index})
-        if error is not None:
-            errors.append(error)
-            new.last_error = error
-            if not retry:
-                new.status = "failed"  # a refusal stands; the other targets are still tried
-    left = [i for i in outcomes if i not in new.done]
-    if not left:
-        if new.status == "pending":
-            new.status = "delivered"
+        elif not retry:
+            new.refused = sorted({*new.refused, index})  # a refusal stands; the others are still tried
+    if errors:
+        new.last_error = errors[-1]
+    if all(i in new.done or i in new.refused for i in outcomes):
+        new.status = "failed" if new.refused else "delivered"
         return new, None
     wait_s = backoff_s(new.attempts, settings.webhook_backoff_base_s, settings.webhook_backoff_max_s, rand)
     if now_s + wait_s > ended_s + settings.webhook_retry_s:
         new.status = "failed"
         new.last_error = (f"gave up after {new.attempts} attempt(s) in {env_name('webhook_retry_s')}="
-                          f"{settings.webhook_retry_s:g}s: {errors[-1] if errors else 'no answer'}")
+                          f"{settings.webhook_retry_s:g}s: {new.last_error or 'no answer'}")
         return new, None
-    new.status = "pending" if new.status == "pending" else new.status
     return new, now_s + wait_s
 
 

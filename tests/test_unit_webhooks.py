@@ -74,11 +74,13 @@ def test_malformed_callback_urls_are_refused_even_when_private_ones_are_allowed(
 
 
 def test_who_hears_of_a_job():
-    plain, operator = load_settings({}), load_settings({"MODELBAY_WEBHOOK_URLS": "https://a.example/h, https://b.example/h"})
+    plain = load_settings({})
+    operator = load_settings({"MODELBAY_WEBHOOK_URLS": "https://a.example/h, https://b.example/h"})
     assert pending(None, plain) is None  # no webhook: nothing in the record, no round trip
     assert pending("https://c.example/", plain) == WebhookState()
     assert pending(None, operator) == WebhookState()
-    assert targets("https://c.example/", operator) == ["https://c.example/", "https://a.example/h", "https://b.example/h"]
+    assert targets("https://c.example/", operator) == ["https://c.example/", "https://a.example/h",
+                                                       "https://b.example/h"]
 
 
 def test_what_is_retried():
@@ -94,12 +96,20 @@ def test_backoff_doubles_is_capped_and_jittered_within_half_to_all():
 def test_a_round_advances_the_state():
     settings = load_settings({"MODELBAY_WEBHOOK_RETRY_S": "100", "MODELBAY_WEBHOOK_BACKOFF_BASE_S": "1"})
     now = 1000.0
-    state, nxt = advance(WebhookState(), {0: (True, "x answered 500"), 1: (False, None)}, now, now, settings, lambda: 1.0)
-    assert (state.status, state.attempts, state.done, state.last_error, nxt) == ("pending", 1, [1], "x answered 500", 1001.0)
+    one = lambda: 1.0  # noqa: E731 - the jitter's draw
+    state, nxt = advance(WebhookState(), {0: (True, "x answered 500"), 1: (False, None)}, now, now, settings, one)
+    assert (state.status, state.attempts, state.done, state.last_error, nxt) == ("pending", 1, [1], "x answered 500",
+                                                                                 1001.0)
     state, nxt = advance(state, {0: (False, None)}, now, now + 1, settings, lambda: 1.0)
     assert (state.status, state.attempts, nxt) == ("delivered", 2, None)
     refused, nxt = advance(WebhookState(), {0: (False, "x answered 400 Bad Request")}, now, now, settings, lambda: 1.0)
-    assert (refused.status, refused.attempts, refused.last_error, nxt) == ("failed", 1, "x answered 400 Bad Request", None)
+    assert (refused.status, refused.attempts, refused.last_error, nxt) == ("failed", 1, "x answered 400 Bad Request",
+                                                                          None)
+    mixed, nxt = advance(WebhookState(), {0: (False, "x answered 404"), 1: (True, "y answered 503")}, now, now,
+                         settings, one)
+    assert (mixed.status, mixed.refused, mixed.done, nxt) == ("pending", [0], [], 1001.0)  # y is still tried
+    mixed, nxt = advance(mixed, {1: (False, None)}, now, now + 1, settings, one)
+    assert (mixed.status, mixed.done, mixed.last_error, nxt) == ("failed", [1], "y answered 503", None)
     late, nxt = advance(WebhookState(attempts=6), {0: (True, "timeout")}, now, now + 90, settings, lambda: 1.0)
     assert late.status == "failed" and nxt is None and "gave up after 7 attempt(s)" in (late.last_error or "")
 
@@ -135,3 +145,44 @@ def test_a_batch_that_ends_is_due_in_the_same_write():
     assert box.claim(time.time(), 30) == ["batch:batch_" + "1" * 32]
     record = box.record("batch:batch_" + "1" * 32)
     assert isinstance(record, BatchRecord) and batch_event(record)["type"] == "batch.failed"
+
+
+def test_a_post_is_guarded_at_connect_time_and_classified():
+    """workers/webhooks.post on a local server: a name that resolves to loopback is refused
+    without a connection unless private targets are allowed; 2xx, 503, 410 and a closed port."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from workers.webhooks import post
+
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(self.path)
+            self.send_response({"/ok": 204, "/busy": 503}.get(self.path, 410))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        retry, error = post(f"http://localhost:{port}/ok", b"{}", {}, 5, allow_private=False)
+        assert not retry and "is a loopback address" in (error or "") and seen == []
+        assert post(f"http://localhost:{port}/ok", b"{}", {}, 5, allow_private=True) == (False, None)
+        assert post(f"http://127.0.0.1:{port}/busy", b"{}", {}, 5, True) == (
+            True, f"http://127.0.0.1:{port}/busy answered 503 Service Unavailable")
+        assert post(f"http://127.0.0.1:{port}/gone", b"{}", {}, 5, True)[0] is False
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            closed = s.getsockname()[1]
+        retry, error = post(f"http://127.0.0.1:{closed}/x", b"{}", {}, 5, True)
+        assert retry and "ConnectionRefusedError" in (error or "")
+    finally:
+        server.shutdown()

@@ -86,7 +86,7 @@ def submit():
         raise not_found_model(req.model)
     check_task(manifest.backend, req.task, model=req.model)  # before anything is queued
     check_callback_url(req.callback_url, mb().settings)
-    record, replayed = once(lambda: mb().dispatcher.submit(req, manifest), mb().store.get_job,
+    record, replayed = once(lambda: mb().dispatcher.submit(req, manifest, webhooks=True), mb().store.get_job,
                             lambda r: r.id)  # an Idempotency-Key's retry: the first request's job
     watch_job(mb().store, record, mb().settings)  # a webhook's outbox entry (none: no round trip)
     count_submitted("inference", req.task)

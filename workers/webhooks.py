@@ -6,9 +6,11 @@ ends), and for each: a job or batch still running is looked at again ``webhook_r
 later; one that ended gets its event posted to every target not yet done; the outcome goes into
 the record's ``webhook`` and the entry is rescheduled (with backoff) or dropped in one MULTI.
 
-A post resolves the target's host and connects to the address it checked (the SSRF guard of
-:mod:`tasks.netguard`, as staging does, so DNS rebinding cannot turn it to a private address),
-waits ``webhook_timeout_s``, follows no redirect and uses no proxy. A 2xx delivers; a 5xx, 408,
+A post to a ``callback_url`` resolves its host and connects to the address it checked (the SSRF
+guard of :mod:`tasks.netguard`, as staging does, so DNS rebinding cannot turn it to a private
+address; ``MODELBAY_ALLOW_PRIVATE_WEBHOOKS`` turns it off); the operator's own URLs
+(``MODELBAY_WEBHOOK_URLS``) are trusted, private ones included. A post waits
+``webhook_timeout_s``, follows no redirect and uses no proxy. A 2xx delivers; a 5xx, 408,
 429, a timeout or a connection error is retried; any other answer stops the retries (``failed``).
 """
 from __future__ import annotations
@@ -74,8 +76,8 @@ def post(url: str, body: bytes, head: dict[str, str], timeout_s: float, allow_pr
         conn.request("POST", target, body=body, headers=head)
         resp = conn.getresponse()
         resp.read(65536)
-    except Refused as exc:
-        return False, str(exc)
+    except (Refused, ValueError) as exc:  # a guarded address, a URL that cannot be posted to
+        return False, f"{url}: {exc}" if isinstance(exc, ValueError) else str(exc)
     except (OSError, http.client.HTTPException) as exc:  # timeouts, refused connections, TLS
         return True, f"{url}: {type(exc).__name__}: {exc}"
     finally:
@@ -111,12 +113,10 @@ class Deliverer:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.settings.webhook_poll_s):
-            try:
-                for member in self.outbox.claim(time.time(), self.lease_s()):
-                    if self._stop.is_set():
-                        return  # its lease ends and another worker takes it
-                    self.deliver(member)
-            except Exception:  # Valkey away, a bug: the entries come due again
+            try:  # one entry at a time: each lease covers one round of posts
+                while not self._stop.is_set() and (claimed := self.outbox.claim(time.time(), self.lease_s(), 1)):
+                    self.deliver(claimed[0])
+            except Exception:  # Valkey away, a bug: the entry comes due again when its lease ends
                 log.exception("webhook round failed")
 
     def deliver(self, member: str) -> None:
@@ -133,15 +133,16 @@ class Deliverer:
         body = body_of(event)
         urls = targets(record.callback_url, self.settings)
         outcomes: dict[int, Outcome] = {}
+        first_operator = len(urls) - len(self.settings.webhook_url_list)  # the operator's URLs are trusted
         for index, url in enumerate(urls):
-            if index not in state.done:
+            if index not in state.done and index not in state.refused:
                 head = headers(event["id"], body, self.settings.webhook_secret)
                 outcomes[index] = post(url, body, head, self.settings.webhook_timeout_s,
-                                       self.settings.allow_private_webhooks)
+                                       self.settings.allow_private_webhooks or index >= first_operator)
         new, next_s = advance(state, outcomes, event["created_at"], time.time(), self.settings, self._rand.random)
         self.outbox.settle(member, new, next_s)
-        log.info("webhook %s %s: %s after %d attempt(s)%s", event["type"], event["id"], new.status, new.attempts,
-                 f" ({new.last_error})" if new.last_error else "")
+        log.log(logging.DEBUG if new.status == "delivered" else logging.INFO, "webhook %s %s: %s after %d attempt(s)%s",
+                event["type"], event["id"], new.status, new.attempts, f" ({new.last_error})" if new.last_error else "")
 
 
 class WebhookStep(bootsteps.Step):
