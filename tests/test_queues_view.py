@@ -63,6 +63,7 @@ def test_depth_and_the_oldest_job_per_queue_and_chunk_list(fake: Store, monkeypa
     node(fake, "n1")
     pinned = queued(fake, "b", 20, queue=node_queue("n1"))
     monkeypatch.setattr(QueueStore, "messages", lambda *a: pytest.fail("a queue was read whole"))
+    monkeypatch.setattr(fake._r, "lrange", lambda *a, **k: pytest.fail("a queue was read by LRANGE"))
     view = queue_view(fake, time.time())
     b, a = view["models"]  # by name
     assert a["model"] == "org/a" and a["depth"] == 3 and a["oldest_job"] == oldest

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from tasks.names import model_queue, node_queue
 from tasks.publish import PRIORITY_STEPS, queue_key
-from tasks.schemas import JobRecord
+from tasks.schemas import JobRecord, NodeRecord
 from tasks.store import Store
 from web.extensions import mb
 from web.metrics import message_job
@@ -117,7 +117,7 @@ def queue_view(store: Store, now_s: float) -> dict[str, object]:
     return {"at": _iso(now_s), "models": out_models, "nodes": out_nodes}
 
 
-def _holders(store: Store, nodes: list) -> dict[str, list[str]]:
+def _holders(store: Store, nodes: list[NodeRecord]) -> dict[str, list[str]]:
     """Model → ids of the live, not draining nodes holding it ready (one read per node)."""
     held: dict[str, list[str]] = {}
     for node in nodes:
