@@ -156,3 +156,30 @@ def test_batch_and_file_replays(replicas: list[str]) -> None:
     assert b2.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in b1.headers
     poll(lambda: requests.get(f"{replicas[0]}/v1/batches/{b1.json()['id']}", headers=_h(), timeout=10).ok, 10,
          "the batch readable")
+
+
+def test_claims_on_one_store_unit() -> None:
+    """The key's life on fakeredis: pending, waited for (409 past the wait), done, reused, released."""
+    import fakeredis
+
+    from tasks.errors import ModelbayError
+    from tasks.settings import Settings
+
+    store = Store(fakeredis.FakeRedis(decode_responses=True), Settings(idempotency_wait_s=0.2))
+    first = store.idem_claim("t", "k", "h1")
+    assert first.first
+    with pytest.raises(ModelbayError) as busy:
+        store.idem_claim("t", "k", "h1")  # still pending past the wait
+    assert busy.value.code.value == "idempotency_key_in_use" and busy.value.status == 409
+    with pytest.raises(ModelbayError) as reused:
+        store.idem_claim("t", "k", "h2")
+    assert reused.value.code.value == "idempotency_key_reused" and reused.value.status == 422
+    assert store.idem_claim("other-tenant", "k", "h2").first  # scopes never meet
+    store.idem_done(first, "job-1")
+    again = store.idem_claim("t", "k", "h1")
+    assert not again.first and again.id == "job-1"
+    store.idem_release(again)  # not the first: the id stays
+    assert store.idem_claim("t", "k", "h1").id == "job-1"
+    failed = store.idem_claim("t", "k2", "h1")
+    store.idem_release(failed)  # the first request failed: the key is free
+    assert store.idem_claim("t", "k2", "h3").first
