@@ -5,6 +5,7 @@ the openai SDK retrying after its client timed out."""
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import uuid
 from pathlib import Path
@@ -183,3 +184,22 @@ def test_claims_on_one_store_unit() -> None:
     failed = store.idem_claim("t", "k2", "h1")
     store.idem_release(failed)  # the first request failed: the key is free
     assert store.idem_claim("t", "k2", "h3").first
+
+
+def test_a_keyed_stream_outlives_its_client_and_its_retry_reads_it_all(replicas: list[str], store: Store) -> None:
+    name = _model(replicas[0], {"token_delay_s": 0.2})
+    words = "s1 s2 s3 s4 s5 s6 s7 s8"
+    body = {"model": name, "messages": [{"role": "user", "content": words}], "stream": True}
+    headers = _h(0, uuid.uuid4().hex)
+    with requests.post(f"{replicas[0]}/v1/chat/completions", json=body, headers=headers, stream=True,
+                       timeout=30) as first:
+        assert first.status_code == 200
+        job_id = first.headers["X-Modelbay-Job"]
+        next(first.iter_lines())  # the role chunk, then the client goes
+    retry = requests.post(f"{replicas[1]}/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert retry.status_code == 200 and retry.headers["X-Modelbay-Job"] == job_id
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    chunks = [json.loads(line[6:]) for line in retry.text.splitlines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == words
+    job = poll(lambda: (r := store.get_job(job_id)) is not None and r.terminal and r, 30, "the job to end")
+    assert job.status == "succeeded" and _inference(store, name) == 1
