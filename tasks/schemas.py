@@ -220,6 +220,12 @@ class JobRecord(BaseModel):
     # How many times the job was sent to a queue. Each message carries the number it was sent
     # with; a message with an older number (the job was routed again since) does nothing.
     routed: int = 0
+    # The job's number in its model's queue (tasks.modelstats; 0: not counted, e.g. a batch
+    # chunk); while it waits, GET /v1/jobs/{id} adds ``queue_position`` (interactive jobs of the
+    # model ahead of it) and ``eta_s`` (seconds until it ends, at the model's recent rate).
+    queue_seq: int = 0
+    queue_position: int | None = None
+    eta_s: float | None = None
     callback_url: str | None = None  # the client's webhook target (tasks/webhooks.py)
     webhook: WebhookState | None = None  # set when the job's end is to be posted somewhere
     created_at: str = Field(default_factory=utcnow)
@@ -243,12 +249,6 @@ class JobRecord(BaseModel):
 
 
 class ModelNode(BaseModel):
-    # The job's number in its model's queue (tasks.modelstats; 0: not counted, e.g. a batch
-    # chunk); while it waits, GET /v1/jobs/{id} adds ``queue_position`` (interactive jobs of the
-    # model ahead of it) and ``eta_s`` (seconds until it ends, at the model's recent rate).
-    queue_seq: int = 0
-    queue_position: int | None = None
-    eta_s: float | None = None
     """The state of one model on one node (``GET /v1/models/{name}`` → ``nodes``)."""
 
     model: str
