@@ -148,6 +148,8 @@ def test_queue_depth_rises_and_falls_and_a_job_is_cancelled_from_the_page(keyed_
     assert result["depths"][-1] == 0 and max(result["spark"]) == len(jobs), result
     assert result["cancelled"] and result["created_title"].startswith("20"), result  # ISO 8601 on hover
     assert result["unloaded"] and any("unload" in s for s in result["statuses"]), result
+    ran = round(sum(result["rate_spark"]) * 10)  # jobs/s over 10 s steps: the jobs that ran
+    assert ran == len(jobs) - 1, result
     assert shot.exists() and shot.stat().st_size > 1000
     ended = {j: requests.get(f"{keyed_web}/v1/jobs/{j}", headers=auth, timeout=10).json()["status"] for j in jobs}
     assert ended[jobs[-1]] == "cancelled" and all(ended[j] == "succeeded" for j in jobs[:-1]), ended

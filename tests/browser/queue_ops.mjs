@@ -5,7 +5,7 @@
 // (a screenshot is saved while it is highest), while it cancels JOB_ID from the jobs table
 // (two clicks: the button acts on the second) and waits for the row to say "cancelled".
 // Once the queue is empty and the model has a holder it unloads the model from its row and
-// waits for "none" holders.
+// waits for "none" holders, then for the jobs/s sparkline to draw the jobs that ran.
 //   node queue_ops.mjs URL KEY SCREENSHOT_PATH
 // Prints one JSON line: the depths seen, whether the queue rose and fell, the cancel's and
 // the unload's outcome, the status line, the created time's title, the depth sparkline's
@@ -70,6 +70,12 @@ try {
     await page.locator(`${row}[data-holders="0"]`).waitFor({ timeout: 60000 });
     result.unloaded = true;
     result.statuses.push(await page.locator("#status").textContent());
+    // The holder's heartbeat reports the jobs it ran: the jobs/s sparkline draws them.
+    await page.waitForFunction((sel) => {
+      const svg = document.querySelector(`${sel} td.rate svg`);
+      return svg !== null && JSON.parse(svg.dataset.values).some((v) => v > 0);
+    }, row, { timeout: 30000 });
+    result.rate_spark = JSON.parse(await page.locator(`${row} td.rate svg`).getAttribute("data-values"));
   }
 } finally {
   await browser.close();

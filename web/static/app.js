@@ -172,7 +172,7 @@ function queueRow(q) {
   const history = q.history || [];
   const step = history.length > 1 ? history[1].t - history[0].t : 10;
   const t = q.throughput;
-  const rate = cell(t && t.jobs_per_s != null ? `${t.jobs_per_s}` : "-", "num");
+  const rate = cell(t && t.jobs_per_s != null ? `${t.jobs_per_s}` : "-", "num rate");
   const latency = cell(t && t.p50_ms != null ? `${Math.round(t.p50_ms)} / ${Math.round(t.p95_ms)} ms` : "-", "num");
   if (history.length) {
     rate.append(" ", sparkline([numbers(history, "jobs", 1 / step)], "jobs/s"));
