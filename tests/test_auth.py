@@ -15,6 +15,7 @@ pytestmark = pytest.mark.usefixtures("worker")
 
 SAMPLE = {"name": "auth-echo", "job_id": "0" * 32}
 SAMPLE["file_id"] = "file-" + "0" * 32  # /v1/files/<file_id>
+SAMPLE["batch_id"] = "batch_" + "0" * 32  # /v1/batches/<batch_id>
 
 # The URL-map rules that need no key (docs/reliability.md, Security): nothing else.
 OPEN_RULES = frozenset({"/healthz", "/readyz", "/", "/ui/<name>"})
