@@ -234,19 +234,25 @@ class Outbox:
 
     def record(self, member: str) -> JobRecord | BatchRecord | None:
         raw = self._r.get(_record_key(member))
-        if raw is None:
-            return None
+        return None if raw is None else self._parse(member, raw)
+
+    @staticmethod
+    def _parse(member: str, raw: str) -> JobRecord | BatchRecord:
         return JobRecord.model_validate_json(raw) if member.startswith("job:") else BatchRecord.model_validate_json(raw)
 
-    def settle(self, member: str, state: WebhookState | None, next_s: float | None) -> None:
+    def settle(self, member: str, state: WebhookState | None, next_s: float | None, running: bool = False) -> None:
         """Write ``state`` into the record's ``webhook`` (when given; the record keeps its
-        expiry), and look again at ``next_s`` or drop the entry, atomically."""
+        expiry), and look again at ``next_s`` or drop the entry, atomically. ``running``: the
+        caller found it running; if it has ended since (its end announced while the caller
+        held the lease, which the announcement leaves alone), look again now instead."""
         key = _record_key(member)
         with self._r.pipeline() as pipe:
             while True:
                 try:
                     pipe.watch(key)
                     raw = pipe.get(key)
+                    if running and raw is not None and ended(self._parse(member, raw)):
+                        next_s = time.time()
                     pipe.multi()
                     if raw is not None and state is not None:
                         data = json.loads(raw)

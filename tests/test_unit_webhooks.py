@@ -128,6 +128,12 @@ def test_the_outbox_claims_leases_reschedules_and_settles():
     box.schedule(member, time.time())  # announcing it again does not take it from its holder
     assert box.claim(time.time(), 30) == [] and r.hexists(LEASES, member)
     assert box.claim(time.time() + 31, 30) == [member]  # a holder that died: its lease ran out
+    r.set(job_key(job.id), _job("running", webhook=WebhookState()).model_dump_json(), ex=600)
+    box.settle(member, None, time.time() + 60, running=True)  # found running: looked at again later...
+    assert box.claim(time.time(), 30) == [] and box.claim(time.time() + 61, 30) == [member]
+    r.set(job_key(job.id), job.model_dump_json(), ex=600)  # ...unless it ended meanwhile: due now
+    box.settle(member, None, time.time() + 60, running=True)
+    assert box.claim(time.time(), 30) == [member]
     box.settle(member, WebhookState(status="delivered", attempts=2), None)
     stored = box.record(member)
     assert isinstance(stored, JobRecord) and stored.webhook == WebhookState(status="delivered", attempts=2)

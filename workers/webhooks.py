@@ -127,7 +127,7 @@ class Deliverer:
             self.outbox.settle(member, None, None)
             return
         if not ended(record):
-            self.outbox.settle(member, None, time.time() + self.settings.webhook_recheck_s)
+            self.outbox.settle(member, None, time.time() + self.settings.webhook_recheck_s, running=True)
             return
         event = job_event(record) if isinstance(record, JobRecord) else batch_event(record)
         body = body_of(event)
