@@ -4,13 +4,19 @@ with an ``AttributeError``, kombu#582/#970):
 
 - On a connection loss Celery 5.7 collects the connection and then closes it; closing a
   channel restores its unacknowledged messages, which needs the client the collect just
-  released. Here a closing channel leaves its unacked messages where they are: those of
-  tasks still running must not be redelivered anyway (the task goes on), and those of a
-  worker that really died come back through the visibility timeout, while the reaper
+  released. Here a closing channel only remembers them (their delivery tags), and the
+  process's next channel, on the new connection (the restarted Valkey, or the master a
+  Sentinel failover promoted), puts them back in their queues (:func:`restore_orphans`).
+  Celery drops the requests it had reserved and not started when the connection goes, so
+  without this their jobs would wait for the visibility timeout (hours). Those of tasks
+  still running come back too, and do nothing: a job's message runs only while the job is
+  ``queued`` (or ``loading``) with the message's route, and a result is written once. A
+  worker that really died leaves its messages to the visibility timeout, and the reaper
   (:mod:`workers.node.reaper`) requeues their jobs much sooner.
 - A task that started before the loss and ends after it acks on the old, closed channel.
-  Here that ack is dropped with a warning: the message comes back after the visibility
-  timeout and finds its job already ended, which does nothing.
+  Here that ack is dropped with a warning: the message was put back at the reconnect
+  (above) or comes back after the visibility timeout, and finds its job already ended,
+  which does nothing.
 
 And one for cost: kombu builds a new ``redis.Redis`` object for every ack and every
 unacked-index write (``conn_or_acquire``), about a tenth of a worker's CPU per small job.
@@ -20,20 +26,67 @@ holds connections, and a new pool after a reconnect gets a new client).
 from __future__ import annotations
 
 import logging
+import threading
 
 import redis
 from kombu.transport import redis as kombu_redis
+from kombu.utils.json import dumps
+
+from tasks.sentinelconn import FollowingConnection
 
 log = logging.getLogger("modelbay.broker")
+
+
+_orphaned: set[str] = set()  # this process's taken, unacked messages whose channel closed
+_orphaned_lock = threading.Lock()
 
 
 class QoS(kombu_redis.QoS):
     restore_at_shutdown = False
 
+    def restore_unacked_once(self, stderr: object = None) -> None:
+        """On close: remember the messages taken and not acked, for the next channel."""
+        with _orphaned_lock:
+            _orphaned.update(self._delivered)
+        super().restore_unacked_once(stderr)
 
-class Channel(kombu_redis.Channel):
+
+def restore_orphans(qos: kombu_redis.QoS, client: redis.Redis) -> None:
+    """Put the messages a closed channel of this process had taken and not acked back in
+    their queues (from the unacked hash, as the visibility timeout would, hours sooner)."""
+    with _orphaned_lock:
+        tags = list(_orphaned)
+        _orphaned.clear()
+    if not tags:
+        return
+    try:
+        for i, tag in enumerate(tags):
+            qos.restore_by_tag(tag, client=client)
+    except redis.RedisError as exc:
+        with _orphaned_lock:
+            _orphaned.update(tags[i:])
+        log.warning("restoring taken messages after a broker reconnect failed (%s); retried on the next", exc)
+        return
+    log.warning("restored %d messages taken before the broker connection was lost", len(tags))
+
+
+class _Surviving:
+    """What modelbay's channels change in kombu's (see the module doc), for the one-server
+    and the Sentinel channel alike. Also the replica wait: with ``wait_replicas`` (a
+    transport option) a published message is followed, on the same connection, by
+    ``WAIT wait_replicas wait_timeout_ms``, so the publish returns once that many replicas
+    have it, and with it every earlier write (the job record): replication is one ordered
+    stream. Fewer replicas in time is logged, and the publish still counts (Redis cannot
+    take a write back); docs/reliability.md "Failover"."""
+
     QoS = QoS
     _sync_client: tuple[redis.ConnectionPool, redis.Redis] | None = None
+    wait_replicas = 0
+    wait_timeout_ms = 1000
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        restore_orphans(self.qos, self.client)
 
     def _create_client(self, asynchronous: bool = False) -> redis.Redis:
         if asynchronous:
@@ -43,6 +96,21 @@ class Channel(kombu_redis.Channel):
         if cached is None or cached[0] is not pool:
             cached = self._sync_client = (pool, super()._create_client())
         return cached[1]
+
+    def _put(self, queue: str, message: dict[str, object], **kwargs: object) -> None:
+        replicas = int(self.wait_replicas)
+        if replicas <= 0 or kwargs.get("_publish_batch") is not None or queue in (self._expires or {}):
+            super()._put(queue, message, **kwargs)
+            return
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        with self.conn_or_acquire() as client:
+            with client.pipeline(transaction=False) as pipe:
+                pipe.lpush(key, dumps(message))
+                pipe.execute_command("WAIT", replicas, int(self.wait_timeout_ms))
+                _, acked = pipe.execute()
+        if int(acked) < replicas:
+            log.warning("message for %s reached %s of %d replicas within %d ms: a failover now could lose it",
+                        queue, acked, replicas, self.wait_timeout_ms)
 
     def basic_ack(self, delivery_tag: str, multiple: bool = False) -> None:
         if self.closed or self.connection is None:
@@ -57,8 +125,27 @@ class Channel(kombu_redis.Channel):
         super().basic_reject(delivery_tag, requeue)
 
 
+class Channel(_Surviving, kombu_redis.Channel):
+    from_transport_options = kombu_redis.Channel.from_transport_options + ("wait_replicas", "wait_timeout_ms")
+
+
+class SentinelChannel(_Surviving, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel: each new connection asks the Sentinels for the master
+    (also a reconnect from a command: :mod:`tasks.sentinelconn`)."""
+
+    connection_class = FollowingConnection
+
+    from_transport_options = kombu_redis.SentinelChannel.from_transport_options + ("wait_replicas",
+                                                                                   "wait_timeout_ms")
+
+
 class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
 TRANSPORT = f"{__name__}:Transport"
+SENTINEL_TRANSPORT = f"{__name__}:SentinelTransport"

@@ -7,17 +7,19 @@ from __future__ import annotations
 
 from celery import Celery
 
-from tasks.broker import TRANSPORT
+from tasks.redisconn import broker_transport, broker_transport_options, broker_url
 from tasks.settings import Settings
 
 
 def make_celery(settings: Settings, main: str = "modelbay") -> Celery:
-    app = Celery(main, broker=settings.redis_url, set_as_current=False)
-    app.conf.broker_transport = TRANSPORT  # kombu's Redis transport, surviving a Valkey restart
+    app = Celery(main, broker=broker_url(settings), set_as_current=False)
+    # kombu's Redis (or Redis Sentinel) transport, surviving a Valkey restart or failover
+    app.conf.broker_transport = broker_transport(settings)
     transport = {
         # Longer than the longest inference deadline, so an acked-late message that is
         # still running is not redelivered to a second worker.
         "visibility_timeout": settings.visibility_timeout_s,
+        **broker_transport_options(settings),  # master_name, sentinel_kwargs, the replica wait
     }
     app.conf.update(
         broker_transport_options=transport,

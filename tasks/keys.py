@@ -42,6 +42,8 @@ Keys (all under ``mb:``):
 - ``mb:idem:<scope>:<hash>``  an Idempotency-Key: pending, then the id it created (:mod:`tasks.idempotency`)
 - ``mb:webhooks``              sorted set ``job:<id>`` / ``batch:<id>`` → epoch seconds when its end event
                               is next looked at (the webhook outbox, :mod:`tasks.webhooks`)
+- ``mb:repl:barrier``         a counter written before ``WAIT`` so the wait covers this
+                              client's earlier writes on any connection (:meth:`tasks.store.Store.replicated`)
 
 ``<tok>`` is :func:`tasks.names.model_token` of the model name. Outside ``mb:``, the store
 reads keys of kombu's Redis transport: each Celery queue is a list named after it
@@ -69,6 +71,7 @@ GONE = f"{P}gone"
 FILES = f"{P}files"
 BATCHES = f"{P}batches"
 BATCHES_ACTIVE = f"{P}batches:active"
+REPL_BARRIER = f"{P}repl:barrier"
 WEBHOOKS_DUE = f"{P}webhooks"
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's Redis transport (its defaults)
 

@@ -23,6 +23,8 @@ from pydantic import BeforeValidator, Field, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from tasks.redisurl import RedisUrlError, parse_redis_target
+
 PREFIX = "MODELBAY_"
 NODE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
@@ -75,6 +77,17 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="forbid")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Sentinel (docs/reliability.md "Failover"): with MODELBAY_REDIS_URL=sentinel://h1:26379;
+    # sentinel://h2:26379 the master these Sentinels monitor under this name; the data nodes'
+    # password (or in the URL's first entry) and the Sentinels' own (tasks/redisurl.py).
+    redis_sentinel_master: str = ""
+    redis_password: str = ""
+    redis_sentinel_password: str = ""
+    # Replicas that must have a write before it counts (Redis WAIT, at most redis_wait_timeout_ms):
+    # a new job's record, its task message and a job's final state, so a job answered 202 and its
+    # result survive a failover. 0: off (one Valkey); 1 with Sentinel (docs/reliability.md).
+    redis_wait_replicas: int = Field(default=0, ge=0)
+    redis_wait_timeout_ms: int = Field(default=1000, ge=1)
     # One NATS server, or every server of a NATS cluster comma-separated: each process connects
     # to one (random order) and fails over to the others (tasks/bus.py)
     nats_url: str = "nats://127.0.0.1:4222"
@@ -308,6 +321,12 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
     values: dict[str, object] = {**_EnvironSource(Settings, os.environ if environ is None else environ)(),
                                  **overrides}
     try:
-        return Settings(**values)
+        settings = Settings(**values)
     except ValidationError as exc:
         raise SettingsError.from_validation(exc) from None
+    try:
+        parse_redis_target(settings.redis_url, settings.redis_sentinel_master, settings.redis_password,
+                           settings.redis_sentinel_password)
+    except RedisUrlError as exc:
+        raise SettingsError(exc.problems) from None
+    return settings

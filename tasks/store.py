@@ -26,12 +26,13 @@ from tasks.errors import ErrorCode
 from tasks.files import FileIndex
 from tasks.modelstats import queue_count
 from tasks.keys import (CATALOG, CATALOG_CREATED, INFLIGHT, JOB_CHANNEL_PATTERN, JOBS, OPS, OPS_VER,
-                        cooldown_key, crashes_key, job_key, load_flight_key, waiters_key)
+                        REPL_BARRIER, cooldown_key, crashes_key, job_key, load_flight_key, waiters_key)
 from tasks.schemas import (ACTIVE, TERMINAL, JobErrorInfo, JobProgress, JobRecord, Manifest,
                            utcnow)
 from tasks.settings import Settings
 from tasks.nodestore import NodeStore
 from tasks.queues import QueueStore
+from tasks.redisconn import make_client
 from tasks.tokens import TokenStream
 
 
@@ -63,31 +64,49 @@ class Store(NodeStore):
     @classmethod
     def from_settings(cls, settings: Settings, outage_s: float = 1.0) -> Store:
         """A store whose commands ride out a Redis outage (a restart) of about ``outage_s``
-        seconds: connection errors are retried with backoff (50 ms doubling to 1 s) for
+        seconds (a Sentinel failover: each retry reconnects to the current master, see
+        :mod:`tasks.redisconn`): connection errors are retried with backoff (50 ms doubling to 1 s) for
         that long before they surface. Workers wait long (a job's writes must land); the
         web waits little (it answers 503 instead)."""
         retries = 3
         while sum(min(1.0, 0.05 * 2 ** i) for i in range(retries)) < outage_s:
             retries += 1
         retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries)
-        client = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30,
-                                      socket_keepalive=True, retry=retry,
-                                      retry_on_error=[redis.ConnectionError, redis.TimeoutError])
-        return cls(client, settings)
+        return cls(make_client(settings, retry), settings)
 
     # ---- jobs -------------------------------------------------------------------------
 
     def create_job(self, record: JobRecord) -> JobRecord:
-        with self._r.pipeline() as pipe:
-            pipe.set(job_key(record.id), record.model_dump_json(), nx=True,
-                     ex=self._ttl_for(record))
-            pipe.zadd(JOBS, {record.id: time.time()})
-            if record.kind != "inference":
-                pipe.sadd(OPS, record.id)
-                pipe.incr(OPS_VER)
-            pipe.zremrangebyrank(JOBS, 0, -self.settings.jobs_recent_max - 1)
-            pipe.execute()
+        """Write a new job's record; with ``redis_wait_replicas`` only once a replica has it
+        (or, none answering in time, the current master has it: see :meth:`replicated`)."""
+        for _ in range(3):
+            with self._r.pipeline() as pipe:
+                pipe.set(job_key(record.id), record.model_dump_json(), nx=True,
+                         ex=self._ttl_for(record))
+                pipe.zadd(JOBS, {record.id: time.time()})
+                if record.kind != "inference":
+                    pipe.sadd(OPS, record.id)
+                    pipe.incr(OPS_VER)
+                pipe.zremrangebyrank(JOBS, 0, -self.settings.jobs_recent_max - 1)
+                pipe.execute()
+            if self.replicated() or self._r.exists(job_key(record.id)):
+                return record
+            # written to a master that failed over before a replica had it: write it again
         return record
+
+    def replicated(self) -> bool:
+        """Whether every write this process made before the call is on ``redis_wait_replicas``
+        replicas (always True with the wait off): a barrier write, then ``WAIT`` for it on
+        the same connection (replication is one ordered stream, so it covers the earlier
+        writes of every connection). False when fewer had it within ``redis_wait_timeout_ms``:
+        no replica in sync, or a failover in between (the write may be lost; look again)."""
+        wanted = self.settings.redis_wait_replicas
+        if wanted <= 0:
+            return True
+        with self._r.pipeline(transaction=False) as pipe:
+            pipe.incr(REPL_BARRIER)
+            pipe.execute_command("WAIT", wanted, self.settings.redis_wait_timeout_ms)
+            return int(pipe.execute()[1]) >= wanted
 
     def get_job(self, job_id: str) -> JobRecord | None:
         raw = self._r.get(job_key(job_id))
@@ -119,6 +138,11 @@ class Store(NodeStore):
                 inflight="add" if inference and running else "rem" if inference and was_running else "",
                 publish=new.status if new.status != current.status else "",
                 count=queue_count(current, new), model=new.model))
+            if written and new.terminal and not self.replicated():
+                now = self._r.get(job_key(job_id))  # on no replica yet: lost in a failover?
+                if now != new_raw:
+                    raw = now  # it was: apply again to what the new master has
+                    continue
             if written:
                 return Change(True, new, new_raw)
 

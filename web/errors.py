@@ -15,6 +15,7 @@ import logging
 from typing import IO
 
 import redis
+from kombu.exceptions import OperationalError
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
@@ -92,8 +93,13 @@ def init_app(app: Flask) -> None:
                                                                                     err.name)
         return respond(kind(message))
 
+    # Every Redis error that outlives the store's retries, a restart's or a Sentinel
+    # failover's (ConnectionError, TimeoutError, READONLY from a demoted master,
+    # MasterNotFoundError), and a task publish that found no broker (kombu's
+    # OperationalError), is a 503 store_unavailable with Retry-After, never a 500.
     @app.errorhandler(redis.RedisError)
-    def _redis(err: redis.RedisError):
+    @app.errorhandler(OperationalError)
+    def _redis(err: Exception):
         log.warning("Redis unavailable: %s", err)
         return respond(Unavailable("the job store is unreachable, retry shortly", code=ErrorCode.STORE_UNAVAILABLE))
 
