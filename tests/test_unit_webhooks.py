@@ -168,6 +168,8 @@ def test_a_post_is_guarded_at_connect_time_and_classified():
         def do_POST(self) -> None:  # noqa: N802
             self.rfile.read(int(self.headers["Content-Length"]))
             seen.append(self.path)
+            if self.path == "/slow":
+                time.sleep(2)
             self.send_response({"/ok": 204, "/busy": 503}.get(self.path, 410))
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -185,6 +187,8 @@ def test_a_post_is_guarded_at_connect_time_and_classified():
         assert post(f"http://127.0.0.1:{port}/busy", b"{}", {}, 5, True) == (
             True, f"http://127.0.0.1:{port}/busy answered 503 Service Unavailable")
         assert post(f"http://127.0.0.1:{port}/gone", b"{}", {}, 5, True)[0] is False
+        retry, error = post(f"http://127.0.0.1:{port}/slow", b"{}", {}, 0.5, True)
+        assert retry and "timed out" in (error or ""), error
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             closed = s.getsockname()[1]

@@ -212,6 +212,23 @@ def test_a_batch_event_unwraps_with_the_openai_sdk(hooks: dict) -> None:
     assert done["webhook"] == {"status": "delivered", "attempts": 1, "last_error": None}
 
 
+def test_a_batch_that_fails_validation_is_a_batch_failed_event_for_the_operator(hooks: dict) -> None:
+    receiver, url = hooks["receiver"], hooks["url"]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+    upload = client.files.create(file=("r.jsonl", b"{not json\n"), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h")
+
+    def event() -> object:
+        for head, body in receiver.to("/operator"):
+            if json.loads(body)["data"]["id"] == batch.id:
+                return client.webhooks.unwrap(body, head, secret=SECRET)
+        return None
+
+    got = poll(event, 60, f"batch {batch.id}'s event at the operator's URL")
+    assert got.type == "batch.failed" and type(got).__name__ == "BatchFailedWebhookEvent"
+    assert client.batches.retrieve(batch.id).status == "failed"
+
+
 def test_a_worker_killed_between_a_jobs_end_and_its_webhook_loses_no_event(hooks: dict, artifacts: Path) -> None:
     """The victim holds each ended job for a minute before announcing it and posts no webhooks
     itself: SIGKILLed in that window, the job's entry from submit time comes due and the other
