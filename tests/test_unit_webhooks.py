@@ -196,3 +196,16 @@ def test_a_post_is_guarded_at_connect_time_and_classified():
         assert retry and "ConnectionRefusedError" in (error or "")
     finally:
         server.shutdown()
+
+
+def test_a_job_without_a_webhook_costs_no_round_trip():
+    """watch_job (web, at submit) and job_ended (web cancel, worker end) never reach the store
+    for a job without a webhook: a store that is not one would fail the moment they did."""
+    from tasks.webhooks import job_ended, watch_job
+
+    no_store = object()
+    watch_job(no_store, _job("queued"), load_settings({}))
+    job_ended(no_store, _job("succeeded"))
+    job_ended(no_store, None)
+    with pytest.raises(AttributeError):
+        job_ended(no_store, _job("succeeded", webhook=WebhookState()))
