@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 
 import redis
 from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual import Message
 from kombu.utils.json import dumps
 
 from tasks.sentinelconn import FollowingConnection
@@ -37,37 +39,58 @@ from tasks.sentinelconn import FollowingConnection
 log = logging.getLogger("modelbay.broker")
 
 
-_orphaned: set[str] = set()  # this process's taken, unacked messages whose channel closed
+# This process's taken, unacked messages whose broker connection went (delivery tag ->
+# payload, exchange, routing key), put back by the next channel (:func:`restore_orphans`).
+_orphaned: dict[str, tuple[dict[str, object], str, str]] = {}
 _orphaned_lock = threading.Lock()
+
+
+def _remember(messages: Mapping[str, Message]) -> None:
+    with _orphaned_lock:
+        for tag, message in messages.items():
+            info = message.delivery_info
+            _orphaned[tag] = (message._raw, info.get("exchange", ""), info.get("routing_key", ""))
 
 
 class QoS(kombu_redis.QoS):
     restore_at_shutdown = False
 
+    def append(self, message: Message, delivery_tag: str) -> None:
+        try:
+            super().append(message, delivery_tag)
+        except redis.RedisError:  # taken from the queue, not yet in the unacked hash: keep it
+            _remember({delivery_tag: message})
+            raise
+
     def restore_unacked_once(self, stderr: object = None) -> None:
         """On close: remember the messages taken and not acked, for the next channel."""
-        with _orphaned_lock:
-            _orphaned.update(self._delivered)
+        _remember(self._delivered)
         super().restore_unacked_once(stderr)
 
 
-def restore_orphans(qos: kombu_redis.QoS, client: redis.Redis) -> None:
-    """Put the messages a closed channel of this process had taken and not acked back in
-    their queues (from the unacked hash, as the visibility timeout would, hours sooner)."""
+def restore_orphans(channel: kombu_redis.Channel) -> None:
+    """Put the messages this process had taken and not acked when its broker connection
+    went back in their queues, from memory: after a failover the unacked hash on the new
+    master may lack them (replication is asynchronous), as may a queue that had replicated
+    their pop. Each is also cleared from the unacked hash, so it is not restored twice."""
     with _orphaned_lock:
-        tags = list(_orphaned)
+        orphans = dict(_orphaned)
         _orphaned.clear()
-    if not tags:
-        return
+    done = 0
     try:
-        for i, tag in enumerate(tags):
-            qos.restore_by_tag(tag, client=client)
+        for tag, (payload, exchange, routing_key) in orphans.items():
+            with channel.client.pipeline() as pipe:
+                channel.qos._remove_from_indices(tag, pipe)
+                channel._do_restore_message(payload, exchange, routing_key, pipe)
+                pipe.execute()
+            done += 1
     except redis.RedisError as exc:
         with _orphaned_lock:
-            _orphaned.update(tags[i:])
-        log.warning("restoring taken messages after a broker reconnect failed (%s); retried on the next", exc)
-        return
-    log.warning("restored %d messages taken before the broker connection was lost", len(tags))
+            for tag in list(orphans)[done:]:
+                _orphaned.setdefault(tag, orphans[tag])
+        log.warning("putting back taken messages after a broker reconnect failed (%s); the next channel tries", exc)
+    if done:
+        log.warning("put back %d messages taken before the broker connection was lost", done)
 
 
 class _Surviving:
@@ -86,7 +109,7 @@ class _Surviving:
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        restore_orphans(self.qos, self.client)
+        restore_orphans(self)
 
     def _create_client(self, asynchronous: bool = False) -> redis.Redis:
         if asynchronous:
