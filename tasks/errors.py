@@ -75,13 +75,13 @@ class ErrorCode(StrEnum):
     FILE_TOO_LARGE = "file_too_large", 413, INVALID_REQUEST_ERROR  # an upload over MODELBAY_MAX_FILE_MB
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", 415, INVALID_REQUEST_ERROR
     VALIDATION_ERROR = "validation_error", 422, INVALID_REQUEST_ERROR
-    # 503 (with Retry-After): retrying later may work
     # an Idempotency-Key sent again with another body (tasks/idempotency.py)
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused", 422, INVALID_REQUEST_ERROR
     # the first request with this Idempotency-Key is still being answered (past the wait)
     IDEMPOTENCY_KEY_IN_USE = "idempotency_key_in_use", 409, CONFLICT_ERROR
     # 429 (with Retry-After): the model's queue is at its cap (MODELBAY_MAX_QUEUED_PER_MODEL)
     QUEUE_FULL = "queue_full", 429, RATE_LIMIT_ERROR
+    # 503 (with Retry-After): retrying later may work
     UNAVAILABLE = "unavailable", 503, SERVICE_UNAVAILABLE
     STORE_UNAVAILABLE = "store_unavailable", 503, SERVICE_UNAVAILABLE
     FILE_STORE_UNAVAILABLE = "file_store_unavailable", 503, SERVICE_UNAVAILABLE  # S3 unreachable or failing

@@ -133,6 +133,13 @@ class Settings(BaseSettings):
     max_image_steps: int = 200          # denoising steps of one image
     max_wait_s: float = 60.0
     load_wait_s: float = 120.0
+    # Backpressure and retries (tasks/modelstats.py, tasks/idempotency.py): interactive jobs that
+    # may wait per model (0: no cap; a manifest's max_queued overrides), past it a 429 with
+    # Retry-After; how long an Idempotency-Key is remembered, and how long a request that finds
+    # the key's first request still creating waits for it.
+    max_queued_per_model: int = Field(default=0, ge=0)
+    idempotency_ttl_s: int = Field(default=86400, ge=1)
+    idempotency_wait_s: float = Field(default=10.0, gt=0)
     # Nodes and workers
     node_ttl_s: float = 15.0
     node_memory_mb: int = 16384
@@ -146,13 +153,6 @@ class Settings(BaseSettings):
     # one place it is resolved: Settings.worker_threads.
     worker_concurrency_per_gpu: int = Field(default=32, ge=1)
     # CPUs a backend process sizes its threads to (llama.cpp's n_threads); 0: the CPUs it may
-    # Backpressure and retries (tasks/modelstats.py, tasks/idempotency.py): interactive jobs that
-    # may wait per model (0: no cap; a manifest's max_queued overrides), past it a 429 with
-    # Retry-After; how long an Idempotency-Key is remembered, and how long a request that finds
-    # the key's first request still creating waits for it.
-    max_queued_per_model: int = Field(default=0, ge=0)
-    idempotency_ttl_s: int = Field(default=86400, ge=1)
-    idempotency_wait_s: float = Field(default=10.0, gt=0)
     # run on (sched_getaffinity). `modelbay up --workers N` gives each worker CPUs/N.
     backend_cpus: int = Field(default=0, ge=0)
     # A running job whose node's heartbeat expired is requeued, at most this many attempts
