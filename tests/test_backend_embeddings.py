@@ -179,6 +179,10 @@ def test_backend_batches_32_concurrent_calls(backends: Callable[..., BackendProc
     with pytest.raises(BackendCallError) as info_bad:
         bp.embed(["x"], {"normalize": "yes"}, 10)
     assert info_bad.value.grpc_code == "INVALID_ARGUMENT" and "normalize" in str(info_bad.value)
+    with pytest.raises(BackendCallError) as info_bad:
+        bp.embed(["x"], {"priority": "urgent"}, 10)
+    assert info_bad.value.grpc_code == "INVALID_ARGUMENT" and "priority" in str(info_bad.value)
+    assert bp.embed(["x"], {"priority": "bulk"}, 10)[1] == bp.embed(["x"], {}, 10)[1]
 
 
 def test_missing_library_names_the_extra(backends: Callable[..., BackendProcess], tmp_path: Path) -> None:

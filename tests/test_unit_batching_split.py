@@ -153,3 +153,32 @@ def test_close_fails_the_rest_of_a_split_request() -> None:
         closer.join(10)
         with pytest.raises(RuntimeError, match="closed"):
             large.result(10)
+
+
+def test_an_interactive_request_goes_before_bulk_texts_queued_earlier() -> None:
+    """A batch's chunk (bulk) queued before an interactive call: the interactive texts run in
+    the very next pass, ahead of the chunk's rest; bulk requests keep their order."""
+    from workers.backends.batching import BULK
+
+    encode = Echo()
+    encode.gate.clear()  # hold the first pass
+    batcher = Batcher(encode, max_batch_size=4, max_delay_s=0.0)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(batcher.submit, texts("bulk-a", 10), lambda: False, BULK)
+            assert encode.entered.acquire(timeout=10)  # bulk-a's first 4 texts are encoding
+            second = pool.submit(batcher.submit, texts("bulk-b", 4), lambda: False, BULK)
+            poll(lambda: batcher._queue.qsize() >= 2, 10, "bulk-b queued behind bulk-a's rest")
+            urgent = pool.submit(batcher.submit, texts("now", 2))
+            poll(lambda: batcher._queue.qsize() >= 3, 10, "the interactive call queued")
+            encode.gate.set()
+            assert urgent.result(10) == ["row:now0", "row:now1"]
+            assert first.result(10) == [f"row:bulk-a{i}" for i in range(10)]
+            assert second.result(10) == [f"row:bulk-b{i}" for i in range(4)]
+    finally:
+        batcher.close()
+    # The interactive pass opens with "now" and fills with what is most urgent after it.
+    assert encode.calls[1][:2] == ["now0", "now1"], encode.calls
+    order = [t for call in encode.calls for t in call]
+    assert order.index("bulk-a9") < order.index("bulk-b0"), encode.calls  # bulk: first come first served
+    assert all(len(call) <= 4 for call in encode.calls)

@@ -8,6 +8,12 @@ with more texts than the open batch has room for is split, its first texts fill 
 and the rest start the next one (before any request that came later). Each caller gets back
 exactly its own rows, in the order of its texts.
 
+Priority: a request says how urgent it is (:data:`INTERACTIVE`, the default, or :data:`BULK`
+for a batch's chunk). A batch opens with the most urgent request waiting and fills with the
+next most urgent ones, so an interactive caller waits at most for the pass already running,
+never behind bulk texts queued before it; within one priority, first come first served (the
+rest of a split request keeps its place).
+
 Isolation: a request cancelled before its texts run is dropped (also between the passes of a
 split request); one cancelled while its batch runs still lets the others finish. When a
 batch of several requests fails, each request's texts in it are encoded again on their own,
@@ -27,6 +33,9 @@ from typing import Any
 log = logging.getLogger("modelbay.backend")
 
 Encode = Callable[[list[str]], Sequence[Any]]
+INTERACTIVE, BULK = 0, 1
+"""Request priorities: lower goes first."""
+_CLOSE = -1  # the close marker's priority: ahead of everything
 
 
 class BatchCancelled(Exception):
@@ -40,6 +49,8 @@ class _Request:
 
     texts: list[str]
     cancelled: Callable[[], bool]
+    priority: int = INTERACTIVE
+    seq: int = 0  # arrival order, within a priority
     done: threading.Event = field(default_factory=threading.Event)
     rows: list[Any] = field(default_factory=list)
     error: BaseException | None = None
@@ -92,24 +103,26 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.poll_s = poll_s
         self.batches = self.texts = self.requests = self.max_batch = 0
-        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._queue: queue.PriorityQueue[tuple[int, int, _Request | None]] = queue.PriorityQueue()
         self._lock = threading.Lock()
         self._closed = False
-        self._carry: _Request | None = None  # a split request whose next texts start the next batch
+        self._seq = 0
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, texts: list[str], cancelled: Callable[[], bool] = lambda: False) -> Sequence[Any]:
-        """Encode ``texts`` as part of a batch; blocks until done. Raises
-        :class:`BatchCancelled` when ``cancelled()`` turns true first, or what ``encode``
-        raised for these texts."""
+    def submit(self, texts: list[str], cancelled: Callable[[], bool] = lambda: False,
+               priority: int = INTERACTIVE) -> Sequence[Any]:
+        """Encode ``texts`` as part of a batch (``priority``: :data:`INTERACTIVE` or
+        :data:`BULK`); blocks until done. Raises :class:`BatchCancelled` when ``cancelled()``
+        turns true first, or what ``encode`` raised for these texts."""
         if not texts:
             return []
-        request = _Request(list(texts), cancelled)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
-            self._queue.put(request)
+            self._seq += 1
+            request = _Request(list(texts), cancelled, priority, self._seq)
+            self._queue.put((priority, request.seq, request))
         while not request.done.wait(self.poll_s):
             if cancelled():
                 raise BatchCancelled("the caller cancelled")
@@ -121,7 +134,7 @@ class Batcher:
         """Stop the thread after the batch in progress; waiting callers get an error."""
         with self._lock:
             self._closed = True
-            self._queue.put(None)
+            self._queue.put((_CLOSE, 0, None))
         self._thread.join(5.0)
 
     def stats(self) -> dict[str, int]:
@@ -130,10 +143,12 @@ class Batcher:
 
     # -- the batching thread ------------------------------------------------------------
     def _take(self, request: _Request, room: int) -> _Piece:
-        """The next ``room`` texts at most of ``request``; what is left of it is carried."""
+        """The next ``room`` texts at most of ``request``; what is left of it goes back in the
+        queue with its own priority and place."""
         start = request.scheduled
         request.scheduled = min(len(request.texts), start + room)
-        self._carry = request if request.scheduled < len(request.texts) else None
+        if request.scheduled < len(request.texts):
+            self._queue.put((request.priority, request.seq, request))
         return _Piece(request, start, request.scheduled)
 
     def _gather(self, first: _Request) -> tuple[list[_Piece], bool]:
@@ -142,10 +157,10 @@ class Batcher:
         batch = [self._take(first, self.max_batch_size)]
         size = len(batch[0].texts)
         deadline = time.monotonic() + self.max_delay_s
-        while size < self.max_batch_size and self._carry is None:
+        while size < self.max_batch_size:
             left = deadline - time.monotonic()
             try:
-                item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                _, _, item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is None:
@@ -157,15 +172,11 @@ class Batcher:
         return batch, False
 
     def _next(self) -> _Request | None:
-        """The carried request if it still wants its rows, else the next queued one (None:
-        closed: the carried request is failed with the queued ones)."""
+        """The most urgent queued request that still wants its rows (None: closed)."""
         if self._closed:
             return None
-        carry, self._carry = self._carry, None
-        if carry is not None and carry.live:
-            return carry
         while True:
-            item = self._queue.get()
+            _, _, item = self._queue.get()
             if item is None or item.live:
                 return item
 
@@ -178,15 +189,12 @@ class Batcher:
             self._run([piece for piece in batch if piece.request.live])
             if stop:
                 break
-        carry, self._carry = self._carry, None
-        if carry is not None:
-            carry.finish(error=RuntimeError("the batcher is closed"))
-        while True:  # closed: fail whoever is still queued
+        while True:  # closed: fail whoever is still queued (a split request's rest too)
             try:
-                item = self._queue.get_nowait()
+                _, _, item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if item is not None:
+            if item is not None and not item.done.is_set():
                 item.finish(error=RuntimeError("the batcher is closed"))
 
     def _encode(self, texts: list[str]) -> Sequence[Any]:

@@ -26,7 +26,9 @@ Each text is tokenized once, for the forward pass and its token count (the token
 saw: a text longer than ``max_seq_length`` counts its truncated length). One model runs on
 one device: ``gpu_count`` above 1 is refused (run more replicas instead).
 
-Embed params (``params_json``): ``normalize`` (bool) overrides the option per call.
+Embed params (``params_json``): ``normalize`` (bool) overrides the option per call;
+``priority`` ("interactive", the default, or "bulk": a batch's chunk) orders the batcher's
+queue, so interactive calls never wait behind bulk texts (:mod:`workers.backends.batching`).
 Status ``stats_json``: ``forward_passes``, ``texts_encoded``, ``requests``, ``max_batch``.
 """
 from __future__ import annotations
@@ -39,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.backends.model import BackendModel, InvalidParams, LoadInfo
-from workers.backends.batching import Batcher
+from workers.backends.batching import BULK, INTERACTIVE, Batcher
 from workers.backends.dtypes import bf16_supported, choose_dtype, saved_dtype
 from workers.backends.libs import (cuda_memory_mb, find_model_dir, limit_torch_threads, option, quiet_hf,
                                    require, torch_device)
@@ -48,6 +50,7 @@ from workers.backends.server import main as base_main
 BACKEND = "sentence-transformers"
 EXTRA = "embeddings"
 MARKERS = ("modules.json", "config.json")
+PRIORITIES = {"interactive": INTERACTIVE, "bulk": BULK}  # Embed's "priority" param
 CPU_MAX_BATCH, GPU_MAX_BATCH = 64, 256  # max_batch_size's defaults, texts per forward pass
 
 
@@ -136,10 +139,13 @@ class SentenceTransformerModel(BackendModel):
     def embed_with_usage(self, texts: list[str], params: dict[str, Any],
                          cancelled: Callable[[], bool]) -> tuple[list[list[float]], list[int]]:
         normalize = option(params, "normalize", bool, self._normalize)
+        priority = option(params, "priority", str, "interactive")
+        if priority not in PRIORITIES:
+            raise InvalidParams(f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
         batcher = self._batcher
         if batcher is None:
             raise RuntimeError("the model is not loaded")
-        rows = batcher.submit(texts, cancelled)
+        rows = batcher.submit(texts, cancelled, PRIORITIES[priority])
         return _rows([v for v, _ in rows], normalize), [n for _, n in rows]
 
     def embed(self, texts: list[str], params: dict[str, Any],

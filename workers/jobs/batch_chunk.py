@@ -43,6 +43,7 @@ from workers.supervisor.calls import BackendCallError, BackendCancelled
 from workers.supervisor.process import BackendProcess
 
 log = logging.getLogger("modelbay.worker")
+BULK_PARAMS = {"priority": "bulk"}  # Embed: behind every interactive call in the backend's batcher
 
 
 class Calls:
@@ -196,7 +197,7 @@ def _embed_together(chunk: Chunk) -> list[Outcome]:
     if not texts or chunk.calls.cancelled:
         return [p if isinstance(p, Outcome) else Outcome(ran=False) for p in parsed]
     try:
-        vectors, counts = chunk.proc.embed_each(texts, {}, chunk.rt.settings.inference_timeout_s,
+        vectors, counts = chunk.proc.embed_each(texts, BULK_PARAMS, chunk.rt.settings.inference_timeout_s,
                                                 on_call=chunk.calls.add)
     except BackendCancelled:
         return [p if isinstance(p, Outcome) else Outcome(ran=False) for p in parsed]
