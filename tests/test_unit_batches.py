@@ -72,7 +72,7 @@ def test_list_pages_newest_first(batches: BatchStore) -> None:
     made = []
     for _ in range(5):
         made.append(make(batches).id)
-        time.sleep(0.002)
+        time.sleep(0.002)  # distinct creation times: the order under test, not a synchronisation
     page, more = batches.list(limit=2)
     assert [r.id for r in page] == made[::-1][:2] and more
     page, more = batches.list(after=page[-1].id, limit=10)

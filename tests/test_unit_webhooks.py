@@ -169,7 +169,7 @@ def test_a_post_is_guarded_at_connect_time_and_classified():
             self.rfile.read(int(self.headers["Content-Length"]))
             seen.append(self.path)
             if self.path == "/slow":
-                time.sleep(2)
+                time.sleep(2)  # a receiver slower than the post's timeout: the case under test
             self.send_response({"/ok": 204, "/busy": 503}.get(self.path, 410))
             self.send_header("Content-Length", "0")
             self.end_headers()
