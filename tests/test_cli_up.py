@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import requests
 
-from helpers import pid_alive, poll
+from helpers import modelbay_up, pid_alive, poll
 from modelbay.services import descendants as children, free_port
 
 
@@ -29,15 +28,10 @@ def run(base: str, body: dict) -> dict:
 def test_modelbay_up_serves_jobs_and_stops_everything(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELBAY_")}
-    log = open(tmp_path / "up.log", "wb")
-    up = subprocess.Popen([sys.executable, "-m", "modelbay.cli", "up", "--port", str(port), "--workers", "2",
-                           "--web", "2", "--data-dir", str(tmp_path / "data")],
-                          stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     base = f"http://127.0.0.1:{port}"
     started: set[int] = set()
-    try:
-        poll(lambda: up.poll() is not None or "is up at" in (tmp_path / "up.log").read_text(), 120, "modelbay up")
-        assert up.poll() is None, (tmp_path / "up.log").read_text()
+    args = ["--port", str(port), "--workers", "2", "--web", "2", "--data-dir", str(tmp_path / "data")]
+    with modelbay_up(args, env, tmp_path) as up:
         nodes = poll(lambda: len(d := requests.get(f"{base}/v1/nodes", timeout=5).json()["data"]) == 2 and d,
                      30, "two nodes")
         assert sorted(n["id"][-2:] for n in nodes) == ["-1", "-2"]
@@ -71,14 +65,6 @@ def test_modelbay_up_serves_jobs_and_stops_everything(tmp_path):
             backends += 1
         started = children(up.pid)
         assert len(started) >= 6 + backends  # valkey, nats, 2 workers, gunicorn master + 2, backends
-    finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(60)
-        finally:
-            if up.poll() is None:
-                up.kill()
-            log.close()
     assert up.returncode == 0, (tmp_path / "up.log").read_text()
     output = (tmp_path / "up.log").read_text()
     assert "stopping" in output and "killed" not in output

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 import requests
 
 from fileserver import FileServer, payload, sha
-from helpers import every, http_ok, pid_alive, poll, start_worker, unique
+from helpers import every, http_ok, modelbay_up, pid_alive, poll, start_worker, unique
 from modelbay.services import (Service, descendants, free_port, nats_urls, spawn, start_nats_cluster, start_valkey,
                                stop_process, web_command)
 from tasks.bus import servers
@@ -193,15 +191,10 @@ def test_modelbay_up_runs_a_nats_cluster_and_stops_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELBAY_")}
     env["MODELBAY_WORKER_METRICS_PORT"] = "0"
     (tmp_path / "catalog.json").write_text(json.dumps({"echo": {"backend": "echo"}}))
-    log = open(tmp_path / "up.log", "wb")
-    up = subprocess.Popen([sys.executable, "-m", "modelbay.cli", "up", "--port", str(port), "--nats-cluster", "3",
-                           "--nats-port", str(nats_port), "--catalog", str(tmp_path / "catalog.json"),
-                           "--data-dir", str(tmp_path / "data")],
-                          stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     base, started = f"http://127.0.0.1:{port}", set()
-    try:
-        poll(lambda: up.poll() is not None or "is up at" in (tmp_path / "up.log").read_text(), 120, "modelbay up")
-        assert up.poll() is None, (tmp_path / "up.log").read_text()
+    args = ["--port", str(port), "--nats-cluster", "3", "--nats-port", str(nats_port),
+            "--catalog", str(tmp_path / "catalog.json"), "--data-dir", str(tmp_path / "data")]
+    with modelbay_up(args, env, tmp_path) as up:
         started = descendants(up.pid)
         nats_procs = [p for p in started if b"nats-server" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert len(nats_procs) == 3
@@ -215,14 +208,6 @@ def test_modelbay_up_runs_a_nats_cluster_and_stops_it(tmp_path):
         assert job.status_code == 202, job.text
         done = requests.get(f"{base}{job.headers['Location']}?wait=30", timeout=40).json()
         assert done["status"] == "succeeded" and done["result"]["text"] == "cluster"
-    finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(60)
-        finally:
-            if up.poll() is None:
-                up.kill()
-            log.close()
     assert up.returncode == 0, (tmp_path / "up.log").read_text()
     assert "killed" not in (tmp_path / "up.log").read_text()
     poll(lambda: not [p for p in started if pid_alive(p)], 10, "every process started by up to exit")
