@@ -34,6 +34,7 @@ from tasks.nodestore import NodeStore
 from tasks.queues import QueueStore
 from tasks.redisconn import make_client
 from tasks.tokens import TokenStream
+from tasks.webhooks import Outbox
 
 
 def new_job_id() -> str:
@@ -59,6 +60,7 @@ class Store(NodeStore):
         self.queues = QueueStore(client)
         self.batches = BatchStore(client, settings.batch_ttl_s)
         self.files = FileIndex(client)  # file records (/v1/files); their bytes are in the file store
+        self.webhooks = Outbox(client)  # webhook events waiting to be posted (tasks/webhooks.py)
         self._cas = JobCas(client)
 
     @classmethod

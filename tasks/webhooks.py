@@ -216,13 +216,6 @@ class Outbox:
         self._claim = client.register_script(_CLAIM)
         self._schedule = client.register_script(_SCHEDULE)
 
-    @classmethod
-    def of(cls, store: object) -> Outbox:
-        """The outbox on a :class:`tasks.store.Store`'s client (registering its scripts costs
-        no round trip)."""
-        client = getattr(store, "_r")
-        return cls(client)
-
     def schedule(self, member: str, at_s: float) -> None:
         """Look at ``member`` at ``at_s`` (epoch seconds), or earlier if it is due earlier
         already; nothing while a deliverer holds its lease (that one settles it)."""
@@ -276,15 +269,15 @@ def ended(record: JobRecord | BatchRecord) -> bool:
     return record.terminal if isinstance(record, JobRecord) else record.status in FINAL
 
 
-def watch_job(store: object, record: JobRecord, settings: Settings) -> None:
+def watch_job(outbox: Outbox, record: JobRecord, settings: Settings) -> None:
     """A new job with a webhook: its entry, due ``webhook_recheck_s`` from now (the safety net
     for an end that no worker announces: a worker killed just after it, the reaper's
     failures). Nothing, no round trip, for a job without one."""
     if record.webhook is not None:
-        Outbox.of(store).schedule(job_member(record.id), time.time() + settings.webhook_recheck_s)
+        outbox.schedule(job_member(record.id), time.time() + settings.webhook_recheck_s)
 
 
-def job_ended(store: object, record: JobRecord | None) -> None:
+def job_ended(outbox: Outbox, record: JobRecord | None) -> None:
     """A job just ended: its event is due now (when it has a webhook still pending)."""
     if record is not None and record.terminal and record.webhook is not None and record.webhook.status == "pending":
-        Outbox.of(store).schedule(job_member(record.id), time.time())
+        outbox.schedule(job_member(record.id), time.time())

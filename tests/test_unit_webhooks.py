@@ -199,8 +199,8 @@ def test_a_post_is_guarded_at_connect_time_and_classified():
 
 
 def test_a_job_without_a_webhook_costs_no_round_trip():
-    """watch_job (web, at submit) and job_ended (web cancel, worker end) never reach the store
-    for a job without a webhook: a store that is not one would fail the moment they did."""
+    """watch_job (web, at submit) and job_ended (web cancel, worker end) never reach the outbox
+    for a job without a webhook: an outbox that is not one would fail the moment they did."""
     from tasks.webhooks import job_ended, watch_job
 
     no_store = object()

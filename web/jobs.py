@@ -88,7 +88,7 @@ def submit():
     check_callback_url(req.callback_url, mb().settings)
     record, replayed = once(lambda: mb().dispatcher.submit(req, manifest, webhooks=True), mb().store.get_job,
                             lambda r: r.id)  # an Idempotency-Key's retry: the first request's job
-    watch_job(mb().store, record, mb().settings)  # a webhook's outbox entry (none: no round trip)
+    watch_job(mb().store.webhooks, record, mb().settings)  # a webhook's outbox entry (none: no round trip)
     count_submitted("inference", req.task)
     status = 200 if replayed else 202
     if wait_s:  # submit and long-poll in one request: one HTTP round trip less per job
@@ -125,7 +125,7 @@ def cancel(job_id: str):
     if not change.applied:
         status = change.record.status if change.record else "gone"
         raise Conflict(f"job {job_id} is already {status}", code=ErrorCode.JOB_FINISHED)
-    job_ended(mb().store, change.record)  # its webhook is due (a worker posts it)
+    job_ended(mb().store.webhooks, change.record)  # its webhook is due (a worker posts it)
     return jsonify(change.record.public()), 202
 
 

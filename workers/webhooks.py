@@ -156,7 +156,7 @@ class WebhookStep(bootsteps.Step):
 
         def ready(**_: object) -> None:
             rt = getattr(app, "modelbay_runtime")
-            box["d"] = Deliverer(rt.settings, Outbox.of(rt.store)).start()
+            box["d"] = Deliverer(rt.settings, rt.store.webhooks).start()
 
         def stopping(**_: object) -> None:
             if "d" in box:

@@ -97,7 +97,7 @@ def _announce(rt: Runtime, record: JobRecord | None) -> None:
         return
     if rt.settings.webhook_test_hold_s:  # tests: a window in which to kill this worker
         time.sleep(rt.settings.webhook_test_hold_s)
-    job_ended(rt.store, record)
+    job_ended(rt.store.webhooks, record)
 
 
 @shared_task(name=TASK_UNLOAD, bind=True)
