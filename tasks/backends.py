@@ -45,7 +45,8 @@ _ALL: tuple[Backend, ...] = (
     # Seconds for the delays; memory_mb is MiB; dim is floats per vector; fail_load and
     # crash_at ("warmup" or "generate": the process dies of SIGSEGV there) are test hooks.
     Backend("echo", ("embed", "generate", "chat"),
-            frozenset({"load_delay_s", "token_delay_s", "dim", "fail_load", "memory_mb", "crash_at", "refuse_text"})),
+            frozenset({"load_delay_s", "token_delay_s", "dim", "fail_load", "memory_mb", "crash_at", "refuse_text",
+                       "embed_delay_s"})),
     # max_batch_size in texts, max_batch_delay_ms in milliseconds, max_seq_length in tokens.
     Backend("sentence-transformers", ("embed",),
             frozenset({"max_batch_size", "max_batch_delay_ms", "normalize", "device", "dtype", "max_seq_length",

@@ -2,9 +2,11 @@
 
 The record is replaced only when it is still, byte for byte, what the writer read; the
 indexes that follow a job's status (the operations set and its version, the in-flight set,
-the model's queue counters of :mod:`tasks.modelstats`) change with it, and the new status is published on the job's channel, all atomically. A
-writer whose read is stale gets the current record back and decides again: so a terminal
-state is never overwritten, as with WATCH/MULTI, in two round trips fewer.
+the model's queue counters of :mod:`tasks.modelstats`) change with it, and the new status
+(with a small terminal record, the record: :func:`event_of`) is published on the job's
+channel, all atomically. A writer whose read is stale gets the current record back and
+decides again: so a terminal state is never overwritten, as with WATCH/MULTI, in two round
+trips fewer.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from dataclasses import dataclass
 
 import redis
 
-from tasks.keys import INFLIGHT, OPS, OPS_VER, job_channel, job_key, model_counts_key
+from tasks.keys import EVENT_RECORD_MAX_BYTES, INFLIGHT, OPS, OPS_VER, job_channel, job_key, model_counts_key
+from tasks.schemas import JobRecord
 
 _SCRIPT = """
 local cur = redis.call('GET', KEYS[1])
@@ -50,9 +53,26 @@ class Write:
     ttl_s: int            # the key's new expiry, seconds
     leaves_ops: bool      # a load or unload that ends: out of the operations set
     inflight: str         # "add" (starts running), "rem" (stops running) or ""
-    publish: str          # the new status when it changed (sent on the job's channel), else ""
+    publish: str          # what the job's channel is sent (event_of), else ""
     count: str = ""       # the model's queue counter it moves: "started", "gone" (tasks.modelstats) or ""
     model: str = ""       # the job's model (whose counters ``count`` moves)
+
+
+def event_of(current: JobRecord, new: JobRecord, new_raw: str) -> str:
+    """What a write publishes on the job's channel: "" when the status did not change, else
+    the new status, and for a terminal record of at most ``EVENT_RECORD_MAX_BYTES`` a
+    newline and the record's JSON (a waiter then answers without reading it back)."""
+    if new.status == current.status:
+        return ""
+    if new.terminal and len(new_raw) <= EVENT_RECORD_MAX_BYTES:
+        return f"{new.status}\n{new_raw}"
+    return new.status
+
+
+def parse_event(data: str) -> tuple[str, str | None]:
+    """``(status, record JSON or None)`` of a message :func:`event_of` made."""
+    status, _, raw = data.partition("\n")
+    return status, raw or None
 
 
 class JobCas:

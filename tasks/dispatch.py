@@ -118,13 +118,14 @@ class Dispatcher:
         return record, created
 
     def submit(self, request: JobRequest, manifest: Manifest, *, stream: bool = False,
-               webhooks: bool = False) -> JobRecord:
+               webhooks: bool = False, job_id: str | None = None) -> JobRecord:
         """Create an inference job and route it; with ``stream`` its pieces go to the job's
         token stream as they are generated; with ``webhooks`` (a ``/v1/jobs`` job, not one
         behind a synchronous OpenAI route) its end is posted to its ``callback_url`` and the
-        operator's URLs (tasks/webhooks.py)."""
+        operator's URLs (tasks/webhooks.py). ``job_id``: the id, when the caller made it
+        (:func:`tasks.store.new_job_id`) to listen for the job before it exists."""
         hook = pending(request.callback_url, self.store.settings) if webhooks else None
-        record = JobRecord(id=new_job_id(), kind="inference", model=request.model,
+        record = JobRecord(id=job_id or new_job_id(), kind="inference", model=request.model,
                            task=request.task, input=request.input_json(), params=request.params,
                            node=request.node, pin=request.node, stream=stream,
                            callback_url=request.callback_url, webhook=hook)

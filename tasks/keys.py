@@ -3,7 +3,9 @@
 Keys (all under ``mb:``):
 
 - ``mb:job:<id>``             job record JSON; terminal records expire after ``job_ttl_s``
-- ``mb:jobev:<id>``           pub/sub channel, one message per transition (the new status)
+- ``mb:jobev:<id>``           pub/sub channel, one message per transition: the new status; a
+                              terminal one of at most ``EVENT_RECORD_MAX_BYTES`` adds a newline
+                              and the record's JSON, so a waiter need not read it back
 - ``mb:jobs``                 sorted set of job ids by creation time (seconds)
 - ``mb:catalog``              hash model name → manifest JSON
 - ``mb:catalog:created``      hash model name → first registration time (epoch seconds)
@@ -58,6 +60,7 @@ P = "mb:"
 
 JOBS = f"{P}jobs"
 JOB_CHANNEL_PATTERN = f"{P}jobev:*"
+EVENT_RECORD_MAX_BYTES = 64 * 1024  # a terminal record up to this size travels in its event
 CATALOG = f"{P}catalog"
 CATALOG_CREATED = f"{P}catalog:created"
 NODES = f"{P}nodes"

@@ -133,6 +133,11 @@ class Settings(BaseSettings):
     max_image_steps: int = 200          # denoising steps of one image
     max_wait_s: float = 60.0
     load_wait_s: float = 120.0
+    # POST /v1/embeddings calls coalesced into shared jobs (web/openai/coalesce.py): per web
+    # process and model, calls that arrive while this many of their jobs are on the way wait
+    # and go as one job, of at most coalesce_embed_texts texts; 0: every call its own job.
+    coalesce_embed_jobs: int = Field(default=2, ge=0)
+    coalesce_embed_texts: int = Field(default=256, ge=1)
     # Backpressure and retries (tasks/modelstats.py, tasks/idempotency.py): interactive jobs that
     # may wait per model (0: no cap; a manifest's max_queued overrides), past it a 429 with
     # Retry-After; how long an Idempotency-Key is remembered, and how long a request that finds

@@ -21,7 +21,7 @@ from redis.client import PubSub
 from redis.retry import Retry
 
 from tasks.batches import BatchStore
-from tasks.cas import JobCas, Write
+from tasks.cas import JobCas, Write, event_of
 from tasks.errors import ErrorCode
 from tasks.files import FileIndex
 from tasks.modelstats import queue_count
@@ -138,7 +138,7 @@ class Store(NodeStore):
             written, raw = self._cas(Write(
                 job_id, raw, new_raw, self._ttl_for(new), leaves_ops=new.terminal and not inference,
                 inflight="add" if inference and running else "rem" if inference and was_running else "",
-                publish=new.status if new.status != current.status else "",
+                publish=event_of(current, new, new_raw),
                 count=queue_count(current, new), model=new.model))
             if written and new.terminal and not self.replicated():
                 now = self._r.get(job_key(job_id))  # on no replica yet: lost in a failover?
@@ -245,7 +245,7 @@ class Store(NodeStore):
 
     def job_events(self) -> PubSub:
         """A pub/sub connection subscribed to every job's transitions (``mb:jobev:*``): each
-        message's channel ends with the job id, its data is the new status."""
+        message's channel ends with the job id, its data is :func:`event_of`'s."""
         pubsub = self._r.pubsub(ignore_subscribe_messages=True)
         pubsub.psubscribe(JOB_CHANNEL_PATTERN)
         return pubsub

@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from helpers import backend_status, open_request, poll, unique, wait_job
+from tasks.cas import parse_event
 from tasks.dispatch import Dispatcher
 from tasks.names import TASK_INFER, TASK_LOAD, model_queue, node_queue
 from tasks.schemas import Manifest, NodeRecord, utcnow
@@ -162,8 +163,8 @@ def test_a_duplicate_task_message_does_nothing(client, register, store, app, wor
     assert done["status"] == "succeeded" and done["attempts"] == 1
     events: Counter[str] = Counter()
     pubsub = store._r.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(**{f"mb:jobev:{job_id}": lambda m: events.update([m["data"]]),
-                        f"mb:jobev:{load['id']}": lambda m: events.update(["load:" + m["data"]])})
+    pubsub.subscribe(**{f"mb:jobev:{job_id}": lambda m: events.update([parse_event(m["data"])[0]]),
+                        f"mb:jobev:{load['id']}": lambda m: events.update(["load:" + parse_event(m["data"])[0]])})
     listener = pubsub.run_in_thread(sleep_time=0.02, daemon=True)
     try:
         celery = app.extensions["modelbay"].celery

@@ -9,25 +9,29 @@ from collections import defaultdict
 import redis
 from flask import Flask, current_app
 
+from tasks.cas import parse_event
 from tasks.celery_app import make_celery
 from tasks.dispatch import Dispatcher
 from tasks.schemas import TERMINAL, JobRecord
 from tasks.settings import Settings
 from tasks.store import Store
 from web.live import Live
+from web.openai.coalesce import Coalescer
 from web.perprocess import PerProcess
 
 log = logging.getLogger("modelbay.web")
 
 
 class _Waiting:
-    """One waiting request: woken with the status the job's channel carried."""
+    """One waiting request: woken with the status the job's channel carried (and the record,
+    when the event held it: :func:`tasks.cas.event_of`)."""
 
-    __slots__ = ("event", "status")
+    __slots__ = ("event", "status", "raw")
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.status: str | None = None
+        self.raw: str | None = None
 
 
 class JobWaiter:
@@ -38,21 +42,41 @@ class JobWaiter:
         self.store = store
         self._lock = threading.Lock()
         self._waiting: dict[str, list[_Waiting]] = defaultdict(list)
+        self._expected: dict[str, _Waiting] = {}
         self._listener = PerProcess(lambda: threading.Thread(target=self._listen, name="modelbay-job-waiter",
                                                              daemon=True).start())
 
-    def wait(self, job_id: str, timeout_s: float, stop_at: frozenset[str] = TERMINAL) -> JobRecord | None:
-        """The job once its status is in ``stop_at`` (terminal by default), or as it is after
-        ``timeout_s`` seconds; None if there is no such job. The record is read once on entry
-        (after the wait is registered, so no change is missed) and again only on a change
-        whose status is in ``stop_at``: the channel's message carries the status."""
+    def expect(self, job_id: str) -> None:
+        """Listen for ``job_id`` before the job exists: the first :meth:`wait` with ``known``
+        then needs no read on entry. Undo with :meth:`forget` if the job is not created."""
         self._listener.ensure()
         waiting = _Waiting()
         with self._lock:
+            self._expected[job_id] = waiting
             self._waiting[job_id].append(waiting)
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            waiting = self._expected.pop(job_id, None)
+            if waiting is not None:
+                self._drop(job_id, waiting)
+
+    def wait(self, job_id: str, timeout_s: float, stop_at: frozenset[str] = TERMINAL,
+             known: JobRecord | None = None) -> JobRecord | None:
+        """The job once its status is in ``stop_at`` (terminal by default), or as it is after
+        ``timeout_s`` seconds; None if there is no such job. The record is read once on entry
+        (after the wait is registered, so no change is missed), unless the job was
+        :meth:`expect`-ed and ``known`` is the record as created; then again only on a
+        change whose status is in ``stop_at`` and whose event did not carry the record."""
+        self._listener.ensure()
+        with self._lock:
+            expected = self._expected.pop(job_id, None) if known is not None else None
+            waiting = expected or _Waiting()
+            if expected is None:
+                self._waiting[job_id].append(waiting)
         try:
             deadline = time.monotonic() + timeout_s
-            record = self.store.get_job(job_id)
+            record = known if expected is not None else self.store.get_job(job_id)
             while record is not None and record.status not in stop_at:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -62,15 +86,19 @@ class JobWaiter:
                 waiting.event.clear()
                 if woke and waiting.status is not None and waiting.status not in stop_at:
                     continue  # a step on the way (queued -> running): nothing to read yet
-                record = self.store.get_job(job_id)
+                raw, waiting.raw = (waiting.raw, None) if woke else (None, None)
+                record = JobRecord.model_validate_json(raw) if raw else self.store.get_job(job_id)
             return record
         finally:
             with self._lock:
-                waiters = self._waiting.get(job_id, [])
-                if waiting in waiters:
-                    waiters.remove(waiting)
-                if not waiters:
-                    self._waiting.pop(job_id, None)
+                self._drop(job_id, waiting)
+
+    def _drop(self, job_id: str, waiting: _Waiting) -> None:
+        waiters = self._waiting.get(job_id, [])
+        if waiting in waiters:
+            waiters.remove(waiting)
+        if not waiters:
+            self._waiting.pop(job_id, None)
 
     def _listen(self) -> None:
         backoff_s = 0.1
@@ -80,10 +108,11 @@ class JobWaiter:
                 backoff_s = 0.1
                 for message in pubsub.listen():
                     job_id = str(message.get("channel", "")).rsplit(":", 1)[-1]
-                    status = message.get("data")
+                    data = message.get("data")
+                    status, raw = parse_event(data) if isinstance(data, str) else (None, None)
                     with self._lock:
                         for waiting in self._waiting.get(job_id, []):
-                            waiting.status = status if isinstance(status, str) else None
+                            waiting.status, waiting.raw = status, raw
                             waiting.event.set()
             except redis.RedisError as exc:
                 log.warning("job waiter lost Redis (%s); retrying in %.1fs", exc, backoff_s)
@@ -106,6 +135,9 @@ class Modelbay:
         self.dispatcher = Dispatcher(self.store, self.celery)
         self.waiter = JobWaiter(self.store)
         self.live = Live(settings, self.store)
+        # POST /v1/embeddings calls share jobs under load (web/openai/coalesce.py)
+        self.coalescer = Coalescer(settings.coalesce_embed_jobs, min(settings.coalesce_embed_texts, settings.max_inputs),
+                                   settings.max_input_chars)
         app.extensions["modelbay"] = self
 
 

@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: each call runs one modelbay job and waits for it.
+"""OpenAI-compatible routes: each call runs one modelbay job and waits for it (embeddings calls
+of one caller and model may share a job under load: web/openai/shared.py).
 
 ``POST /v1/embeddings``, ``/v1/completions``, ``/v1/chat/completions`` (``stream: true`` as
 server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``) and
@@ -18,6 +19,7 @@ from tasks.openai_bodies import completion_body, embeddings_body, usage_of
 from web.openai.protocol import (ChatCompletionRequest, CompletionRequest, EmbeddingsRequest, ImageRequest,
                                  Sampling, parse)
 from web.openai.serving import Call, ClientGone, RespondAsync, job_error
+from web.openai.shared import embed_call
 from web.openapi import EXAMPLE_MODEL, Ok, documented
 from tasks.schemas import JobRecord
 from web.schemas_http import ChatCompletion, Completion, EmbeddingList, Images
@@ -38,7 +40,7 @@ STREAMED = "the completion; with `stream` server-sent chunks ending with `data: 
             example={"model": EXAMPLE_MODEL, "input": ["hello", "world"]})
 def embeddings():
     req = parse(EmbeddingsRequest)
-    call = Call(req.model, "embed", req.input, {})
+    call = embed_call(req.model, req.input)  # calls may share a job under load (web/openai/shared.py)
     call.wait()
     body = embeddings_body(req.model, call.result(), req.encoding_format)
     return jsonify(body), 200, call.headers
@@ -90,7 +92,7 @@ def _respond_async(accepted: RespondAsync):
 
 @bp.errorhandler(ClientGone)
 def _client_gone(_err: ClientGone):
-    return Response(status=499)  # nobody reads it; the job is already cancelled
+    return Response(status=499)  # nobody reads it; the job is cancelled (a shared one when all left)
 
 
 def _generate(req: Sampling, call: Call, *, chat: bool):

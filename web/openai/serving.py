@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from tasks.backends import check_task
 from tasks.errors import Conflict, ErrorCode, InvalidRequest, ModelbayError, Unavailable
 from web.limits import check_limits
-from tasks.schemas import TERMINAL, JobRecord, JobRequest
+from tasks.schemas import TERMINAL, JobRecord, JobRequest, Manifest
 from web.disconnect import client_gone
 from web.extensions import mb
 from web.idempotent import HEADER as IDEMPOTENCY_HEADER, REPLAYED, once
@@ -58,12 +58,15 @@ class Call:
         # With an Idempotency-Key, a retry attaches to the first call's job (running or ended),
         # and the job is never cancelled by a client that goes: its retry will read the result.
         self.keyed = request.headers.get(IDEMPOTENCY_HEADER) is not None
-        self.record, self.replayed = once(lambda: mb().dispatcher.submit(req, manifest, stream=stream),
-                                          mb().store.get_job, lambda r: r.id)
-        count_submitted("inference", task)
         self.environ = request.environ
+        self.record, self.replayed = self._submit(req, manifest, stream)
+        count_submitted("inference", task)
         if prefers_async():
             raise RespondAsync(self)
+
+    def _submit(self, req: JobRequest, manifest: Manifest, stream: bool) -> tuple[JobRecord, bool]:
+        """The call's job and whether an Idempotency-Key replayed it."""
+        return once(lambda: mb().dispatcher.submit(req, manifest, stream=stream), mb().store.get_job, lambda r: r.id)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -85,7 +88,7 @@ class Call:
         load_wait_s = mb().settings.load_wait_s
         while True:
             stop_at = TERMINAL | {"running"} if until_running else TERMINAL
-            record = mb().waiter.wait(self.record.id, SLICE_S, stop_at) or self.record
+            record = mb().waiter.wait(self.record.id, SLICE_S, stop_at, known=self.record) or self.record
             self.record = record
             if record.terminal or (until_running and record.status == "running"):
                 return record

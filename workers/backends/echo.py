@@ -8,6 +8,8 @@ LoadModel options (``options_json``):
   10 ms slices and gives up when the process is told to stop, so SIGTERM stays prompt.
 - ``token_delay_s`` (float, seconds, default 0): each streamed token takes this long
   (the first one included), slept in 10 ms slices that check for cancellation.
+- ``embed_delay_s`` (float, seconds, default 0): each Embed call takes this long, slept in
+  10 ms slices that check for cancellation (a cancelled call answers CANCELLED).
 - ``dim`` (int, default 8): embedding dimension.
 - ``fail_load`` (bool, default false): LoadModel fails (after ``load_delay_s``).
 - ``memory_mb`` (int, MiB, default 1): the memory the load reports.
@@ -80,12 +82,14 @@ class EchoModel(BackendModel):
         super().__init__()
         self.dim = 8
         self.token_delay_s = 0.0
+        self.embed_delay_s = 0.0
         self.crash_at: str | None = None
         self.refuse_text: str | None = None
 
     def load(self, files: list[str], model_dir: str, options: dict[str, Any], device: str) -> LoadInfo:
         load_delay_s = _number(options, "load_delay_s", 0.0, float, 0.0)
         token_delay_s = _number(options, "token_delay_s", 0.0, float, 0.0)
+        embed_delay_s = _number(options, "embed_delay_s", 0.0, float, 0.0)
         dim = _number(options, "dim", 8, int, 1)
         memory_mb = _number(options, "memory_mb", 1, int, 0)
         fail_load = options.get("fail_load", False)
@@ -102,6 +106,7 @@ class EchoModel(BackendModel):
         if fail_load:
             raise RuntimeError("echo load failed on purpose (option fail_load=true)")
         self.dim, self.token_delay_s, self.crash_at, self.refuse_text = dim, token_delay_s, crash_at, refuse_text
+        self.embed_delay_s = embed_delay_s
         return LoadInfo(memory_mb=memory_mb, device=device or "cpu", dim=dim)
 
     def warmup(self) -> None:
@@ -112,6 +117,8 @@ class EchoModel(BackendModel):
               cancelled: Callable[[], bool] = lambda: False) -> list[list[float]]:
         if self.refuse_text is not None and self.refuse_text in texts:
             raise InvalidParams(f"echo refuses the text {self.refuse_text!r} (option refuse_text)")
+        if wait_or_cancel(self.embed_delay_s, cancelled):
+            raise RuntimeError("embed cancelled")
         return [embed_text(text, self.dim) for text in texts]
 
     def generate(

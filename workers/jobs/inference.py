@@ -36,13 +36,16 @@ def _unwatch(rt: Runtime, job: JobRecord) -> None:
 
 
 def embed(rt: Runtime, job: JobRecord, proc: BackendProcess, delivery: Delivery) -> dict[str, Any]:
+    """The vectors in input order, the usage, and each text's token count (``text_tokens``:
+    the web answers several coalesced calls from one job, each with its own usage)."""
     texts = [job.input] if isinstance(job.input, str) else list(job.input)
     try:
-        vectors, prompt_tokens = proc.embed(texts, job.params, rt.settings.inference_timeout_s,
-                                            on_call=lambda cancel: rt.cancels.watch(job.id, cancel))
+        vectors, counts = proc.embed_each(texts, job.params, rt.settings.inference_timeout_s,
+                                          on_call=lambda cancel: rt.cancels.watch(job.id, cancel))
     finally:
         _unwatch(rt, job)
-    return {"embeddings": vectors, "dim": len(vectors[0]) if vectors else 0,
+    prompt_tokens = sum(counts)
+    return {"embeddings": vectors, "dim": len(vectors[0]) if vectors else 0, "text_tokens": counts,
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
