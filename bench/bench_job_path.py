@@ -7,7 +7,8 @@ Paths:
 - ``jobs``: ``POST /v1/jobs`` (generate on echo) then ``GET /v1/jobs/{id}?wait=10`` until done;
 - ``jobs1``: the same job in one request, ``POST /v1/jobs?wait=10`` (polling on only if it
   outlives the wait);
-- ``embed``: ``POST /v1/embeddings`` on echo (one text, one call).
+- ``embed``: ``POST /v1/embeddings`` on echo (one text, one call; under load a web process's
+  calls share jobs, web/openai/coalesce.py: the calls per job are printed).
 
 CPU is read from ``/proc/<pid>/stat`` (utime + stime) of every process of each part (a
 part's children included: gunicorn's workers, the worker's backend) before and after each
@@ -80,6 +81,7 @@ class Http:
     def __init__(self, base: str) -> None:
         self.base = base
         self._local = threading.local()
+        self.embed_jobs: list[str] = []  # X-Modelbay-Job of each embeddings call (calls may share a job)
 
     def session(self) -> requests.Session:
         s = getattr(self._local, "s", None)
@@ -101,14 +103,17 @@ class Http:
                                 timeout=30)
         if r.status_code != 200:
             raise RuntimeError(r.text)
+        self.embed_jobs.append(r.headers["X-Modelbay-Job"])
 
 
-def measure(meter: Meter, fn: Callable[[], None], jobs: int, clients: int) -> dict[str, object]:
+def measure(meter: Meter, fn: Callable[[], None], jobs: int, clients: int, http: Http) -> dict[str, object]:
     before = meter.snapshot()
+    http.embed_jobs.clear()
     samples, wall = run(fn, jobs, clients)
     after = meter.snapshot()
     cpu_ms = {k: 1000 * (after[k] - before[k]) / jobs for k in after}
-    return {"p50_ms": 1000 * statistics.median(samples), "rate": jobs / wall, "cpu_ms": cpu_ms}
+    per_job = len(http.embed_jobs) / len(set(http.embed_jobs)) if http.embed_jobs else 1.0
+    return {"p50_ms": 1000 * statistics.median(samples), "rate": jobs / wall, "cpu_ms": cpu_ms, "per_job": per_job}
 
 
 def start(local: LocalStack, clients: int) -> tuple[dict[str, Started], str]:
@@ -145,6 +150,9 @@ def report(results: dict[str, dict[int, dict[str, object]]], clients: int) -> No
         print(f"{path:>6} {serial['p50_ms']:>10.2f} ms {loaded['rate']:>7.0f} {loaded['rate'] / raw_rate:>6.2f} |"
               f"{'':>34} {cpu['valkey']:>7.2f} {web:>6.2f} {worker:>7.2f} {backend:>8.2f} "
               f"{cpu['client']:>7.2f} {server:>7.2f} {server / raw_server:>6.2f}")
+        if path == "embed":
+            print(f"{'':>6} calls per job: {loaded['per_job']:.2f} at {clients} clients (calls share jobs under load), "
+                  f"{serial['per_job']:.2f} at 1 client")
         if path in TARGETS:
             text, limit = TARGETS[path]
             print(f"{'':>6} targets: {text} ({'met' if server <= limit else 'NOT met'}: {server:.2f}); "
@@ -157,6 +165,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=400, help="jobs per loaded run")
     parser.add_argument("--serial", type=int, default=100, help="jobs of the one-client run")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--paths", default="jobs,jobs1,embed", help="which paths besides raw (comma-separated)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mb-bench-"))
     with LocalStack(tmp, env={"MODELBAY_RUN_DIR": str(tmp / "run"), "MODELBAY_MODELS_DIR": str(tmp / "models"),
@@ -171,11 +180,12 @@ def main() -> int:
         paths: dict[str, Callable[[], None]] = {
             "raw": lambda: raw_app.send_task("bench.noop").get(timeout=30), "jobs": http.job,
             "jobs1": lambda: http.job(wait_on_submit=True), "embed": http.embed}
+        paths = {k: v for k, v in paths.items() if k == "raw" or k in args.paths.split(",")}
         meter = Meter(parts)
         for fn in paths.values():  # warm up: model loaded, connections open, code paths hot
             run(fn, 4 * args.clients, args.clients)
-        results = {name: {1: measure(meter, fn, args.serial, 1), args.clients: measure(meter, fn, args.jobs,
-                                                                                        args.clients)}
+        results = {name: {1: measure(meter, fn, args.serial, 1, http),
+                          args.clients: measure(meter, fn, args.jobs, args.clients, http)}
                    for name, fn in paths.items()}
         print(f"{os.cpu_count()} CPUs; {args.jobs} jobs at {args.clients} clients, {args.serial} serial; "
               f"web: gunicorn 2 procs x {args.clients} threads; worker: threads x {args.clients}")

@@ -76,6 +76,7 @@ def test_a_waiter_answers_from_the_event_without_a_read(store: Store, monkeypatc
     waiter = JobWaiter(store)
     job_id = new_job_id()
     waiter.expect(job_id)  # before the job exists, as a coalesced call's submit does
+    assert waiter.subscribed.wait(5)  # the listener starts with the first wait (a server's first request)
     record = JobRecord(id=job_id, kind="inference", model="waiter-test", task="embed", input="x", status="queued")
     store.create_job(record)
     reads = Reads(store, monkeypatch)
@@ -105,3 +106,23 @@ def test_forget_drops_an_expected_job(store: Store) -> None:
     waiter.expect(job_id)
     waiter.forget(job_id)
     assert not waiter._waiting and not waiter._expected
+
+
+@pytest.mark.usefixtures("worker")
+def test_no_route_leaves_a_job_listened_for(app, client, register) -> None:
+    """Every way a route can end (an answer, a replay, respond-async, a refused submit)
+    drops what it listened for."""
+    name = register({"dim": 4})
+    waiter = app.extensions["modelbay"].waiter
+    assert client.post("/v1/jobs?wait=10", json={"model": name, "task": "embed", "input": "a"}).status_code == 200
+    keyed, keyed_chat = ({"Idempotency-Key": f"k-{new_job_id()}"} for _ in range(2))
+    for _ in range(2):  # the second is a replay of the first
+        assert client.post("/v1/jobs?wait=10", json={"model": name, "task": "embed", "input": "b"},
+                           headers=keyed).status_code == 200
+        assert client.post("/v1/chat/completions", json={"model": name, "messages": [{"role": "user", "content": "c"}]},
+                           headers=keyed_chat).status_code == 200
+    assert client.post("/v1/embeddings", json={"model": name, "input": "d"},
+                       headers={"Prefer": "respond-async"}).status_code == 202
+    assert client.post("/v1/jobs?wait=10", json={"model": "no-such-model", "task": "embed", "input": "e"}).status_code == 404
+    assert client.post("/v1/embeddings", json={"model": name, "input": "f"}).status_code == 200
+    assert not waiter._expected and not waiter._waiting

@@ -20,6 +20,7 @@ from web.openai.coalesce import Coalescer
 from web.perprocess import PerProcess
 
 log = logging.getLogger("modelbay.web")
+EXPECTED_MAX = 10_000  # jobs listened for before they exist, per process (each waits for its request)
 
 
 class _Waiting:
@@ -43,6 +44,7 @@ class JobWaiter:
         self._lock = threading.Lock()
         self._waiting: dict[str, list[_Waiting]] = defaultdict(list)
         self._expected: dict[str, _Waiting] = {}
+        self.subscribed = threading.Event()  # the listener hears job events (set once it has subscribed)
         self._listener = PerProcess(lambda: threading.Thread(target=self._listen, name="modelbay-job-waiter",
                                                              daemon=True).start())
 
@@ -52,6 +54,9 @@ class JobWaiter:
         self._listener.ensure()
         waiting = _Waiting()
         with self._lock:
+            if len(self._expected) >= EXPECTED_MAX:  # a bound, should a path ever leave some behind
+                for old in list(self._expected)[:EXPECTED_MAX // 2]:
+                    self._drop(old, self._expected.pop(old))
             self._expected[job_id] = waiting
             self._waiting[job_id].append(waiting)
 
@@ -105,6 +110,7 @@ class JobWaiter:
         while True:
             try:
                 pubsub = self.store.job_events()
+                self.subscribed.set()
                 backoff_s = 0.1
                 for message in pubsub.listen():
                     job_id = str(message.get("channel", "")).rsplit(":", 1)[-1]

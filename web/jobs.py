@@ -10,6 +10,7 @@ from tasks.errors import Conflict, ErrorCode, InvalidRequest, NotFound
 from web.limits import check_limits
 from web.metrics import count_submitted
 from tasks.schemas import ACTIVE, TERMINAL, JobRecord, JobRequest
+from tasks.store import new_job_id
 from tasks.settings import Settings, env_name
 from tasks.webhooks import check_callback_url, job_ended, watch_job
 from web.extensions import mb
@@ -86,14 +87,20 @@ def submit():
         raise not_found_model(req.model)
     check_task(manifest.backend, req.task, model=req.model)  # before anything is queued
     check_callback_url(req.callback_url, mb().settings)
-    record, replayed = once(lambda: mb().dispatcher.submit(req, manifest, webhooks=True), mb().store.get_job,
-                            lambda r: r.id)  # an Idempotency-Key's retry: the first request's job
-    watch_job(mb().store.webhooks, record, mb().settings)  # a webhook's outbox entry (none: no round trip)
-    count_submitted("inference", req.task)
-    status = 200 if replayed else 202
-    if wait_s:  # submit and long-poll in one request: one HTTP round trip less per job
-        record = mb().waiter.wait(record.id, wait_s) or record
-        status = 200 if record.status in TERMINAL or replayed else 202
+    job_id = new_job_id()
+    if wait_s:  # listened for before it exists: its end needs no read
+        mb().waiter.expect(job_id)
+    try:
+        record, replayed = once(lambda: mb().dispatcher.submit(req, manifest, webhooks=True, job_id=job_id),
+                                mb().store.get_job, lambda r: r.id)  # an Idempotency-Key's retry: the first job
+        watch_job(mb().store.webhooks, record, mb().settings)  # a webhook's outbox entry (none: no round trip)
+        count_submitted("inference", req.task)
+        status = 200 if replayed else 202
+        if wait_s:  # submit and long-poll in one request: one HTTP round trip less per job
+            record = mb().waiter.wait(record.id, wait_s, known=None if replayed else record) or record
+            status = 200 if record.status in TERMINAL or replayed else 202
+    finally:
+        mb().waiter.forget(job_id)  # when the wait did not take it
     headers = {"Location": f"/v1/jobs/{record.id}", **(REPLAYED if replayed else {})}
     if record.node:
         headers["X-Modelbay-Node"] = record.node

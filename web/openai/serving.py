@@ -21,6 +21,7 @@ from tasks.backends import check_task
 from tasks.errors import Conflict, ErrorCode, InvalidRequest, ModelbayError, Unavailable
 from web.limits import check_limits
 from tasks.schemas import TERMINAL, JobRecord, JobRequest, Manifest
+from tasks.store import new_job_id
 from web.disconnect import client_gone
 from web.extensions import mb
 from web.idempotent import HEADER as IDEMPOTENCY_HEADER, REPLAYED, once
@@ -62,11 +63,23 @@ class Call:
         self.record, self.replayed = self._submit(req, manifest, stream)
         count_submitted("inference", task)
         if prefers_async():
+            mb().waiter.forget(self.record.id)  # nobody here waits for it
             raise RespondAsync(self)
 
     def _submit(self, req: JobRequest, manifest: Manifest, stream: bool) -> tuple[JobRecord, bool]:
-        """The call's job and whether an Idempotency-Key replayed it."""
-        return once(lambda: mb().dispatcher.submit(req, manifest, stream=stream), mb().store.get_job, lambda r: r.id)
+        """The call's job and whether an Idempotency-Key replayed it. The job is listened for
+        before it exists (:meth:`web.extensions.JobWaiter.expect`): its end needs no read."""
+        job_id = new_job_id()
+        mb().waiter.expect(job_id)
+        try:
+            record, replayed = once(lambda: mb().dispatcher.submit(req, manifest, stream=stream, job_id=job_id),
+                                    mb().store.get_job, lambda r: r.id)
+        except BaseException:
+            mb().waiter.forget(job_id)
+            raise
+        if record.id != job_id:
+            mb().waiter.forget(job_id)
+        return record, replayed
 
     @property
     def headers(self) -> dict[str, str]:
