@@ -75,8 +75,15 @@ def test_a_worker_killed_mid_batch_loses_no_line_and_doubles_none(pair: dict) ->
     victim = max(workers, key=lambda n: nodes.get(n, 0))
     assert nodes.get(victim, 0) > 0, nodes  # it dies with chunks in flight
     workers[victim].proc.send_signal(signal.SIGKILL)
-    ended = poll(lambda: (b := progress())["status"] in ("completed", "failed", "expired", "cancelled") and b,
-                 300, "the batch to end")
+    try:
+        ended = poll(lambda: (b := progress())["status"] in ("completed", "failed", "expired", "cancelled") and b,
+                     150, "the batch to end")
+    except AssertionError as exc:  # say what is stuck: the unfinished chunk jobs and the queues
+        jobs = store.jobs(list(store.batches.chunk_jobs(batch_id).values())).values()
+        stuck = Counter((j.status, j.node, j.attempts, j.routed) for j in jobs if not j.terminal)
+        raise AssertionError(f"{exc}; batch {progress()}; unfinished chunk jobs (status, node, attempts, routed): "
+                             f"{dict(stuck)}; keys: {sorted(store._r.keys('*bk*'))}; "
+                             f"unacked: {store._r.hlen('unacked')}") from None
     assert ended["status"] == "completed", ended
     assert ended["request_counts"] == {"total": LINES, "completed": LINES, "failed": 0}, ended
     out = client.get(f"/v1/files/{ended['output_file_id']}/content").get_data().splitlines()

@@ -16,6 +16,7 @@ import pytest
 
 from helpers import Worker, poll, start_worker, unique, wait_job
 from modelbay.services import Service, free_port, start_valkey
+from tasks.cas import parse_event
 from tasks.settings import load_settings
 from tasks.store import Store
 
@@ -81,7 +82,7 @@ def test_100_jobs_survive_three_worker_kills(faults) -> None:
     loads_asked = sum(load_on(client, name, node) for node in (a, b))
     counts: Counter[str] = Counter()
     pubsub = store._r.pubsub(ignore_subscribe_messages=True)
-    pubsub.psubscribe(**{"mb:jobev:*": lambda m: m["data"] == "succeeded" and counts.update([m["channel"][9:]])})
+    pubsub.psubscribe(**{"mb:jobev:*": lambda m: parse_event(m["data"])[0] == "succeeded" and counts.update([m["channel"][9:]])})
     listener = pubsub.run_in_thread(sleep_time=0.05, daemon=True)
     try:
         ids = [submit(client, name, f"job {i} one two three four") for i in range(100)]

@@ -17,6 +17,7 @@ import pytest
 
 from fileserver import FileServer
 from helpers import Worker, poll, start_worker, unique, wait_job
+from tasks.cas import parse_event
 from tasks.celery_app import make_celery
 from tasks.dispatch import Dispatcher
 from tasks.names import node_queue
@@ -226,7 +227,7 @@ def test_100_jobs_in_flight_through_a_restart_succeed_once_each(stack) -> None:
     load_on(client, name, a)  # the only holder: its queue loses its last consumer
     counts: Counter[str] = Counter()
     pubsub = store._r.pubsub(ignore_subscribe_messages=True)
-    pubsub.psubscribe(**{"mb:jobev:*": lambda m: m["data"] == "succeeded" and counts.update([m["channel"][9:]])})
+    pubsub.psubscribe(**{"mb:jobev:*": lambda m: parse_event(m["data"])[0] == "succeeded" and counts.update([m["channel"][9:]])})
     listener = pubsub.run_in_thread(sleep_time=0.05, daemon=True)
     try:
         ids = [submit(client, name, f"job {i} one two three")["id"] for i in range(90)]

@@ -9,6 +9,7 @@ import fakeredis
 import pytest
 
 from helpers import pushed
+from tasks.cas import parse_event
 from tasks.dispatch import Dispatcher, choose_node
 from tasks.errors import Conflict, ErrorCode, NotFound, Unavailable
 from tasks.names import invalid_model_name, model_from_token, model_queue, model_token
@@ -188,7 +189,9 @@ def _race_and_check(valkey_store: Store, run) -> None:
         rec = valkey_store.get_job(j)
         who = won[j][0]
         assert rec.result == who and rec.status == _status_of(who), (rec, who)
-        assert events[j] == [rec.status], (j, events[j])  # exactly one terminal event
+        assert [parse_event(e)[0] for e in events[j]] == [rec.status], (j, events[j])  # exactly one terminal event
+        carried = parse_event(events[j][0])[1]  # and it carries the record that won
+        assert carried is not None and JobRecord.model_validate_json(carried) == rec
 
 
 def test_concurrent_finishers_write_once_on_valkey_from_threads(valkey_store: Store) -> None:
