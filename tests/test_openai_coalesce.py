@@ -98,8 +98,17 @@ def rows_of(answer: tuple[int, dict, dict[str, str]], text: str) -> None:
     assert body["usage"] == {"prompt_tokens": len(text.split()), "total_tokens": len(text.split())}
 
 
+def counted() -> tuple[float, float]:
+    """This process's ``modelbay_embeddings_calls_total{shared="true"}`` and embed jobs submitted."""
+    from web.metrics import EMBEDDINGS_CALLS, JOBS_SUBMITTED
+
+    return (EMBEDDINGS_CALLS.labels(shared="true")._value.get(),
+            JOBS_SUBMITTED.labels(kind="inference", task="embed")._value.get())
+
+
 def test_calls_behind_a_running_job_share_the_next_one(app1) -> None:
     name = ready_model(app1, embed_delay_s=0.8)
+    calls_before, jobs_before = counted()
     calls = Calls(app1, name)
     calls.busy()
     texts = ["alpha", "beta gamma", "delta epsilon zeta"]
@@ -113,6 +122,8 @@ def test_calls_behind_a_running_job_share_the_next_one(app1) -> None:
     record = app1.test_client().get(f"/v1/jobs/{shared.pop()}", headers=auth()).get_json()
     assert record["input"] == texts and record["status"] == "succeeded"
     assert record["result"]["text_tokens"] == [1, 2, 3]  # each text's count: each call its usage
+    calls_after, jobs_after = counted()
+    assert (calls_after - calls_before, jobs_after - jobs_before) == (4, 2)  # the metrics: 4 calls, 2 jobs
     assert waiting(app1) == 0 and app1.extensions["modelbay"].coalescer.lanes() == 0
 
 

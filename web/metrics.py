@@ -46,8 +46,19 @@ bp = Blueprint("metrics", __name__)
 JOBS_SUBMITTED = Counter("modelbay_jobs_submitted_total", "Jobs created through the API", ["kind", "task"])
 
 
+# POST /v1/embeddings calls, whether or not they shared a job (web/openai/coalesce.py): over
+# modelbay_jobs_submitted_total{task="embed"}, the calls per job
+EMBEDDINGS_CALLS = Counter("modelbay_embeddings_calls_total",
+                           "POST /v1/embeddings calls that waited for their job (shared: it may hold other calls)",
+                           ["shared"])
+
+
 def count_submitted(kind: str, task: str | None) -> None:
     JOBS_SUBMITTED.labels(kind=kind, task=task or "").inc()
+
+
+def count_embeddings_call(shared: bool) -> None:
+    EMBEDDINGS_CALLS.labels(shared="true" if shared else "false").inc()
 
 
 class StateCollector:

@@ -79,7 +79,8 @@ class Batch:
             if self.final is not None:
                 return self.final
             mine = not self._watching
-            self._watching = self._watching or mine
+            if mine:
+                self._watching = True
         if not mine:
             self.ended.wait(slice_s)
             return self.final or self.record or _missing()

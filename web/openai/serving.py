@@ -61,7 +61,6 @@ class Call:
         self.keyed = request.headers.get(IDEMPOTENCY_HEADER) is not None
         self.environ = request.environ
         self.record, self.replayed = self._submit(req, manifest, stream)
-        count_submitted("inference", task)
         if prefers_async():
             mb().waiter.forget(self.record.id)  # nobody here waits for it
             raise RespondAsync(self)
@@ -79,6 +78,7 @@ class Call:
             raise
         if record.id != job_id:
             mb().waiter.forget(job_id)
+        count_submitted("inference", req.task)
         return record, replayed
 
     @property

@@ -23,6 +23,7 @@ from tasks.schemas import JobRecord, JobRequest, Manifest
 from tasks.store import new_job_id
 from web.extensions import mb
 from web.idempotent import HEADER as IDEMPOTENCY_HEADER, scope
+from web.metrics import count_embeddings_call, count_submitted
 from web.openai.coalesce import LeftWaiting, Part
 from web.openai.serving import SLICE_S, Call, ClientGone, job_error, prefers_async
 
@@ -34,7 +35,9 @@ def embed_call(model: str, input_: str | list[str]) -> Call:
     request asks for a job of its own."""
     shareable = (mb().settings.coalesce_embed_jobs > 0 and request.headers.get(IDEMPOTENCY_HEADER) is None
                  and not prefers_async())
-    return (SharedCall if shareable else Call)(model, "embed", input_, {})
+    call = (SharedCall if shareable else Call)(model, "embed", input_, {})
+    count_embeddings_call(shared=shareable)
+    return call
 
 
 class SharedCall(Call):
@@ -61,10 +64,12 @@ class SharedCall(Call):
         job_id = new_job_id()
         mb().waiter.expect(job_id)
         try:
-            return mb().dispatcher.submit(req, self._manifest, job_id=job_id)
+            record = mb().dispatcher.submit(req, self._manifest, job_id=job_id)
         except BaseException:
             mb().waiter.forget(job_id)
             raise
+        count_submitted("inference", "embed")  # per job: the calls are counted by the route
+        return record
 
     def wait(self, *, until_running: bool = False) -> JobRecord:
         """Wait for the shared job's end (see :meth:`Call.wait`); the last call to leave it
