@@ -143,8 +143,10 @@ def test_depth_rises_with_queued_jobs_and_falls_as_they_run(client, register, wo
     nodes = client.get("/api/queues").get_json()["nodes"]
     assert any(n["node"] == NODE and n["depth"] == 0 for n in nodes)
     if hasattr(Store, "model_throughput"):  # the workers' heartbeats report what they ran
-        measured = poll(lambda: (e := entry(client, name))["throughput"]["jobs_per_s"] and e, 30,
-                        "the model's throughput reported by its holder")
+        # The jobs may straddle two heartbeats: wait until every one has been reported.
+        measured = poll(lambda: (e := entry(client, name))["throughput"]["jobs_per_s"]
+                        and sum(p["jobs"] for p in e["history"]) >= len(jobs) and e, 30,
+                        "the model's throughput reported by its holder, all four jobs")
         assert measured["throughput"]["p95_ms"] >= measured["throughput"]["p50_ms"] > 0
         assert sum(p["jobs"] for p in measured["history"]) == len(jobs)
     client.post(f"/v1/models/{name}/unload")
