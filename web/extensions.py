@@ -5,6 +5,8 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from typing import TypeVar
 
 import redis
 from flask import Flask, current_app
@@ -14,12 +16,13 @@ from tasks.celery_app import make_celery
 from tasks.dispatch import Dispatcher
 from tasks.schemas import TERMINAL, JobRecord
 from tasks.settings import Settings
-from tasks.store import Store
+from tasks.store import Store, new_job_id
 from web.live import Live
 from web.openai.coalesce import Coalescer
 from web.perprocess import PerProcess
 
 log = logging.getLogger("modelbay.web")
+T = TypeVar("T")
 EXPECTED_MAX = 10_000  # jobs listened for before they exist, per process (each waits for its request)
 
 
@@ -59,6 +62,20 @@ class JobWaiter:
                     self._drop(old, self._expected.pop(old))
             self._expected[job_id] = waiting
             self._waiting[job_id].append(waiting)
+
+    def listened(self, make: Callable[[str], T], ident: Callable[[T], str]) -> T:
+        """``make(job_id)`` with a new job id that is :meth:`expect`-ed first; forgotten when
+        ``make`` raises, or made something of another id (an Idempotency-Key's replay)."""
+        job_id = new_job_id()
+        self.expect(job_id)
+        try:
+            made = make(job_id)
+        except BaseException:
+            self.forget(job_id)
+            raise
+        if ident(made) != job_id:
+            self.forget(job_id)
+        return made
 
     def forget(self, job_id: str) -> None:
         with self._lock:

@@ -21,7 +21,6 @@ from tasks.backends import check_task
 from tasks.errors import Conflict, ErrorCode, InvalidRequest, ModelbayError, Unavailable
 from web.limits import check_limits
 from tasks.schemas import TERMINAL, JobRecord, JobRequest, Manifest
-from tasks.store import new_job_id
 from web.disconnect import client_gone
 from web.extensions import mb
 from web.idempotent import HEADER as IDEMPOTENCY_HEADER, REPLAYED, once
@@ -68,16 +67,10 @@ class Call:
     def _submit(self, req: JobRequest, manifest: Manifest, stream: bool) -> tuple[JobRecord, bool]:
         """The call's job and whether an Idempotency-Key replayed it. The job is listened for
         before it exists (:meth:`web.extensions.JobWaiter.expect`): its end needs no read."""
-        job_id = new_job_id()
-        mb().waiter.expect(job_id)
-        try:
-            record, replayed = once(lambda: mb().dispatcher.submit(req, manifest, stream=stream, job_id=job_id),
-                                    mb().store.get_job, lambda r: r.id)
-        except BaseException:
-            mb().waiter.forget(job_id)
-            raise
-        if record.id != job_id:
-            mb().waiter.forget(job_id)
+        record, replayed = mb().waiter.listened(
+            lambda job_id: once(lambda: mb().dispatcher.submit(req, manifest, stream=stream, job_id=job_id),
+                                mb().store.get_job, lambda r: r.id),
+            lambda made: made[0].id)
         count_submitted("inference", req.task)
         return record, replayed
 

@@ -20,7 +20,6 @@ from flask import request
 
 from tasks.errors import ErrorCode
 from tasks.schemas import JobRecord, JobRequest, Manifest
-from tasks.store import new_job_id
 from web.extensions import mb
 from web.idempotent import HEADER as IDEMPOTENCY_HEADER, scope
 from web.metrics import count_embeddings_call, count_submitted
@@ -61,13 +60,8 @@ class SharedCall(Call):
     def _job_of(self, texts: list[str]) -> JobRecord:
         """A job of ``texts``, listened for before it exists (no read when its end comes)."""
         req = self._request.model_copy(update={"input": texts[0] if len(texts) == 1 else texts})
-        job_id = new_job_id()
-        mb().waiter.expect(job_id)
-        try:
-            record = mb().dispatcher.submit(req, self._manifest, job_id=job_id)
-        except BaseException:
-            mb().waiter.forget(job_id)
-            raise
+        record = mb().waiter.listened(lambda job_id: mb().dispatcher.submit(req, self._manifest, job_id=job_id),
+                                      lambda r: r.id)
         count_submitted("inference", "embed")  # per job: the calls are counted by the route
         return record
 
