@@ -131,6 +131,8 @@ class Dispatcher:
                            callback_url=request.callback_url, webhook=hook)
         cap = manifest.max_queued if manifest.max_queued is not None else self.store.settings.max_queued_per_model
         slot = Slot(cap)  # its number in the model's queue; a 429 at the cap (tasks.modelstats)
+        if self._ready_path(record, manifest, slot):
+            return record
         try:
             return self.route(record, manifest, create=True, slot=slot)
         except Exception:
@@ -172,14 +174,32 @@ class Dispatcher:
         self._send_infer(record.id, kwargs, queue)
         return record
 
+    def _ready_path(self, record: JobRecord, manifest: Manifest, slot: Slot) -> bool:
+        """Create and queue a new job in one round trip when a live node holds its model
+        ready (:mod:`tasks.readypath`); False, with nothing done, when the slow path must
+        place it: no node holds it ready, the manifest's device is refused, or task events
+        are on (the message then goes through Celery's producer). With ``redis_wait_replicas``
+        a job that a failover lost before a replica had it is made again by the slow path."""
+        if self.store.settings.celery_events or manifest_device(manifest)[1] is not None:
+            return False
+        queue = node_queue(record.node) if record.node else model_queue(record.model)
+        if not self.store.submit_ready(record, slot, *self._infer_message(record.id, {"route": 1}, queue)):
+            return False
+        return self.store.replicated() or self.store.get_job(record.id) is not None
+
     def _send_infer(self, job_id: str, kwargs: dict[str, int], queue: str) -> None:
-        """The job's message: one LPUSH (:mod:`tasks.publish`), a batch chunk's at its low
-        priority; through Celery's producer while task events are on (Flower's ``task-sent``)."""
+        """The job's message: one LPUSH (:mod:`tasks.publish`); through Celery's producer
+        while task events are on (Flower's ``task-sent``)."""
         if self.store.settings.celery_events:
             self.celery.send_task(TASK_INFER, args=[job_id], kwargs=kwargs, queue=queue)
             return
+        self.store.queues.push(*self._infer_message(job_id, kwargs, queue))
+
+    @staticmethod
+    def _infer_message(job_id: str, kwargs: dict[str, int], queue: str) -> tuple[str, bytes]:
+        """The list an inference message goes on and the message, a batch chunk's at its low priority."""
         priority = int((chunk_route(TASK_INFER, [job_id], kwargs, {}) or {}).get("priority", 0))
-        self.store.queues.push(queue_key(queue, priority), task_message(TASK_INFER, [job_id], kwargs, queue, priority))
+        return queue_key(queue, priority), task_message(TASK_INFER, [job_id], kwargs, queue, priority)
 
     def unload(self, model: str, node: str | None = None) -> list[JobRecord]:
         """One unload job per node that holds (or is loading) ``model``."""

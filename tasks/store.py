@@ -32,6 +32,7 @@ from tasks.schemas import (ACTIVE, TERMINAL, JobErrorInfo, JobProgress, JobRecor
 from tasks.settings import Settings
 from tasks.nodestore import NodeStore
 from tasks.queues import QueueStore
+from tasks.readypath import ReadyPath
 from tasks.redisconn import make_client
 from tasks.tokens import TokenStream
 from tasks.webhooks import Outbox
@@ -50,7 +51,7 @@ class Change:
     raw: str | None = None  # the record's JSON as stored, when known (a later write can start from it)
 
 
-class Store(NodeStore):
+class Store(NodeStore, ReadyPath):
     """All of modelbay's state in Redis. Thread-safe (redis-py pools connections)."""
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
