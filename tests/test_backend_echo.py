@@ -162,6 +162,31 @@ def test_cancel_reaches_the_backend(backends: Callable[..., BackendProcess]) -> 
     assert status["tokens_generated"] < 10
 
 
+def test_flush_ms_sends_the_tokens_made_together(backends: Callable[..., BackendProcess]) -> None:
+    """A call with ``flush_ms`` (a job nobody streams): tokens made within the interval of the
+    last message go in one message, the done message carries the rest, nothing is lost or
+    reordered, the token counts are per token, and a cancel still stops the backend."""
+    fast = started(backends, {"dim": 4})
+    (only,) = list(fast.generate(WORDS, [], {}, timeout_s=10, flush_ms=10_000))
+    assert (only.done, only.text, only.pieces, only.index, only.completion_tokens) == (True, WORDS, 9, 0, 9)
+    assert fast.status()["tokens_generated"] == 9
+
+    slow = started(backends, {"dim": 4, "token_delay_s": 0.05})
+    chunks = list(slow.generate(WORDS, [], {}, timeout_s=30, flush_ms=120))
+    assert "".join(c.text for c in chunks) == WORDS and sum(c.pieces for c in chunks) == 9
+    assert [c.index for c in chunks] == [sum(c.pieces for c in chunks[:i]) for i in range(len(chunks))]
+    assert len(chunks) >= 2 and chunks[-1].done and not any(c.done for c in chunks[:-1])  # ticks before the end
+
+    call = slow.generate(" ".join(f"w{i}" for i in range(400)), [], {}, timeout_s=60, flush_ms=100)
+    assert next(call).pieces >= 1
+    call.cancel()
+    with pytest.raises(BackendCancelled):
+        for _ in call:
+            pass
+    status = poll(lambda: (s := slow.status())["generations_cancelled"] == 1 and s["active_calls"] == 0 and s, 5)
+    assert status["tokens_generated"] < 100
+
+
 def test_stop_during_slow_load(backends: Callable[..., BackendProcess]) -> None:
     bp = started(backends, stop_grace_s=2.0)
     errors: list[BaseException] = []

@@ -224,31 +224,36 @@ class BackendServicer(pb_grpc.BackendServicer):
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         run, cancelled = self._start_run(context)
         n = prompt_tokens = 0
+        held: list[str] = []  # pieces made since the last message (request.flush_ms)
+        flush_s, last = request.flush_ms / 1000, time.monotonic()
         pieces: Iterator[str] | None = None
         try:
             prompt_tokens = self.model.prompt_tokens(request.prompt, messages)
             pieces = self.model.generate(request.prompt, messages, params, cancelled)
             while True:
                 try:
-                    piece = next(pieces)
+                    held.append(next(pieces))
                 except StopIteration as stop:
                     reason = stop.value
                     break
-                if not run.before_yield(1):
-                    return
-                yield pb.GenerateResponse(text=piece, index=n)
                 n += 1
+                if flush_s > 0 and time.monotonic() - last < flush_s:
+                    continue
+                if not run.before_yield(len(held)):
+                    return
+                yield pb.GenerateResponse(text="".join(held), index=n - len(held), pieces=len(held))
+                held, last = [], time.monotonic()
                 if not run.after_yield():
                     return
-            if cancelled():
+            if cancelled() or (held and not run.before_yield(len(held))):
                 run.finish("cancelled")
                 return
             if reason not in ("stop", "length"):
                 max_tokens = params.get("max_tokens")
                 reason = "length" if isinstance(max_tokens, int) and n >= max_tokens else "stop"
             run.finish("completed")
-            yield pb.GenerateResponse(index=n, done=True, finish_reason=reason,
-                                      prompt_tokens=prompt_tokens, completion_tokens=n)
+            yield pb.GenerateResponse(text="".join(held), index=n - len(held), pieces=len(held), done=True,
+                                      finish_reason=reason, prompt_tokens=prompt_tokens, completion_tokens=n)
         except Exception as exc:  # any model failure becomes an error status
             if cancelled():  # the model gave up because the caller went away
                 run.finish("cancelled")

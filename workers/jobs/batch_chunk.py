@@ -44,6 +44,7 @@ from workers.supervisor.process import BackendProcess
 
 log = logging.getLogger("modelbay.worker")
 BULK_PARAMS = {"priority": "bulk"}  # Embed: behind every interactive call in the backend's batcher
+_FLUSH_MS = 1000  # Generate: a batch line is never streamed; its tokens come in a message a second at most
 
 
 class Calls:
@@ -113,19 +114,19 @@ def _generate(chunk: Chunk, body: dict[str, Any]) -> tuple[dict[str, Any], tuple
         req = ChatCompletionRequest.model_validate(body)
         messages = [m.as_job() for m in req.messages]
         check_limits("chat", messages, req.params(), chunk.rt.settings, input_name="messages", params_prefix="")
-        call = chunk.proc.generate("", messages, req.params(), chunk.rt.settings.inference_timeout_s)
+        call = chunk.proc.generate("", messages, req.params(), chunk.rt.settings.inference_timeout_s, flush_ms=_FLUSH_MS)
     else:
         req = CompletionRequest.model_validate(body)
         check_limits("generate", req.text(), req.params(), chunk.rt.settings, input_name="prompt", params_prefix="")
-        call = chunk.proc.generate(req.text(), [], req.params(), chunk.rt.settings.inference_timeout_s)
+        call = chunk.proc.generate(req.text(), [], req.params(), chunk.rt.settings.inference_timeout_s,
+                                   flush_ms=_FLUSH_MS)
     chunk.calls.add(call.cancel)
     pieces: list[str] = []
     final: Any = None
     for piece in call:
+        pieces.append(piece.text)
         if piece.done:
             final = piece
-        else:
-            pieces.append(piece.text)
     usage = {"prompt_tokens": getattr(final, "prompt_tokens", 0),
              "completion_tokens": getattr(final, "completion_tokens", len(pieces))}
     result = {"text": "".join(pieces), "finish_reason": getattr(final, "finish_reason", "") or "stop", "usage": usage}

@@ -52,7 +52,10 @@ def embed(rt: Runtime, job: JobRecord, proc: BackendProcess, delivery: Delivery)
 def generate(rt: Runtime, job: JobRecord, proc: BackendProcess, delivery: Delivery) -> dict[str, Any]:
     prompt = job.input if job.task == "generate" else ""
     messages = job.input if job.task == "chat" else []
-    call = proc.generate(prompt, messages, job.params, rt.settings.inference_timeout_s)
+    # A streamed job gets each token as it is made; for any other, tokens made within a
+    # progress interval come in one message (its ticks are debounced at that interval anyway).
+    flush_ms = 0 if job.stream else round(rt.settings.progress_interval_s * 1000)
+    call = proc.generate(prompt, messages, job.params, rt.settings.inference_timeout_s, flush_ms=flush_ms)
     rt.cancels.watch(job.id, call.cancel)
     # Token progress on jobs.<id>.progress, debounced like every operation.
     op = rt.live.operation(job.id, "inference", job.model, job.id, quiet_s=rt.settings.progress_interval_s)
@@ -62,15 +65,16 @@ def generate(rt: Runtime, job: JobRecord, proc: BackendProcess, delivery: Delive
     final: Any = None
     try:
         for piece in call:
+            if piece.text:
+                pieces.append(piece.text)
+                delivery.pieces += piece.pieces
+                if job.stream:
+                    rt.store.tokens.append(job.id, piece.text)
             if piece.done:
                 final = piece
             else:
-                pieces.append(piece.text)
-                delivery.pieces += 1
-                if job.stream:
-                    rt.store.tokens.append(job.id, piece.text)
-                op.update("progress", {"message": f"generated {len(pieces)} token(s)",
-                                       "progress": round(100.0 * len(pieces) / max_tokens, 1) if max_tokens else None})
+                op.update("progress", {"message": f"generated {delivery.pieces} token(s)",
+                                       "progress": round(100.0 * delivery.pieces / max_tokens, 1) if max_tokens else None})
     except BackendCancelled:
         op.done()  # a cancel ends the operation; it is not an error to show
         raise
@@ -84,7 +88,7 @@ def generate(rt: Runtime, job: JobRecord, proc: BackendProcess, delivery: Delive
     op.done()
     finish = getattr(final, "finish_reason", "") or "stop"
     usage = {"prompt_tokens": getattr(final, "prompt_tokens", 0),
-             "completion_tokens": getattr(final, "completion_tokens", len(pieces))}
+             "completion_tokens": getattr(final, "completion_tokens", delivery.pieces)}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     return {"text": "".join(pieces), "finish_reason": finish, "usage": usage}
 

@@ -73,8 +73,9 @@ def load_deadline_s(size_bytes: int, base_s: float = 60.0, min_rate_mb_s: float 
 
 @dataclass(frozen=True)
 class GenerateChunk:
-    """One streamed piece (``GenerateResponse`` as plain data). The last has ``done=True``,
-    ``finish_reason`` ("stop"/"length") and the token counts."""
+    """One streamed message (``GenerateResponse`` as plain data): ``pieces`` tokens in ``text``,
+    the first of them number ``index``. The last has ``done=True``, ``finish_reason``
+    ("stop"/"length") and the token counts, and may hold text too (a call with ``flush_ms``)."""
 
     text: str
     index: int
@@ -82,6 +83,7 @@ class GenerateChunk:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    pieces: int = 1
 
 
 class _StreamCall:
@@ -168,7 +170,7 @@ class GenerateCall(_StreamCall):
     def __next__(self) -> GenerateChunk:
         resp = self._next()
         chunk = GenerateChunk(resp.text, resp.index, resp.done, resp.finish_reason,
-                              resp.prompt_tokens, resp.completion_tokens)
+                              resp.prompt_tokens, resp.completion_tokens, resp.pieces)
         if chunk.done:
             self.done, self.finish_reason = True, chunk.finish_reason
             self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens

@@ -99,10 +99,12 @@ class BackendClient:
         return [list(v.values) for v in resp.embeddings], list(resp.text_tokens)
 
     def generate(self, prompt: str, messages: list[dict[str, str]], params: dict[str, Any],
-                 timeout_s: float) -> GenerateCall:
-        """Start a Generate stream whose whole duration is limited to ``timeout_s`` seconds."""
+                 timeout_s: float, flush_ms: int = 0) -> GenerateCall:
+        """Start a Generate stream whose whole duration is limited to ``timeout_s`` seconds.
+        ``flush_ms`` 0: a message per token as it is made; else tokens made within that many
+        milliseconds of the last message go together (the proto's ``flush_ms``)."""
         req = pb.GenerateRequest(
-            model=self._ref(), prompt=prompt, params_json=json.dumps(params),
+            model=self._ref(), prompt=prompt, params_json=json.dumps(params), flush_ms=flush_ms,
             messages=[pb.ChatMessage(role=m.get("role", ""), content=m.get("content", "")) for m in messages],
         )
         call = self._invoke("Generate", req, timeout_s)
