@@ -61,8 +61,13 @@ class Write:
 def event_of(current: JobRecord, new: JobRecord, new_raw: str) -> str:
     """What a write publishes on the job's channel: "" when the status did not change, else
     the new status, and for a terminal record of at most ``EVENT_RECORD_MAX_BYTES`` a
-    newline and the record's JSON (a waiter then answers without reading it back)."""
-    if new.status == current.status:
+    newline and the record's JSON (a waiter then answers without reading it back).
+
+    A step on the way (queued, loading, running) is published only for a streamed job: the
+    only waiter that stops before the end is a stream's, waiting for ``running``
+    (web/openai/serving.py); every other waiter wants the end, and each event is delivered to
+    every web process."""
+    if new.status == current.status or not (new.terminal or new.stream):
         return ""
     if new.terminal and len(new_raw) <= EVENT_RECORD_MAX_BYTES:
         return f"{new.status}\n{new_raw}"

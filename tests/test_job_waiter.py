@@ -30,9 +30,9 @@ class Reads:
         monkeypatch.setattr(store, "get_job", counted)
 
 
-def queued(store: Store) -> JobRecord:
+def queued(store: Store, stream: bool = False) -> JobRecord:
     record = JobRecord(id=new_job_id(), kind="inference", model="waiter-test", task="embed", input="x",
-                       status="queued")
+                       status="queued", stream=stream)
     store.create_job(record)
     return record
 
@@ -55,17 +55,20 @@ def events_of(store: Store, job_id: str) -> tuple[list[str], threading.Thread]:
 
 
 @pytest.mark.parametrize("size", [10, EVENT_RECORD_MAX_BYTES])
-def test_a_terminal_event_carries_a_small_record_only(store: Store, size: int) -> None:
-    record = queued(store)
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_terminal_event_carries_a_small_record_only(store: Store, size: int, stream: bool) -> None:
+    """And a step on the way is published for a streamed job only (its waiter stops at
+    ``running``; every other waiter wants the end)."""
+    record = queued(store, stream)
     seen, t = events_of(store, record.id)
     poll(lambda: store._r.pubsub_numsub(job_channel(record.id))[0][1] == 1, 5, "the subscription")
     store.transition(record.id, "running", allowed_from=("queued",))
     store.finish(record.id, "succeeded", result={"text": "y" * size})
     t.join(5)
     statuses = [parse_event(d) for d in seen]
-    assert [s for s, _ in statuses] == ["running", "succeeded"]
-    assert statuses[0][1] is None  # a step on the way: the status alone
-    final = statuses[1][1]
+    assert [s for s, _ in statuses] == (["running", "succeeded"] if stream else ["succeeded"])
+    assert statuses[0][1] is None or not stream  # a step on the way: the status alone
+    final = statuses[-1][1]
     if size < EVENT_RECORD_MAX_BYTES:
         assert final is not None and JobRecord.model_validate_json(final) == store.get_job(record.id)
     else:
