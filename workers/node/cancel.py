@@ -1,6 +1,7 @@
 """Cancellation of running inference: one thread per worker polls the job records of the
 calls in flight and cancels the gRPC call of any job that turned terminal (``DELETE
-/v1/jobs/{id}`` writes ``cancelled`` atomically). One MGET per poll, whatever the count."""
+/v1/jobs/{id}`` writes ``cancelled`` atomically). One MGET per poll, whatever the count; a
+cancel reaches the backend within a poll (``MODELBAY_CANCEL_POLL_S``) of being written."""
 from __future__ import annotations
 
 import logging
@@ -64,6 +65,9 @@ class CancelWatcher:
             if not ids:
                 self._wake.wait(1.0)
                 self._wake.clear()
+                # The first look is a poll later, as every other: a job that ends sooner (most
+                # of them, at low load) costs no read and no wake-up of this thread.
+                self._stop.wait(self.poll_s)
                 continue
             try:
                 records = self.store.jobs(ids)
