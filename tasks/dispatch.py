@@ -15,10 +15,12 @@ import math
 from celery import Celery
 
 from tasks.errors import Conflict, ErrorCode, InvalidRequest, NotFound, Unavailable
-from tasks.backends import BACKEND_EXTRAS
+from tasks.backends import BACKEND_EXTRAS, check_task
+from tasks.catalog import CatalogCache, model_not_found
 from tasks.batches import chunk_route
 from tasks.modelstats import Slot
 from tasks.publish import queue_key, task_message
+from tasks.readypath import StaleManifest
 from tasks.names import TASK_INFER, TASK_LOAD, TASK_UNLOAD, model_queue, node_queue
 from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode, NodeRecord, manifest_device, model_size_mb
 from tasks.store import Store, new_job_id
@@ -73,9 +75,12 @@ def _fit(n: NodeRecord, manifest: Manifest, need: int, device: str | None) -> tu
 class Dispatcher:
     """Turns intents (load, unload, run a job) into job records and Celery messages."""
 
-    def __init__(self, store: Store, celery: Celery) -> None:
+    def __init__(self, store: Store, celery: Celery, catalog: CatalogCache | None = None) -> None:
+        """``catalog``: a web process's kept manifests (:mod:`tasks.catalog`); a submission
+        decided on one of them is checked against the stored manifest."""
         self.store = store
         self.celery = celery
+        self.catalog = catalog
 
     def ensure_load(self, model: str, manifest: Manifest, node: str | None = None,
                     slot: Slot | None = None) -> tuple[JobRecord | None, bool]:
@@ -129,10 +134,19 @@ class Dispatcher:
                            task=request.task, input=request.input_json(), params=request.params,
                            node=request.node, pin=request.node, stream=stream,
                            callback_url=request.callback_url, webhook=hook)
-        cap = manifest.max_queued if manifest.max_queued is not None else self.store.settings.max_queued_per_model
-        slot = Slot(cap)  # its number in the model's queue; a 429 at the cap (tasks.modelstats)
-        if self._ready_path(record, manifest, slot):
-            return record
+        kept = self.catalog.raw_of(request.model, manifest) if self.catalog is not None else None
+        slot = self._slot(manifest)  # its number in the model's queue; a 429 at the cap (tasks.modelstats)
+        try:
+            if self._ready_path(record, manifest, slot, kept):
+                return record
+            stale = False
+        except StaleManifest:
+            stale = True
+        if kept is not None:  # decided on a kept copy: what follows decides on a fresh read
+            manifest = self._fresh(request)
+            slot = self._slot(manifest)
+            if stale and self._ready_path(record, manifest, slot):
+                return record
         try:
             return self.route(record, manifest, create=True, slot=slot)
         except Exception:
@@ -174,16 +188,30 @@ class Dispatcher:
         self._send_infer(record.id, kwargs, queue)
         return record
 
-    def _ready_path(self, record: JobRecord, manifest: Manifest, slot: Slot) -> bool:
+    def _slot(self, manifest: Manifest) -> Slot:
+        cap = manifest.max_queued if manifest.max_queued is not None else self.store.settings.max_queued_per_model
+        return Slot(cap)
+
+    def _fresh(self, request: JobRequest) -> Manifest:
+        """The model's manifest read again: 404 when it is gone, 400 when its backend no longer
+        does the task (the checks a route made on its kept copy)."""
+        manifest = self.catalog.fresh(request.model) if self.catalog is not None else None
+        if manifest is None:
+            raise model_not_found(request.model)
+        check_task(manifest.backend, request.task, model=request.model)
+        return manifest
+
+    def _ready_path(self, record: JobRecord, manifest: Manifest, slot: Slot, kept: str | None = None) -> bool:
         """Create and queue a new job in one round trip when a live node holds its model
         ready (:mod:`tasks.readypath`); False, with nothing done, when the slow path must
         place it: no node holds it ready, the manifest's device is refused, or task events
         are on (the message then goes through Celery's producer). With ``redis_wait_replicas``
-        a job that a failover lost before a replica had it is made again by the slow path."""
+        a job that a failover lost before a replica had it is made again by the slow path.
+        ``kept``: the stored JSON of a kept ``manifest``; :class:`StaleManifest` when it changed."""
         if self.store.settings.celery_events or manifest_device(manifest)[1] is not None:
             return False
         queue = node_queue(record.node) if record.node else model_queue(record.model)
-        if not self.store.submit_ready(record, slot, *self._infer_message(record.id, {"route": 1}, queue)):
+        if not self.store.submit_ready(record, slot, *self._infer_message(record.id, {"route": 1}, queue), kept):
             return False
         return self.store.replicated() or self.store.get_job(record.id) is not None
 

@@ -17,19 +17,22 @@ import time
 
 import redis
 
-from tasks.keys import JOBS, NODES, job_key, model_counts_key, node_key, node_models_key
+from tasks.keys import CATALOG, JOBS, NODES, job_key, model_counts_key, node_key, node_models_key
 from tasks.modelstats import ModelStats, Slot
 from tasks.nodestore import QueueFull
 from tasks.schemas import JobRecord
 from tasks.settings import Settings
 
-# KEYS: nodes set, the model's counters, the job's key, the recent-jobs index, the queue's list.
+# KEYS: nodes set, the model's counters, the job's key, the recent-jobs index, the queue's list,
+# the catalog.
 # ARGV: node key prefix, node-models key prefix, model, cap (0: none), pinned node ('': any),
 # the record's JSON without queue_seq and its closing "}", TTL (s), now (epoch s), recent-jobs
-# cap, job id, the message.
-# Returns {0} when no live node holds the model ready or the id is taken (nothing written),
-# {-1, queued} at the cap, else {the job's number, the jobs queued before it}.
+# cap, job id, the message, the model's manifest as the caller has it ('': not checked).
+# Returns {-2} when the stored manifest is another (nothing written), {0} when no live node
+# holds the model ready or the id is taken (nothing written), {-1, queued} at the cap, else
+# {the job's number, the jobs queued before it}.
 _SUBMIT_READY = """
+if ARGV[12] ~= '' and redis.call('HGET', KEYS[6], ARGV[3]) ~= ARGV[12] then return {-2} end
 local ids
 if ARGV[5] ~= '' then ids = {ARGV[5]} else ids = redis.call('SMEMBERS', KEYS[1]) end
 local ready = false
@@ -56,6 +59,11 @@ return {seq, queued}
 """
 
 
+class StaleManifest(Exception):
+    """The manifest a submission was decided on is no longer the stored one (internal: the
+    dispatcher reads it again and decides again)."""
+
+
 class ReadyPath(ModelStats):
     """The ready path, a mixin of :class:`tasks.store.Store`."""
 
@@ -63,19 +71,30 @@ class ReadyPath(ModelStats):
     settings: Settings
     _submit_ready: redis.commands.core.Script | None = None
 
-    def submit_ready(self, record: JobRecord, slot: Slot, queue_list: str, message: bytes) -> bool:
+    def manifest_raw(self, name: str) -> str | None:
+        """A model's manifest as stored (JSON), or None (:class:`tasks.catalog.CatalogCache`)."""
+        raw: str | None = self._r.hget(CATALOG, name)
+        return raw
+
+    def submit_ready(self, record: JobRecord, slot: Slot, queue_list: str, message: bytes,
+                     manifest_raw: str | None = None) -> bool:
         """Create ``record`` (``queued``, routed once, its queue number from ``slot``) and push
         ``message`` onto ``queue_list``, if a live node holds its model ready; True when done.
         False, with nothing written, when none does (or the id is taken). Raises
-        :class:`tasks.nodestore.QueueFull` (429) at the model's cap, as placement does."""
+        :class:`tasks.nodestore.QueueFull` (429) at the model's cap, as placement does, and
+        :class:`StaleManifest`, with nothing written, when ``manifest_raw`` (the manifest the
+        caller decided on) is no longer the stored one."""
         if self._submit_ready is None:
             self._submit_ready = self._r.register_script(_SUBMIT_READY)
         record.status, record.load_job, record.routed, record.queue_seq = "queued", None, 1, 0
         head = record.model_dump_json(exclude={"queue_seq"})[:-1]
         out = self._submit_ready(
-            keys=[NODES, model_counts_key(record.model), job_key(record.id), JOBS, queue_list],
+            keys=[NODES, model_counts_key(record.model), job_key(record.id), JOBS, queue_list, CATALOG],
             args=[node_key(""), node_models_key(""), record.model, slot.cap, record.node or "", head,
-                  self.settings.job_ttl_s * 7, time.time(), self.settings.jobs_recent_max, record.id, message])
+                  self.settings.job_ttl_s * 7, time.time(), self.settings.jobs_recent_max, record.id, message,
+                  manifest_raw or ""])
+        if int(out[0]) == -2:
+            raise StaleManifest(record.model)
         if int(out[0]) < 0:
             raise QueueFull(record.model, int(out[1]), self)
         if int(out[0]) == 0:

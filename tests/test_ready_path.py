@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from tasks.catalog import CatalogCache
 from tasks.dispatch import Dispatcher
 from tasks.keys import JOBS, job_key, model_counts_key
 from tasks.modelstats import Slot
@@ -145,3 +146,64 @@ def test_a_chunk_job_goes_on_the_low_priority_list(store: Store) -> None:
     dispatcher = Dispatcher(store, Sent())  # type: ignore[arg-type]
     key, message = dispatcher._infer_message(new_chunk_job_id(), {"route": 1}, model_queue("m"))
     assert key == queue_key(model_queue("m"), CHUNK_PRIORITY) and json.loads(message)["properties"]["priority"] == 9
+
+
+def _kept(store: Store, manifest: Manifest) -> tuple[CatalogCache, Manifest]:
+    """A catalog cache holding ``manifest`` for model "m" as this process read it."""
+    store.put_manifest("m", manifest)
+    catalog = CatalogCache(store.manifest_raw)
+    kept = catalog.manifest("m")
+    assert kept is not None and catalog.raw_of("m", kept) is not None
+    return catalog, kept
+
+
+def test_a_kept_manifest_costs_no_read_and_a_changed_one_is_decided_again(store: Store) -> None:
+    _node(store, "n1")
+    catalog, kept = _kept(store, Manifest(backend="echo"))
+    dispatcher = Dispatcher(store, Sent(), catalog)  # type: ignore[arg-type]
+    request = JobRequest(model="m", task="generate", input="a b")
+    dispatcher.submit(request, kept)  # loads the script
+    _calls(store).clear()
+    dispatcher.submit(request, kept)
+    assert _calls(store) == ["EVALSHA"], "the kept manifest is checked in the script, not read"
+    store.put_manifest("m", Manifest(backend="echo", max_queued=1))  # changed by another replica
+    _calls(store).clear()
+    with pytest.raises(QueueFull):  # decided on the stored manifest (its cap), not the kept one
+        dispatcher.submit(request, kept)
+    assert _calls(store)[:3] == ["EVALSHA", "HGET", "EVALSHA"]  # then the 429's Retry-After reads the rate
+    fresh = catalog.manifest("m")
+    assert fresh is not None and fresh.max_queued == 1 and catalog.raw_of("m", kept) is None
+
+
+@pytest.mark.parametrize("change", ["deleted", "backend"])
+def test_a_kept_manifest_that_no_longer_allows_the_job_writes_nothing(store: Store, change: str) -> None:
+    from tasks.errors import InvalidRequest, NotFound
+
+    _node(store, "n1")
+    catalog, kept = _kept(store, Manifest(backend="echo"))
+    dispatcher = Dispatcher(store, Sent(), catalog)  # type: ignore[arg-type]
+    if change == "deleted":
+        store.delete_manifest("m")
+    else:
+        store.put_manifest("m", Manifest(backend="sentence-transformers"))  # does not generate
+    before = {k: store._r.dump(k) for k in store._r.keys("*")}
+    with pytest.raises(NotFound if change == "deleted" else InvalidRequest) as err:
+        dispatcher.submit(JobRequest(model="m", task="generate", input="a b"), kept)
+    assert err.value.code == ("model_not_found" if change == "deleted" else "unsupported_task")
+    assert {k: store._r.dump(k) for k in store._r.keys("*")} == before
+
+
+def test_a_refusal_is_never_answered_from_the_kept_copy(store: Store) -> None:
+    from tasks.errors import NotFound
+    from web.util import job_manifest
+
+    catalog, _ = _kept(store, Manifest(backend="sentence-transformers"))
+    store.put_manifest("m", Manifest(backend="echo"))  # now it generates
+    assert job_manifest(catalog, "m", "generate").backend == "echo"
+    with pytest.raises(NotFound):
+        job_manifest(catalog, "absent", "generate")
+    store.put_manifest("absent", Manifest(backend="echo"))  # absence is never kept
+    assert job_manifest(catalog, "absent", "generate").backend == "echo"
+    store.delete_manifest("m")
+    kept = job_manifest(catalog, "m", "embed")  # still kept: the submission's script finds it gone (above)
+    assert kept.backend == "echo" and catalog.raw_of("m", kept) is not None

@@ -13,6 +13,7 @@ from flask import Flask, current_app
 
 from tasks.cas import parse_event
 from tasks.celery_app import make_celery
+from tasks.catalog import CatalogCache
 from tasks.dispatch import Dispatcher
 from tasks.schemas import TERMINAL, JobRecord
 from tasks.settings import Settings
@@ -155,7 +156,8 @@ class Modelbay:
         self.settings = settings
         self.store = Store.from_settings(settings)
         self.celery = make_celery(settings, main="modelbay-web")
-        self.dispatcher = Dispatcher(self.store, self.celery)
+        self.catalog = CatalogCache(self.store.manifest_raw)  # kept manifests, checked where it matters
+        self.dispatcher = Dispatcher(self.store, self.celery, self.catalog)
         self.waiter = JobWaiter(self.store)
         self.live = Live(settings, self.store)
         # POST /v1/embeddings calls share jobs under load (web/openai/coalesce.py)

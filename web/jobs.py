@@ -5,7 +5,6 @@ import re
 
 from flask import Blueprint, jsonify, request
 
-from tasks.backends import check_task
 from tasks.errors import Conflict, ErrorCode, InvalidRequest, NotFound
 from web.limits import check_limits
 from web.metrics import count_submitted
@@ -17,7 +16,7 @@ from web.extensions import mb
 from web.idempotent import REPLAYED, once
 from web.openapi import BODY, EXAMPLE_MODEL, JOB_HEADERS, STORE, Ok, documented
 from web.schemas_http import JobList
-from web.util import check_model_name, not_found_model, parse_body, pin
+from web.util import job_manifest, parse_body, pin
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
@@ -82,10 +81,7 @@ def submit():
     req = parse_body(JobRequest)
     check_limits(req.task, req.input_json(), req.params, mb().settings)
     req.node = pin(req.node)
-    manifest = mb().store.get_manifest(check_model_name(req.model))
-    if manifest is None:
-        raise not_found_model(req.model)
-    check_task(manifest.backend, req.task, model=req.model)  # before anything is queued
+    manifest = job_manifest(mb().catalog, req.model, req.task)  # before anything is queued
     check_callback_url(req.callback_url, mb().settings)
     job_id = new_job_id()
     if wait_s:  # listened for before it exists: its end needs no read

@@ -9,8 +9,10 @@ from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from tasks.errors import ErrorCode, InvalidRequest, NotFound, Unprocessable, UnsupportedMediaType
+from tasks.backends import check_task
+from tasks.catalog import CatalogCache, model_not_found
 from tasks.names import invalid_model_name
-from tasks.schemas import LoadRequest
+from tasks.schemas import LoadRequest, Manifest
 
 M = TypeVar("M", bound=BaseModel)
 _UNION_TAG = re.compile(r"str|int|float|bool|none|list\[.*\]|dict\[.*\]|[a-z-]+\[.*\]")
@@ -80,4 +82,23 @@ def pin(body_node: str | None = None) -> str | None:
 
 
 def not_found_model(name: str) -> NotFound:
-    return NotFound(f"model {name!r} is not in the catalog", param="model", code=ErrorCode.MODEL_NOT_FOUND)
+    return model_not_found(name)
+
+
+def job_manifest(catalog: CatalogCache, model: str, task: str, param: str = "task") -> Manifest:
+    """The manifest a job of ``task`` on ``model`` is decided on: this process's kept copy
+    (:mod:`tasks.catalog`; the ready path checks it against the stored one). A refusal, 404
+    ``model_not_found`` or 400 ``unsupported_task`` (named ``param``), comes from a fresh read."""
+    name = check_model_name(model)
+    manifest = catalog.manifest(name)
+    if manifest is not None:
+        try:
+            check_task(manifest.backend, task, model=model, param=param)
+            return manifest
+        except InvalidRequest:
+            pass  # refused on the kept copy: the answer comes from a fresh read
+    manifest = catalog.fresh(name)
+    if manifest is None:
+        raise not_found_model(model)
+    check_task(manifest.backend, task, model=model, param=param)
+    return manifest

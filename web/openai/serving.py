@@ -17,7 +17,6 @@ from typing import Any
 from flask import request
 from pydantic import ValidationError
 
-from tasks.backends import check_task
 from tasks.errors import Conflict, ErrorCode, InvalidRequest, ModelbayError, Unavailable
 from web.limits import check_limits
 from tasks.schemas import TERMINAL, JobRecord, JobRequest, Manifest
@@ -26,7 +25,7 @@ from web.extensions import mb
 from web.idempotent import HEADER as IDEMPOTENCY_HEADER, REPLAYED, once
 from web.metrics import count_submitted
 from web.schemas_http import LoadingInfo
-from web.util import check_model_name, describe, not_found_model, pin
+from web.util import describe, job_manifest, pin
 
 SLICE_S = 0.2  # how often a waiting call looks at the client socket, seconds
 
@@ -45,10 +44,7 @@ class Call:
         except InvalidRequest as exc:  # name the field as this route spells it
             exc.param = (param_names or {}).get(exc.param or "", exc.param)
             raise
-        manifest = mb().store.get_manifest(check_model_name(model))
-        if manifest is None:
-            raise not_found_model(model)
-        check_task(manifest.backend, task, model=model, param="model")  # the registry of tasks/backends.py
+        manifest = job_manifest(mb().catalog, model, task, param="model")  # the registry of tasks/backends.py
         try:
             req = JobRequest(model=model, task=task, input=input_, params=params, node=pin(None))
         except ValidationError as exc:
