@@ -65,9 +65,9 @@ def generate(rt: Runtime, job: JobRecord, proc: BackendProcess, delivery: Delive
     final: Any = None
     try:
         for piece in call:
+            delivery.pieces += piece.pieces  # tokens, an empty one too (a message may hold several)
             if piece.text:
                 pieces.append(piece.text)
-                delivery.pieces += piece.pieces
                 if job.stream:
                     rt.store.tokens.append(job.id, piece.text)
             if piece.done:
