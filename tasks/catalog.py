@@ -40,8 +40,13 @@ class CatalogCache:
 
     def manifest(self, name: str) -> Manifest | None:
         """The kept copy of ``name``'s manifest, else a fresh read (None: not in the catalog)."""
+        kept = self.kept(name)
+        return kept if kept is not None else self.fresh(name)
+
+    def kept(self, name: str) -> Manifest | None:
+        """The kept copy of ``name``'s manifest, or None; never reads."""
         kept = self._kept.get(name)
-        return kept[1] if kept is not None else self.fresh(name)
+        return kept[1] if kept is not None else None
 
     def fresh(self, name: str) -> Manifest | None:
         """Read ``name``'s manifest now and keep it (or forget it when it is gone)."""

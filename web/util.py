@@ -90,7 +90,7 @@ def job_manifest(catalog: CatalogCache, model: str, task: str, param: str = "tas
     (:mod:`tasks.catalog`; the ready path checks it against the stored one). A refusal, 404
     ``model_not_found`` or 400 ``unsupported_task`` (named ``param``), comes from a fresh read."""
     name = check_model_name(model)
-    manifest = catalog.manifest(name)
+    manifest = catalog.kept(name)  # no copy: one fresh read below, never two
     if manifest is not None:
         try:
             check_task(manifest.backend, task, model=model, param=param)
