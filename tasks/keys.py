@@ -29,6 +29,9 @@ Keys (all under ``mb:``):
 - ``mb:rescue``               set (with an expiry) while lost workers' taken messages are looked at
 - ``mb:gone``                 hash node id → epoch seconds when the reaper first found it gone
                               (a heartbeat clears it; :mod:`workers.node.stranded`)
+- ``mb:wake:<instance>:<n>``  list: a worker process's taker thread ``n`` wakes when it gets an
+                              entry (its model queues changed, or it stops; expires after a minute;
+                              :mod:`workers.node.taker`)
 - ``mb:file:<id>``            a file's record JSON (:class:`tasks.files.FileObject`; its bytes are
                               in the file store, never in Redis)
 - ``mb:files``                sorted set of file ids by creation time (epoch seconds)
@@ -130,6 +133,10 @@ def model_counts_key(model: str) -> str:
 
 def model_stats_key(model: str) -> str:
     return f"{P}mstat:{model_token(model)}"
+
+
+def wake_key(instance: str, thread: int) -> str:
+    return f"{P}wake:{instance}:{thread}"
 
 
 def idempotency_key(scope: str, digest: str) -> str:

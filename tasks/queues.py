@@ -68,8 +68,36 @@ class QueueStore:
         tags: list[str] = self._r.zrangebyscore(UNACKED_INDEX, "-inf", cutoff_s)
         return list(zip(tags, self._r.hmget(UNACKED, tags) if tags else []))
 
+    def pop(self, keys: list[str], timeout_s: float) -> tuple[str, str] | None:
+        """(list, message) taken from the first non-empty list of ``keys`` (BRPOP), blocking
+        for up to ``timeout_s`` seconds; None when none had a message in that time."""
+        got: tuple[str, str] | None = self._r.brpop(keys, timeout=timeout_s)
+        return got
+
+    def give_back(self, key: str, raw: str) -> None:
+        """Put a message just popped from ``key`` back where it is taken next (RPUSH)."""
+        self._r.rpush(key, raw)
+
+    def note_taken(self, tag: str, entry: str, at_s: float) -> None:
+        """Record a message taken at ``at_s`` (epoch seconds) and not yet acknowledged, as
+        kombu's Redis transport does (``entry``: the JSON ``[message, exchange, routing
+        key]``): the reaper rescues it, and kombu restores it, if its taker dies (one MULTI)."""
+        with self._r.pipeline() as pipe:
+            pipe.zadd(UNACKED_INDEX, {tag: at_s})
+            pipe.hset(UNACKED, tag, entry)
+            pipe.execute()
+
+    def wake(self, keys: list[str], ttl_s: int = 60) -> None:
+        """One entry on each of ``keys`` (expiring after ``ttl_s`` seconds): a thread blocked
+        in :meth:`pop` on one of them returns (one round trip)."""
+        with self._r.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.lpush(key, "1")
+                pipe.expire(key, ttl_s)
+            pipe.execute()
+
     def drop_taken(self, tag: str) -> None:
-        """Forget a taken message, so kombu never restores it (one MULTI)."""
+        """Forget a taken message, so kombu never restores it: its acknowledgement (one MULTI)."""
         with self._r.pipeline() as pipe:
             pipe.hdel(UNACKED, tag)
             pipe.zrem(UNACKED_INDEX, tag)

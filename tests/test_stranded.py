@@ -120,7 +120,7 @@ def holders(client, name: str) -> list[str]:
 
 
 def run_long(stack, node: str, threads: int) -> list[str]:
-    """Occupy ``threads`` of ``node``'s task threads with long jobs (about 8 s) of a model of
+    """Occupy ``threads`` of ``node``'s model queue threads (workers.node.taker) with long jobs (about 8 s) of a model of
     its own (0 MB); returns their ids (cancel them when done)."""
     client, store = stack["client"], stack["store"]
     y = register(client, memory_mb=0, options={"token_delay_s": 0.5})
@@ -159,12 +159,12 @@ def test_jobs_waiting_when_the_model_is_evicted_are_routed_again(stack) -> None:
     a, _ = sorted(workers)
     x = register(client, memory_mb=50)
     load_on(client, x, a)
-    long = run_long(stack, a, 3)
+    long = run_long(stack, a, 4)
     srv = FileServer()
     try:
         # z's size (55 MiB) is known once it is staged; a (100 MB) must then evict x, idle.
         srv.files["/z.bin"] = b"\0" * (55 * 1024 * 1024)
-        srv.rate_bps = 20 * 1024 * 1024  # about 3 s of staging on a's fourth thread
+        srv.rate_bps = 20 * 1024 * 1024  # about 3 s of staging, on a Celery thread (loads have their own)
         z = register(client, files=[{"uri": srv.url("/z.bin"), "path": "z.bin"}])
         resp = client.post(f"/v1/models/{z}/load", headers={"X-Modelbay-Node": a})
         assert resp.status_code == 202

@@ -24,6 +24,7 @@ from workers.node.agent import NodeAgent, devices, memory_budget_mb
 from workers.node.cancel import CancelWatcher
 from workers.node.drain import Background, StopWatchdog, bounded
 from workers.node.models import ModelManager
+from workers.node.taker import QueueTaker
 from workers.progress.live import LivePublisher
 from workers.staging.stage import sweep
 
@@ -34,7 +35,8 @@ class Runtime:
     """The model manager, the cancel watcher, the live publisher, the bus, the store and the
     dispatcher of this node; the heartbeat and the reaper once the worker is ready."""
 
-    def __init__(self, settings: Settings, app: Celery) -> None:
+    def __init__(self, settings: Settings, app: Celery, threads: int | None = None) -> None:
+        """``threads``: the worker's job threads (its ``-c``); the model queues get as many."""
         self.settings = settings
         if not settings.log_requests:  # Celery's own line per task received and per task ended
             for name in ("celery.app.trace", "celery.worker.strategy"):
@@ -42,15 +44,18 @@ class Runtime:
         self.store = Store.from_settings(settings, outage_s=settings.redis_outage_s)
         self.dispatcher = Dispatcher(self.store, app)
         self.devices = devices()  # NVML is asked once; the heartbeat reports the same list
+        self.instance = uuid.uuid4().hex  # this worker process; jobs it runs carry it as ``runner``
+        # The model queues' consumer; with task events on, Celery's consumer (Flower sees the jobs).
+        self.taker = None if settings.celery_events else QueueTaker(
+            self.store.queues, app, self.instance, threads or int(app.conf.worker_concurrency or 1), settings.log_requests)
         self.manager = ModelManager(settings, self.store, app, memory_budget_mb(settings, self.devices),
-                                    gpus=[d for d in self.devices if d["type"] == "cuda"])
+                                    gpus=[d for d in self.devices if d["type"] == "cuda"], taker=self.taker)
         swept = sweep(settings.models_dir)  # temp files of copies a dead worker left behind
         if swept:
             log.info("removed %d stale staging temp file(s)", swept)
         self.cancels = CancelWatcher(self.store, settings.cancel_poll_s)
         self.bus = Bus(settings.nats_url, name=f"worker-{settings.node_id}").start()
         self.live = LivePublisher(settings, self.bus)
-        self.instance = uuid.uuid4().hex  # this worker process; jobs it runs carry it as ``runner``
         self.background = Background(settings, self.store, self.dispatcher, self.cancels, self.instance)
         self.agent: NodeAgent | None = None
         self.stop_deadline: float | None = None  # monotonic s: SIGTERM + worker_stop_grace_s
@@ -70,6 +75,8 @@ class Runtime:
         except Exception:  # the reaper does the same within a round or two
             log.exception("taking over node %s failed", settings.node_id)
         self.background.start()
+        if self.taker is not None:
+            self.taker.start()
         metrics.serve(settings.worker_metrics_port, self.bus.connected.is_set)
         log.info("node %s ready as %s, consuming %s", settings.node_id, hostname, settings.node_queue)
 
@@ -82,8 +89,11 @@ class Runtime:
         self.stop_deadline = time.monotonic() + settings.worker_stop_grace_s
         # The stop's own bounds (see stop()) at most: the backends, the bus, the node record.
         stop_budget_s = settings.worker_stop_grace_s + settings.backend_stop_grace_s + 1.0 + 2.0 + 1.0
+        taker = self.taker
+        if taker is not None:  # Celery stops taking from its queues; the taker from the model queues
+            bounded(taker.stop_taking, 1.0, "stopping the model queue takers")
         self.watchdog = StopWatchdog(self.background.drained, settings.worker_stop_grace_s, stop_budget_s,
-                                     busy=lambda: bool(worker_state.active_requests))
+                                     busy=lambda: bool(worker_state.active_requests) or (taker is not None and taker.busy()))
         self.watchdog.start()
         threading.Thread(target=self.background.drain, args=(self.agent,), name="modelbay-drain", daemon=True).start()
 
@@ -97,6 +107,11 @@ class Runtime:
         settings = self.settings
         if self.watchdog is not None:
             self.watchdog.stopping.set()
+        if self.taker is not None:  # Celery waited for its tasks; the taker's jobs end too (the drain hands back the slow)
+            bounded(self.taker.stop_taking, 1.0, "stopping the model queue takers")
+            grace_s = (self.stop_deadline or time.monotonic()) - time.monotonic() + 1.0
+            if not self.taker.join(max(1.0, grace_s)):
+                log.warning("model queue jobs still running at the stop; the backends stop under them")
         self.background.stop()
         self.cancels.stop()
         quick = Store.from_settings(settings, outage_s=0.0)  # no tasks run any more: fail fast
@@ -125,7 +140,8 @@ class NodeStep(bootsteps.Step):
         settings = getattr(app, "modelbay_settings", None)
         if not isinstance(settings, Settings):
             raise RuntimeError("NodeStep needs an app made by workers.app.create_app")
-        rt = app.modelbay_runtime = Runtime(settings, app)
+        threads = getattr(worker, "concurrency", None)
+        rt = app.modelbay_runtime = Runtime(settings, app, threads if isinstance(threads, int) else None)
         default_hostname = f"modelbay@{settings.node_id}"
         worker_ready.connect(lambda sender=None, **_: rt.ready(getattr(sender, "hostname", None) or default_hostname),
                              weak=False)

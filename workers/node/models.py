@@ -35,6 +35,7 @@ from workers.node.devices import accounted_mb, backend_env, backend_options, cam
 from workers.node.entry import Entry, LoadFailed, NotHere, Unloaded
 from workers.node.gpus import process_memory_mb
 from workers.node.placement import CPU, NoRoom, Pool
+from workers.node.taker import QueueTaker
 from workers.staging.stage import StagedModel, StageProgress, StagingError, stage
 from workers.supervisor.process import BackendProcess
 
@@ -54,7 +55,8 @@ class ModelManager:
 
     def __init__(self, settings: Settings, store: Store, celery: Celery, budget_mb: int,
                  stager: Stager = stage, gpus: list[dict[str, Any]] | None = None,
-                 process_factory: ProcessFactory = BackendProcess) -> None:
+                 process_factory: ProcessFactory = BackendProcess, taker: QueueTaker | None = None) -> None:
+        """``taker``: the consumer of this worker's model queues; None while Celery consumes them."""
         self.settings = settings
         # NVML records ("uuid", "index", "memory_total_mb"); a faulty device (with "error") is no GPU
         self.gpus = [g for g in gpus or [] if "error" not in g]
@@ -67,6 +69,7 @@ class ModelManager:
                                       where) if self.gpus else None
         self.stager = stager
         self.process_factory = process_factory
+        self.taker = taker
         self.hostname: str | None = None  # the Celery worker's name, set when it is ready
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
@@ -378,9 +381,13 @@ class ModelManager:
             log.warning("could not publish state of %s: %s", entry.model, exc)
 
     def _consume(self, queue: str, start: bool) -> None:
-        """Start or stop consuming ``queue`` on this worker (:func:`workers.node.consumers.set_consuming`).
-        A model queue that loses this consumer may have none left: it is noted for the sweep
+        """Start or stop consuming ``queue`` on this worker: in its taker (:mod:`workers.node.taker`),
+        or through Celery's consumer (:func:`workers.node.consumers.set_consuming`). A model
+        queue that loses this consumer may have none left: it is noted for the sweep
         (:mod:`workers.node.stranded`)."""
         if not start and queue.startswith("model."):
             mark_orphaned(self.store, [model_from_token(queue[len("model."):])], quiet=True)
-        set_consuming(self.celery, self.hostname, queue, start, self.settings.redis_outage_s)
+        if self.taker is not None:
+            (self.taker.consume if start else self.taker.cancel)(queue)
+        else:
+            set_consuming(self.celery, self.hostname, queue, start, self.settings.redis_outage_s)

@@ -1,0 +1,221 @@
+"""The model queues' consumer: threads of the worker process that each take a job's message
+when they are free and run the job themselves (architecture §9).
+
+A worker consumes ``model.<token>`` while it holds the model ready, so any holder pulls the
+model's next job. Celery's consumer would take the message in its main thread (BRPOP, then
+the ``unacked`` bookkeeping), hand it to a pool thread, and acknowledge it back on the main
+thread: about as much CPU per job as the whole of a raw Celery round trip, and three thread
+hand-offs (docs/benchmarks.md, "Fifth round"). Here each of ``threads`` threads does it all:
+
+1. BRPOP over its wake list and every consumed queue's lists, highest priority first (kombu's
+   order: ``[q for priority for q in queues]``; the queue last served goes last);
+2. the message is recorded in kombu's ``unacked`` hash and ``unacked_index`` in kombu's own
+   format (:meth:`tasks.queues.QueueStore.note_taken`), so a worker SIGKILLed now loses
+   nothing: the reaper rescues the job (:mod:`workers.node.stranded`) and kombu restores the
+   message after the visibility timeout;
+3. the task the message names runs in this thread (the same Celery task, called directly);
+4. the entry is dropped: the acknowledgement (acks late, on failure too, as Celery's
+   ``task_acks_late`` and ``task_acks_on_failure_or_timeout``).
+
+As with kombu, a worker killed between 1 and 2 loses the message it just took (one round
+trip's window); its job stays ``queued`` and the reaper's stranded sweep does not see it.
+
+A thread takes a message only when it is free, so nothing waits in a busy worker's memory
+while another worker is idle. Starting or stopping on a queue is local and immediate: the
+threads blocked in BRPOP are woken through their wake lists (``mb:wake:<instance>:<n>``),
+with no broadcast through the broker. Loads, unloads and pinned jobs (``node.<id>``) stay
+with Celery's consumer. While Celery's task events are on (``MODELBAY_CELERY_EVENTS``, for
+Flower), Celery consumes the model queues too, as before (:mod:`workers.node.consumers`).
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+
+import orjson
+import redis
+from celery import Celery
+
+from tasks.keys import wake_key
+from tasks.publish import PRIORITY_STEPS, SEP, queue_key
+from tasks.queues import QueueStore
+
+log = logging.getLogger("modelbay.worker")
+
+BLOCK_S = 5.0
+"""The longest one BRPOP blocks (seconds): a wake entry or a message ends it sooner."""
+RETRY_S = (0.5, 5.0)
+"""The pause after a failed BRPOP (seconds): from the first, doubling up to the second."""
+
+
+class Message:
+    """A task message as kombu's Redis transport stores it: what the taker needs of it."""
+
+    __slots__ = ("tag", "task", "task_id", "args", "kwargs", "entry")
+
+    def __init__(self, raw: str) -> None:
+        """Raises ValueError, KeyError or TypeError when ``raw`` is not a task message."""
+        msg = orjson.loads(raw)
+        props = msg["properties"]
+        body = base64.b64decode(msg["body"]) if props.get("body_encoding") == "base64" else msg["body"]
+        args, kwargs, _ = orjson.loads(body)
+        info = props.get("delivery_info") or {}
+        self.tag = str(props["delivery_tag"])
+        self.task = str(msg["headers"]["task"])
+        self.task_id = str(msg["headers"].get("id", ""))
+        self.args: list[object] = list(args)
+        self.kwargs: dict[str, object] = dict(kwargs)
+        # kombu's unacked entry: [message, exchange, routing key] (its QoS.append).
+        self.entry = (f"[{raw},{orjson.dumps(info.get('exchange', '')).decode()},"
+                      f"{orjson.dumps(info.get('routing_key', '')).decode()}]")
+
+
+class QueueTaker:
+    """``threads`` threads consuming this worker's model queues; see the module."""
+
+    def __init__(self, queues: QueueStore, app: Celery, instance: str, threads: int,
+                 log_requests: bool = False) -> None:
+        self._queues = queues
+        self._app = app
+        self._log_requests = log_requests
+        self._wakes = [wake_key(instance, n) for n in range(max(1, threads))]
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._consumed: list[str] = []  # in the order they are tried; the last served goes last
+        self._stopping = False
+        self._running = 0
+        self._threads: list[threading.Thread] = []
+
+    # ---- what is consumed ------------------------------------------------------------
+
+    def consume(self, queue: str) -> None:
+        """Start taking from ``queue`` now."""
+        with self._lock:
+            if queue in self._consumed:
+                return
+            self._consumed.append(queue)
+            self._changed.notify_all()
+        self._wake()
+
+    def cancel(self, queue: str) -> None:
+        """Stop taking from ``queue``: no thread takes from it once this returns (a thread
+        that Redis cannot wake stops within ``BLOCK_S``). A message taken just before runs;
+        its model's absence sends it elsewhere (:func:`workers.jobs.tasks.infer`)."""
+        with self._lock:
+            if queue not in self._consumed:
+                return
+            self._consumed.remove(queue)
+        self._wake()
+
+    def consumed(self) -> list[str]:
+        with self._lock:
+            return list(self._consumed)
+
+    # ---- start and stop --------------------------------------------------------------
+
+    def start(self) -> None:
+        for n in range(len(self._wakes)):
+            thread = threading.Thread(target=self._work, args=(n,), name=f"modelbay-taker-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop_taking(self) -> None:
+        """Take no more messages (the jobs running go on); wakes the blocked threads."""
+        with self._lock:
+            self._stopping = True
+            self._changed.notify_all()
+        self._wake()
+
+    def busy(self) -> bool:
+        """True while a job taken here runs."""
+        with self._lock:
+            return self._running > 0
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` seconds for the running jobs to end; True when none runs."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self._running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+            return True
+
+    # ---- the threads -----------------------------------------------------------------
+
+    def _wake(self) -> None:
+        try:
+            self._queues.wake(self._wakes)
+        except redis.RedisError as exc:  # the threads notice within BLOCK_S
+            log.warning("could not wake the model queue takers: %s", exc)
+
+    def _keys(self, n: int) -> list[str] | None:
+        """The lists thread ``n`` waits on, its wake list first; None once stopping. Waits
+        (no Redis) while no queue is consumed."""
+        with self._lock:
+            while not self._consumed and not self._stopping:
+                self._changed.wait()
+            if self._stopping:
+                return None
+            return [self._wakes[n]] + [queue_key(q, p) for p in PRIORITY_STEPS for q in self._consumed]
+
+    def _work(self, n: int) -> None:
+        pause_s = RETRY_S[0]
+        while (keys := self._keys(n)) is not None:
+            try:
+                got = self._queues.pop(keys, BLOCK_S)
+            except redis.RedisError as exc:  # an outage the store's retries did not ride out
+                log.warning("taking from the model queues failed: %s; again in %.1fs", exc, pause_s)
+                with self._lock:
+                    self._changed.wait_for(lambda: self._stopping, pause_s)
+                pause_s = min(pause_s * 2, RETRY_S[1])
+                continue
+            pause_s = RETRY_S[0]
+            if got is None or got[0] == keys[0]:
+                continue
+            key, raw = got
+            with self._lock:
+                self._running += 1
+                queue = key.split(SEP, 1)[0]
+                if queue in self._consumed:  # the queue just served is tried last (kombu's rotation)
+                    self._consumed.remove(queue)
+                    self._consumed.append(queue)
+            try:
+                self._run(raw)
+            finally:
+                with self._lock:
+                    self._running -= 1
+                    self._changed.notify_all()
+
+    def _run(self, raw: str) -> None:
+        try:
+            message = Message(raw)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("dropped a model queue message that is not a task message (%s): %.200s", exc, raw)
+            return
+        try:
+            self._queues.note_taken(message.tag, message.entry, time.time())
+        except redis.RedisError as exc:  # it is taken: run it all the same
+            log.warning("could not record message %s as taken: %s", message.tag, exc)
+        try:
+            task = self._app.tasks.get(message.task)
+            if task is None:
+                log.error("dropped a message of unknown task %r (id %s)", message.task, message.task_id)
+                return
+            began = time.monotonic()
+            if self._log_requests:
+                log.info("task %s[%s] taken", message.task, message.task_id)
+            try:
+                task(*message.args, **message.kwargs)
+            except Exception:  # acked all the same, as Celery's acks_on_failure_or_timeout
+                log.exception("task %s[%s] raised", message.task, message.task_id)
+            if self._log_requests:
+                log.info("task %s[%s] done in %.3fs", message.task, message.task_id, time.monotonic() - began)
+        finally:
+            try:
+                self._queues.drop_taken(message.tag)
+            except redis.RedisError as exc:  # restored after the visibility timeout: its route makes it a no-op
+                log.warning("could not acknowledge message %s: %s", message.tag, exc)
