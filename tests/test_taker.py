@@ -75,9 +75,10 @@ def world(stack_env: dict[str, str]) -> Iterator[dict[str, object]]:
         taker.start()
         return taker
 
-    yield {"r": r, "calls": calls, "make": make, "url": url}
+    extra: list[QueueTaker] = []
+    yield {"r": r, "calls": calls, "make": make, "url": url, "extra": extra}
     calls.gate.set()
-    for taker in takers:
+    for taker in takers + extra:
         taker.stop_taking()
         taker.join(5)
     r.flushdb()
@@ -202,3 +203,36 @@ def test_stop_taking_lets_the_running_job_end_and_takes_nothing_more(world) -> N
     calls.gate.set()
     assert taker.join(5)
     assert calls.started == ["running"] and r.llen("model.i") == 1 and not r.hlen(UNACKED)
+
+
+class Dispatcher:
+    """Records what a Celery event dispatcher is asked to send (Flower's source)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.sent: list[tuple[str, dict[str, object]]] = []
+
+    def send(self, type: str, **fields: object) -> None:
+        self.sent.append((type, fields))
+
+
+def test_task_events_are_sent_only_while_the_dispatcher_is_enabled(world) -> None:
+    r, calls = world["r"], world["calls"]
+    dispatcher = Dispatcher(enabled=False)
+    taker = QueueTaker(QueueStore(r), APP, "events", 1, events=lambda: dispatcher)
+    world["extra"].append(taker)
+    taker.start()
+    taker.consume("model.j")
+    push(r, "model.j", "taker-test.quick", "quiet")
+    poll(lambda: calls.started == ["quiet:0"] and not r.hlen(UNACKED), 5, "the job")
+    assert dispatcher.sent == []
+    dispatcher.enabled = True  # Flower's enable_events
+    ok = json.loads(push(r, "model.j", "taker-test.quick", "seen"))["headers"]["id"]
+    bad = json.loads(push(r, "model.j", "taker-test.raise", "fails"))["headers"]["id"]
+    poll(lambda: len(dispatcher.sent) == 6, 5, "six events")
+    assert [(t, f["uuid"]) for t, f in dispatcher.sent] == [
+        ("task-received", ok), ("task-started", ok), ("task-succeeded", ok),
+        ("task-received", bad), ("task-started", bad), ("task-failed", bad)]
+    received = dispatcher.sent[0][1]
+    assert received["name"] == "taker-test.quick" and "seen" in str(received["args"])
+    assert "a task that fails" in str(dispatcher.sent[5][1]["exception"])

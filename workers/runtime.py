@@ -10,8 +10,10 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 from celery import Celery, Task, bootsteps
+from celery.events.dispatcher import EventDispatcher
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from celery.worker import state as worker_state
 
@@ -35,8 +37,10 @@ class Runtime:
     """The model manager, the cancel watcher, the live publisher, the bus, the store and the
     dispatcher of this node; the heartbeat and the reaper once the worker is ready."""
 
-    def __init__(self, settings: Settings, app: Celery, threads: int | None = None) -> None:
-        """``threads``: the worker's job threads (its ``-c``); the model queues get as many."""
+    def __init__(self, settings: Settings, app: Celery, threads: int | None = None,
+                 events: Callable[[], EventDispatcher | None] = lambda: None) -> None:
+        """``threads``: the worker's job threads (its ``-c``); the model queues' taker gets as
+        many. ``events``: the worker's task event dispatcher, once its consumer has one."""
         self.settings = settings
         if not settings.log_requests:  # Celery's own line per task received and per task ended
             for name in ("celery.app.trace", "celery.worker.strategy"):
@@ -45,9 +49,8 @@ class Runtime:
         self.dispatcher = Dispatcher(self.store, app)
         self.devices = devices()  # NVML is asked once; the heartbeat reports the same list
         self.instance = uuid.uuid4().hex  # this worker process; jobs it runs carry it as ``runner``
-        # The model queues' consumer; with task events on, Celery's consumer (Flower sees the jobs).
-        self.taker = None if settings.celery_events else QueueTaker(
-            self.store.queues, app, self.instance, threads or int(app.conf.worker_concurrency or 1), settings.log_requests)
+        self.taker = QueueTaker(self.store.queues, app, self.instance, threads or int(app.conf.worker_concurrency or 1),
+                                settings.log_requests, events)  # the model queues' consumer
         self.manager = ModelManager(settings, self.store, app, memory_budget_mb(settings, self.devices),
                                     gpus=[d for d in self.devices if d["type"] == "cuda"], taker=self.taker)
         swept = sweep(settings.models_dir)  # temp files of copies a dead worker left behind
@@ -65,7 +68,6 @@ class Runtime:
         """The worker consumes: register the node, take over from a previous process with the
         same node id, start the reaper and the metrics endpoint."""
         settings = self.settings
-        self.manager.hostname = hostname
         self.agent = NodeAgent(settings, self.store, self.manager, hostname, self.devices, self.instance)
         previous = self.agent.start()
         try:  # a node id that had state: take over from the process that held it
@@ -75,8 +77,7 @@ class Runtime:
         except Exception:  # the reaper does the same within a round or two
             log.exception("taking over node %s failed", settings.node_id)
         self.background.start()
-        if self.taker is not None:
-            self.taker.start()
+        self.taker.start()
         metrics.serve(settings.worker_metrics_port, self.bus.connected.is_set)
         log.info("node %s ready as %s, consuming %s", settings.node_id, hostname, settings.node_queue)
 
@@ -89,11 +90,10 @@ class Runtime:
         self.stop_deadline = time.monotonic() + settings.worker_stop_grace_s
         # The stop's own bounds (see stop()) at most: the backends, the bus, the node record.
         stop_budget_s = settings.worker_stop_grace_s + settings.backend_stop_grace_s + 1.0 + 2.0 + 1.0
-        taker = self.taker
-        if taker is not None:  # Celery stops taking from its queues; the taker from the model queues
-            bounded(taker.stop_taking, 1.0, "stopping the model queue takers")
+        # Celery stops taking from its queues, the taker from the model queues.
+        bounded(self.taker.stop_taking, 1.0, "stopping the model queue takers")
         self.watchdog = StopWatchdog(self.background.drained, settings.worker_stop_grace_s, stop_budget_s,
-                                     busy=lambda: bool(worker_state.active_requests) or (taker is not None and taker.busy()))
+                                     busy=lambda: bool(worker_state.active_requests) or self.taker.busy())
         self.watchdog.start()
         threading.Thread(target=self.background.drain, args=(self.agent,), name="modelbay-drain", daemon=True).start()
 
@@ -107,11 +107,11 @@ class Runtime:
         settings = self.settings
         if self.watchdog is not None:
             self.watchdog.stopping.set()
-        if self.taker is not None:  # Celery waited for its tasks; the taker's jobs end too (the drain hands back the slow)
-            bounded(self.taker.stop_taking, 1.0, "stopping the model queue takers")
-            grace_s = (self.stop_deadline or time.monotonic()) - time.monotonic() + 1.0
-            if not self.taker.join(max(1.0, grace_s)):
-                log.warning("model queue jobs still running at the stop; the backends stop under them")
+        # Celery waited for its tasks; the taker's end too (the drain hands back those past the grace).
+        bounded(self.taker.stop_taking, 1.0, "stopping the model queue takers")
+        grace_s = (self.stop_deadline or time.monotonic()) - time.monotonic() + 1.0
+        if not self.taker.join(max(1.0, grace_s)):
+            log.warning("model queue jobs still running at the stop; the backends stop under them")
         self.background.stop()
         self.cancels.stop()
         quick = Store.from_settings(settings, outage_s=0.0)  # no tasks run any more: fail fast
@@ -141,7 +141,8 @@ class NodeStep(bootsteps.Step):
         if not isinstance(settings, Settings):
             raise RuntimeError("NodeStep needs an app made by workers.app.create_app")
         threads = getattr(worker, "concurrency", None)
-        rt = app.modelbay_runtime = Runtime(settings, app, threads if isinstance(threads, int) else None)
+        rt = app.modelbay_runtime = Runtime(settings, app, threads if isinstance(threads, int) else None,
+                                            lambda: getattr(getattr(worker, "consumer", None), "event_dispatcher", None))
         default_hostname = f"modelbay@{settings.node_id}"
         worker_ready.connect(lambda sender=None, **_: rt.ready(getattr(sender, "hostname", None) or default_hostname),
                              weak=False)

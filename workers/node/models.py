@@ -30,7 +30,6 @@ from tasks.store import Store
 from workers.node.stranded import mark_orphaned
 from workers import metrics
 from workers.supervisor.calls import BackendCallError, BackendError, load_deadline_s
-from workers.node.consumers import set_consuming
 from workers.node.devices import accounted_mb, backend_env, backend_options, came_up_on_cpu, device_for
 from workers.node.entry import Entry, LoadFailed, NotHere, Unloaded
 from workers.node.gpus import process_memory_mb
@@ -56,7 +55,7 @@ class ModelManager:
     def __init__(self, settings: Settings, store: Store, celery: Celery, budget_mb: int,
                  stager: Stager = stage, gpus: list[dict[str, Any]] | None = None,
                  process_factory: ProcessFactory = BackendProcess, taker: QueueTaker | None = None) -> None:
-        """``taker``: the consumer of this worker's model queues; None while Celery consumes them."""
+        """``taker``: the consumer of this worker's model queues (None: none, as in unit tests)."""
         self.settings = settings
         # NVML records ("uuid", "index", "memory_total_mb"); a faulty device (with "error") is no GPU
         self.gpus = [g for g in gpus or [] if "error" not in g]
@@ -70,7 +69,6 @@ class ModelManager:
         self.stager = stager
         self.process_factory = process_factory
         self.taker = taker
-        self.hostname: str | None = None  # the Celery worker's name, set when it is ready
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
         self.socket_dir = Path(tempfile.mkdtemp(prefix=f"mb-{settings.node_id[:16]}-"))
@@ -311,8 +309,8 @@ class ModelManager:
     def unload(self, model: str, *, stop_consuming: bool = True) -> str:
         """Stop the model's backend (staging, loading or ready). Returns how it ended.
 
-        ``stop_consuming`` False skips cancelling the model queue's consumer: at worker
-        shutdown the consumer is already gone and would never answer."""
+        ``stop_consuming`` False leaves the model queue's taker and the sweep's mark alone: at
+        worker shutdown the taker has stopped taking already."""
         with self._lock:
             entry = self._entries.get(model)
             if entry is None:
@@ -381,13 +379,10 @@ class ModelManager:
             log.warning("could not publish state of %s: %s", entry.model, exc)
 
     def _consume(self, queue: str, start: bool) -> None:
-        """Start or stop consuming ``queue`` on this worker: in its taker (:mod:`workers.node.taker`),
-        or through Celery's consumer (:func:`workers.node.consumers.set_consuming`). A model
-        queue that loses this consumer may have none left: it is noted for the sweep
-        (:mod:`workers.node.stranded`)."""
-        if not start and queue.startswith("model."):
+        """Start or stop consuming the model queue ``queue`` on this worker (its taker,
+        :mod:`workers.node.taker`). A queue that loses this consumer may have none left: it
+        is noted for the sweep (:mod:`workers.node.stranded`)."""
+        if not start:
             mark_orphaned(self.store, [model_from_token(queue[len("model."):])], quiet=True)
         if self.taker is not None:
             (self.taker.consume if start else self.taker.cancel)(queue)
-        else:
-            set_consuming(self.celery, self.hostname, queue, start, self.settings.redis_outage_s)

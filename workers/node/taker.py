@@ -24,8 +24,9 @@ A thread takes a message only when it is free, so nothing waits in a busy worker
 while another worker is idle. Starting or stopping on a queue is local and immediate: the
 threads blocked in BRPOP are woken through their wake lists (``mb:wake:<instance>:<n>``),
 with no broadcast through the broker. Loads, unloads and pinned jobs (``node.<id>``) stay
-with Celery's consumer. While Celery's task events are on (``MODELBAY_CELERY_EVENTS``, for
-Flower), Celery consumes the model queues too, as before (:mod:`workers.node.consumers`).
+with Celery's consumer. While task events are on (``MODELBAY_CELERY_EVENTS``, or Flower's
+``enable_events``), each job sends the events Celery's worker would (received, started,
+succeeded or failed) through the worker's own dispatcher, so Flower shows it.
 """
 from __future__ import annotations
 
@@ -33,10 +34,13 @@ import base64
 import logging
 import threading
 import time
+import traceback
+from collections.abc import Callable
 
 import orjson
 import redis
 from celery import Celery
+from celery.events.dispatcher import EventDispatcher
 
 from tasks.keys import wake_key
 from tasks.publish import PRIORITY_STEPS, SEP, queue_key
@@ -53,7 +57,7 @@ RETRY_S = (0.5, 5.0)
 class Message:
     """A task message as kombu's Redis transport stores it: what the taker needs of it."""
 
-    __slots__ = ("tag", "task", "task_id", "args", "kwargs", "entry")
+    __slots__ = ("tag", "task", "task_id", "headers", "args", "kwargs", "entry")
 
     def __init__(self, raw: str) -> None:
         """Raises ValueError, KeyError or TypeError when ``raw`` is not a task message."""
@@ -63,8 +67,9 @@ class Message:
         args, kwargs, _ = orjson.loads(body)
         info = props.get("delivery_info") or {}
         self.tag = str(props["delivery_tag"])
-        self.task = str(msg["headers"]["task"])
-        self.task_id = str(msg["headers"].get("id", ""))
+        self.headers: dict[str, object] = msg["headers"]
+        self.task = str(self.headers["task"])
+        self.task_id = str(self.headers.get("id", ""))
         self.args: list[object] = list(args)
         self.kwargs: dict[str, object] = dict(kwargs)
         # kombu's unacked entry: [message, exchange, routing key] (its QoS.append).
@@ -76,9 +81,11 @@ class QueueTaker:
     """``threads`` threads consuming this worker's model queues; see the module."""
 
     def __init__(self, queues: QueueStore, app: Celery, instance: str, threads: int,
-                 log_requests: bool = False) -> None:
+                 log_requests: bool = False, events: Callable[[], EventDispatcher | None] = lambda: None) -> None:
+        """``events``: the worker's task event dispatcher (its consumer's), once there is one."""
         self._queues = queues
         self._app = app
+        self._events = events
         self._log_requests = log_requests
         self._wakes = [wake_key(instance, n) for n in range(max(1, threads))]
         self._lock = threading.Lock()
@@ -208,10 +215,16 @@ class QueueTaker:
             began = time.monotonic()
             if self._log_requests:
                 log.info("task %s[%s] taken", message.task, message.task_id)
+            events = _TaskEvents.of(self._events(), message)
             try:
-                task(*message.args, **message.kwargs)
-            except Exception:  # acked all the same, as Celery's acks_on_failure_or_timeout
+                result = task(*message.args, **message.kwargs)
+            except Exception as exc:  # acked all the same, as Celery's acks_on_failure_or_timeout
                 log.exception("task %s[%s] raised", message.task, message.task_id)
+                if events is not None:
+                    events.failed(exc)
+            else:
+                if events is not None:
+                    events.succeeded(result, time.monotonic() - began)
             if self._log_requests:
                 log.info("task %s[%s] done in %.3fs", message.task, message.task_id, time.monotonic() - began)
         finally:
@@ -219,3 +232,31 @@ class QueueTaker:
                 self._queues.drop_taken(message.tag)
             except redis.RedisError as exc:  # restored after the visibility timeout: its route makes it a no-op
                 log.warning("could not acknowledge message %s: %s", message.tag, exc)
+
+
+class _TaskEvents:
+    """The task events Celery's worker sends for a task it runs (received, started, then
+    succeeded or failed), for Flower: sent only while the worker's dispatcher is enabled
+    (``MODELBAY_CELERY_EVENTS``, or Flower's ``enable_events``)."""
+
+    def __init__(self, dispatcher: EventDispatcher, message: Message) -> None:
+        self._send = dispatcher.send
+        self._id = message.task_id
+
+    @classmethod
+    def of(cls, dispatcher: EventDispatcher | None, message: Message) -> _TaskEvents | None:
+        if dispatcher is None or not dispatcher.enabled:
+            return None
+        events = cls(dispatcher, message)
+        h = message.headers
+        events._send("task-received", uuid=events._id, name=message.task, args=h.get("argsrepr"),
+                     kwargs=h.get("kwargsrepr"), root_id=h.get("root_id"), parent_id=h.get("parent_id"),
+                     retries=h.get("retries", 0), eta=None, expires=None)
+        events._send("task-started", uuid=events._id)
+        return events
+
+    def succeeded(self, result: object, runtime_s: float) -> None:
+        self._send("task-succeeded", uuid=self._id, result=repr(result), runtime=runtime_s)
+
+    def failed(self, exc: BaseException) -> None:
+        self._send("task-failed", uuid=self._id, exception=repr(exc), traceback=traceback.format_exc())
