@@ -78,14 +78,19 @@ class QueueStore:
         """Put a message just popped from ``key`` back where it is taken next (RPUSH)."""
         self._r.rpush(key, raw)
 
-    def note_taken(self, tag: str, entry: str, at_s: float) -> None:
+    def note_taken(self, tag: str, entry: str, at_s: float, read: str | None = None) -> str | None:
         """Record a message taken at ``at_s`` (epoch seconds) and not yet acknowledged, as
         kombu's Redis transport does (``entry``: the JSON ``[message, exchange, routing
-        key]``): the reaper rescues it, and kombu restores it, if its taker dies (one MULTI)."""
+        key]``): the reaper rescues it, and kombu restores it, if its taker dies (one MULTI).
+        ``read``: a key read in the same round trip; its value is returned (None without)."""
         with self._r.pipeline() as pipe:
             pipe.zadd(UNACKED_INDEX, {tag: at_s})
             pipe.hset(UNACKED, tag, entry)
-            pipe.execute()
+            if read is not None:
+                pipe.get(read)
+            replies = pipe.execute()
+        value: str | None = replies[2] if read is not None else None
+        return value
 
     def wake(self, keys: list[str], ttl_s: int = 60) -> None:
         """One entry on each of ``keys`` (expiring after ``ttl_s`` seconds): a thread blocked

@@ -236,3 +236,14 @@ def test_task_events_are_sent_only_while_the_dispatcher_is_enabled(world) -> Non
     received = dispatcher.sent[0][1]
     assert received["name"] == "taker-test.quick" and "seen" in str(received["args"])
     assert "a task that fails" in str(dispatcher.sent[5][1]["exception"])
+
+
+def test_the_take_reads_a_key_in_the_same_round_trip(world) -> None:
+    """An inference message's job record comes with the take (infer then reads nothing)."""
+    r = world["r"]
+    r.set("mb:job:abc", '{"id": "abc"}')
+    queues = QueueStore(r)
+    assert queues.note_taken("tag1", "[]", 1.0, read="mb:job:abc") == '{"id": "abc"}'
+    assert queues.note_taken("tag2", "[]", 2.0, read="mb:job:gone") is None
+    assert queues.note_taken("tag3", "[]", 3.0) is None
+    assert r.zrange(UNACKED_INDEX, 0, -1, withscores=True) == [("tag1", 1.0), ("tag2", 2.0), ("tag3", 3.0)]

@@ -121,14 +121,15 @@ def unload(self: Task, job_id: str) -> None:
 
 
 @shared_task(name=TASK_INFER, bind=True)
-def infer(self: Task, job_id: str, reroutes: int = 0, route: int | None = None) -> None:
+def infer(self: Task, job_id: str, reroutes: int = 0, route: int | None = None, record: str | None = None) -> None:
     """Run one inference job on the model held here. Cancellable: the cancel watcher
     cancels the gRPC call when the job turns ``cancelled``, and the backend stops.
 
     ``route`` is the job's ``routed`` count when this message was sent: a message of a job
-    routed again since (a stranded queue swept, a requeue) does nothing."""
+    routed again since (a stranded queue swept, a requeue) does nothing. ``record``: the
+    job's record as read when its message was taken (workers/node/taker.py; never sent)."""
     rt = runtime_of(self)
-    got = rt.store.get_job_raw(job_id)
+    got = (JobRecord.model_validate_json(record), record) if record else rt.store.get_job_raw(job_id)
     if got is None:
         return
     job, raw = got

@@ -13,7 +13,9 @@ hand-offs (docs/benchmarks.md, "Fifth round"). Here each of ``threads`` threads 
    format (:meth:`tasks.queues.QueueStore.note_taken`), so a worker SIGKILLed now loses
    nothing: the reaper rescues the job (:mod:`workers.node.stranded`) and kombu restores the
    message after the visibility timeout;
-3. the task the message names runs in this thread (the same Celery task, called directly);
+3. the task the message names runs in this thread (the same Celery task, called directly); an
+   inference job's record is read in the round trip of step 2 and handed to the task
+   (``record``), which then reads nothing before it starts the job;
 4. the entry is dropped: the acknowledgement (acks late, on failure too, as Celery's
    ``task_acks_late`` and ``task_acks_on_failure_or_timeout``).
 
@@ -42,7 +44,8 @@ import redis
 from celery import Celery
 from celery.events.dispatcher import EventDispatcher
 
-from tasks.keys import wake_key
+from tasks.keys import job_key, wake_key
+from tasks.names import TASK_INFER
 from tasks.publish import PRIORITY_STEPS, SEP, queue_key
 from tasks.queues import QueueStore
 
@@ -203,10 +206,15 @@ class QueueTaker:
         except (ValueError, KeyError, TypeError) as exc:
             log.error("dropped a model queue message that is not a task message (%s): %.200s", exc, raw)
             return
+        infer = message.task == TASK_INFER and bool(message.args) and isinstance(message.args[0], str)
         try:
-            self._queues.note_taken(message.tag, message.entry, time.time())
+            record = self._queues.note_taken(message.tag, message.entry, time.time(),
+                                             read=job_key(str(message.args[0])) if infer else None)
         except redis.RedisError as exc:  # it is taken: run it all the same
             log.warning("could not record message %s as taken: %s", message.tag, exc)
+            record = None
+        if record is not None:
+            message.kwargs["record"] = record
         try:
             task = self._app.tasks.get(message.task)
             if task is None:
