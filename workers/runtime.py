@@ -90,8 +90,10 @@ class Runtime:
         self.stop_deadline = time.monotonic() + settings.worker_stop_grace_s
         # The stop's own bounds (see stop()) at most: the backends, the bus, the node record.
         stop_budget_s = settings.worker_stop_grace_s + settings.backend_stop_grace_s + 1.0 + 2.0 + 1.0
-        # Celery stops taking from its queues, the taker from the model queues.
-        bounded(self.taker.stop_taking, 1.0, "stopping the model queue takers")
+        # Celery stops taking from its queues, the taker from the model queues (its blocked
+        # threads are woken from a thread of their own: Redis may not answer).
+        self.taker.stop_taking(wake=False)
+        threading.Thread(target=self.taker.stop_taking, name="modelbay-taker-wake", daemon=True).start()
         self.watchdog = StopWatchdog(self.background.drained, settings.worker_stop_grace_s, stop_budget_s,
                                      busy=lambda: bool(worker_state.active_requests) or self.taker.busy())
         self.watchdog.start()
@@ -108,7 +110,7 @@ class Runtime:
         if self.watchdog is not None:
             self.watchdog.stopping.set()
         # Celery waited for its tasks; the taker's end too (the drain hands back those past the grace).
-        bounded(self.taker.stop_taking, 1.0, "stopping the model queue takers")
+        self.taker.stop_taking(wake=False)
         grace_s = (self.stop_deadline or time.monotonic()) - time.monotonic() + 1.0
         if not self.taker.join(max(1.0, grace_s)):
             log.warning("model queue jobs still running at the stop; the backends stop under them")

@@ -131,12 +131,14 @@ class QueueTaker:
             thread.start()
             self._threads.append(thread)
 
-    def stop_taking(self) -> None:
-        """Take no more messages (the jobs running go on); wakes the blocked threads."""
+    def stop_taking(self, wake: bool = True) -> None:
+        """Take no more messages (the jobs running go on). ``wake``: wake the threads blocked
+        in BRPOP now (a round trip); else each stops when its BRPOP returns."""
         with self._lock:
             self._stopping = True
             self._changed.notify_all()
-        self._wake()
+        if wake:
+            self._wake()
 
     def busy(self) -> bool:
         """True while a job taken here runs."""
