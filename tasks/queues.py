@@ -74,10 +74,6 @@ class QueueStore:
         got: tuple[str, str] | None = self._r.brpop(keys, timeout=timeout_s)
         return got
 
-    def give_back(self, key: str, raw: str) -> None:
-        """Put a message just popped from ``key`` back where it is taken next (RPUSH)."""
-        self._r.rpush(key, raw)
-
     def note_taken(self, tag: str, entry: str, at_s: float, read: str | None = None) -> str | None:
         """Record a message taken at ``at_s`` (epoch seconds) and not yet acknowledged, as
         kombu's Redis transport does (``entry``: the JSON ``[message, exchange, routing

@@ -341,7 +341,7 @@ def make_node(tmp_path: Path, devices: list[FakeGpu] | None, monkeypatch: pytest
         return procs[model]
 
     found = agent.devices()
-    manager = ModelManager(settings, store, object(), agent.memory_budget_mb(settings, found),  # type: ignore[arg-type]
+    manager = ModelManager(settings, store, agent.memory_budget_mb(settings, found),
                            gpus=[d for d in found if d["type"] == "cuda"],
                            process_factory=factory)  # type: ignore[arg-type]
     return Node(manager, procs, report, store)
@@ -560,7 +560,7 @@ def test_a_real_backend_process_gets_its_gpu_in_its_environment(tmp_path: Path,
     settings = load_settings({}, node_id="n1", run_dir=str(tmp_path))
     store = Store(fakeredis.FakeRedis(decode_responses=True), settings)
     found = agent.devices()
-    manager = ModelManager(settings, store, object(), agent.memory_budget_mb(settings, found),  # type: ignore[arg-type]
+    manager = ModelManager(settings, store, agent.memory_budget_mb(settings, found),
                            gpus=[d for d in found if d["type"] == "cuda"])
     try:
         result = manager.load(JobRecord(id=new_job_id(), kind="load", model="e"), Manifest(backend="echo", memory_mb=5))

@@ -18,8 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
-
 from workers.node.crashes import note_crash
 from workers.supervisor.exits import describe_exit
 from tasks.errors import ErrorCode
@@ -52,7 +50,7 @@ ProcessFactory = Callable[..., BackendProcess]
 class ModelManager:
     """Loads, holds and unloads models on this node, and mirrors their state into Redis."""
 
-    def __init__(self, settings: Settings, store: Store, celery: Celery, budget_mb: int,
+    def __init__(self, settings: Settings, store: Store, budget_mb: int,
                  stager: Stager = stage, gpus: list[dict[str, Any]] | None = None,
                  process_factory: ProcessFactory = BackendProcess, taker: QueueTaker | None = None) -> None:
         """``taker``: the consumer of this worker's model queues (None: none, as in unit tests)."""
@@ -60,7 +58,6 @@ class ModelManager:
         # NVML records ("uuid", "index", "memory_total_mb"); a faulty device (with "error") is no GPU
         self.gpus = [g for g in gpus or [] if "error" not in g]
         self.store = store
-        self.celery = celery
         self.budget_mb = budget_mb  # the CPU budget (MODELBAY_NODE_MEMORY_MB); GPUs have their own
         where = f"node {settings.node_id}"
         self.cpu_pool = Pool.for_cpu(budget_mb, where)
