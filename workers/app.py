@@ -4,7 +4,9 @@
 tasks that never import the app) are included, and :class:`workers.runtime.NodeStep` builds
 this node's runtime when the worker starts. Its job threads (``worker_concurrency``) follow
 the GPUs it sees (:meth:`tasks.settings.Settings.worker_threads`); ``modelbay worker`` passes
-the same number as ``-c``.
+the same number as ``-c``. Celery's pool runs that many threads for the node queue (loads,
+unloads, pinned jobs), and the model queues' taker as many for inference
+(:mod:`workers.node.taker`).
 """
 from __future__ import annotations
 
