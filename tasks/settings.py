@@ -235,6 +235,9 @@ class Settings(BaseSettings):
     allow_private_webhooks: EnvBool = False
     # Tests only: a worker waits this long between a job's end and scheduling its event.
     webhook_test_hold_s: float = Field(default=0.0, ge=0)
+    # Tests only: the model queues' taker waits this long between recording a message as taken
+    # and running its job (a window in which to kill the worker).
+    taker_test_hold_s: float = Field(default=0.0, ge=0)
 
     @classmethod
     def settings_customise_sources(

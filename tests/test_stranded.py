@@ -20,7 +20,7 @@ from helpers import Worker, poll, start_worker, unique, wait_job
 from tasks.cas import parse_event
 from tasks.celery_app import make_celery
 from tasks.dispatch import Dispatcher
-from tasks.names import node_queue
+from tasks.names import model_queue, node_queue
 from modelbay.services import Service, start_valkey
 from tasks.settings import load_settings
 from tasks.store import Store
@@ -74,7 +74,7 @@ def stack(nats: Service, artifacts: Path, tmp_path_factory: pytest.TempPathFacto
 
         client = create_app({"TESTING": True, "MODELBAY_ENV": env}).test_client()
         yield {"client": client, "store": store, "workers": workers, "start": start, "settings": settings,
-               "with_ttl": with_ttl}
+               "with_ttl": with_ttl, "env": env}
     finally:
         for w in workers.values():
             w.stop(10)
@@ -285,6 +285,35 @@ def test_a_load_taken_but_not_started_by_a_killed_worker_is_placed_again(stack) 
     assert time.monotonic() - killed_at < STRANDED_S + 15  # the worker's boot, not the TTL (30 s)
     final = wait_job(client, waiter["id"], 30)
     assert final["status"] == "succeeded" and final["result"]["text"] == "served anyway"
+
+
+def test_a_job_the_taker_took_and_a_kill_stopped_before_it_started_runs_elsewhere(stack, artifacts: Path) -> None:
+    """The taker records a message in kombu's ``unacked`` before its job starts
+    (workers/node/taker.py): a worker SIGKILLed in between loses no job. Here a third worker
+    holds every job it takes for 60 s before starting it."""
+    client, store, workers = stack["client"], stack["store"], stack["workers"]
+    _, b = sorted(workers)
+    c = f"sc{os.getpid()}"
+    holder = start_worker({**stack["env"], "MODELBAY_TAKER_TEST_HOLD_S": "60"}, c, artifacts, store, concurrency=1)
+    try:
+        name = register(client)
+        load_on(client, name, c)  # c alone holds it: c's taker takes the job
+        job = submit(client, name, "taken, never started")
+
+        def taken() -> bool:
+            held = [parse_message(json.dumps(json.loads(v)[0])) for v in store._r.hvals("unacked")]
+            return any(m is not None and m.job_id == job["id"] for m in held) and not store._r.llen(model_queue(name))
+
+        poll(taken, 20, "c's taker to take the job")
+        assert store.get_job(job["id"]).status == "queued"  # taken, not started
+        load_on(client, name, b)  # a holder for the rescue
+        kill(holder)
+        final = wait_job(client, job["id"], NODE_TTL_S + 4 * STRANDED_S + 20)
+        assert final["status"] == "succeeded" and final["result"]["text"] == "taken, never started"
+        assert final["node"] == b and final["attempts"] == 1 and final["routed"] == 2
+        poll(lambda: not any(job["id"] in v for v in store._r.hvals("unacked")), 10, "the old message dropped")
+    finally:
+        holder.stop(10)
 
 
 def test_a_job_pinned_to_a_dead_node_fails_node_lost(stack) -> None:

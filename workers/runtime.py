@@ -50,7 +50,7 @@ class Runtime:
         self.devices = devices()  # NVML is asked once; the heartbeat reports the same list
         self.instance = uuid.uuid4().hex  # this worker process; jobs it runs carry it as ``runner``
         self.taker = QueueTaker(self.store.queues, app, self.instance, threads or int(app.conf.worker_concurrency or 1),
-                                settings.log_requests, events)  # the model queues' consumer
+                                settings.log_requests, events, settings.taker_test_hold_s)  # the model queues' consumer
         self.manager = ModelManager(settings, self.store, memory_budget_mb(settings, self.devices),
                                     gpus=[d for d in self.devices if d["type"] == "cuda"], taker=self.taker)
         swept = sweep(settings.models_dir)  # temp files of copies a dead worker left behind

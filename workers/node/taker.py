@@ -84,8 +84,11 @@ class QueueTaker:
     """``threads`` threads consuming this worker's model queues; see the module."""
 
     def __init__(self, queues: QueueStore, app: Celery, instance: str, threads: int,
-                 log_requests: bool = False, events: Callable[[], EventDispatcher | None] = lambda: None) -> None:
-        """``events``: the worker's task event dispatcher (its consumer's), once there is one."""
+                 log_requests: bool = False, events: Callable[[], EventDispatcher | None] = lambda: None,
+                 test_hold_s: float = 0.0) -> None:
+        """``events``: the worker's task event dispatcher (its consumer's), once there is one.
+        ``test_hold_s`` (tests only): seconds between recording a message as taken and its job."""
+        self._test_hold_s = test_hold_s
         self._queues = queues
         self._app = app
         self._events = events
@@ -217,6 +220,8 @@ class QueueTaker:
             record = None
         if record is not None:
             message.kwargs["record"] = record
+        if self._test_hold_s:  # tests: a window in which to kill this worker
+            time.sleep(self._test_hold_s)
         try:
             task = self._app.tasks.get(message.task)
             if task is None:
