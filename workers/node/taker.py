@@ -241,7 +241,8 @@ class QueueTaker:
                 if events is not None:
                     events.succeeded(result, time.monotonic() - began)
             if self._log_requests:
-                log.info("task %s[%s] done in %.3fs", message.task, message.task_id, time.monotonic() - began)
+                # Celery's own line for a task that ended (tests and operators grep it).
+                log.info("Task %s[%s] succeeded in %.3fs", message.task, message.task_id, time.monotonic() - began)
         finally:
             try:
                 self._queues.drop_taken(message.tag)
