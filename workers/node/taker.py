@@ -99,7 +99,6 @@ class QueueTaker:
         self._consumed: list[str] = []  # in the order they are tried; the last served goes last
         self._stopping = False
         self._running = 0
-        self._threads: list[threading.Thread] = []
 
     # ---- what is consumed ------------------------------------------------------------
 
@@ -130,9 +129,7 @@ class QueueTaker:
 
     def start(self) -> None:
         for n in range(len(self._wakes)):
-            thread = threading.Thread(target=self._work, args=(n,), name=f"modelbay-taker-{n}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            threading.Thread(target=self._work, args=(n,), name=f"modelbay-taker-{n}", daemon=True).start()
 
     def stop_taking(self, wake: bool = True) -> None:
         """Take no more messages (the jobs running go on). ``wake``: wake the threads blocked
@@ -240,9 +237,8 @@ class QueueTaker:
             else:
                 if events is not None:
                     events.succeeded(result, time.monotonic() - began)
-            if self._log_requests:
-                # Celery's own line for a task that ended (tests and operators grep it).
-                log.info("Task %s[%s] succeeded in %.3fs", message.task, message.task_id, time.monotonic() - began)
+                if self._log_requests:  # Celery's own line for a task that succeeded (tests and operators grep it)
+                    log.info("Task %s[%s] succeeded in %.3fs", message.task, message.task_id, time.monotonic() - began)
         finally:
             try:
                 self._queues.drop_taken(message.tag)
