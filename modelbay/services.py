@@ -293,7 +293,7 @@ def worker_command(settings_node_queue: str, node_id: str, concurrency: int) -> 
 def web_command(host: str, port: int, workers: int, threads: int = 16) -> list[str]:
     return [sys.executable, "-m", "gunicorn", "web.wsgi:app", "--config", "python:web.gunicorn_conf",
             "--bind", f"{host}:{port}",
-            "--workers", str(workers), "--worker-class", "gthread", "--threads", str(threads),
+            "--workers", str(workers), "--worker-class", "web.gthread.Worker", "--threads", str(threads),
             "--timeout", "120", "--graceful-timeout", "10"]
 
 

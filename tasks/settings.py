@@ -216,6 +216,10 @@ class Settings(BaseSettings):
     # A log line per HTTP request (gunicorn's access log) and per task (Celery's "received" and
     # "succeeded"): each costs about a tenth of a small job's CPU in its process.
     log_requests: bool = False
+    # How long a web thread waits on a kept-alive connection for its next request after a
+    # response, before handing the connection back to gunicorn's poller (web/gthread.py);
+    # 0: gunicorn's own gthread behaviour.
+    web_linger_ms: float = Field(default=5.0, ge=0, le=1000)
     # Webhooks (tasks/webhooks.py, README "Webhooks"): every job's and batch's end event goes to
     # these URLs (comma-separated) and to the request's callback_url, signed with the secret
     # (whsec_<base64>; empty: unsigned) per Standard Webhooks. A failed post is retried with
