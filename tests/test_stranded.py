@@ -316,6 +316,39 @@ def test_a_job_the_taker_took_and_a_kill_stopped_before_it_started_runs_elsewher
         holder.stop(10)
 
 
+def test_an_embed_job_cancelled_after_its_take_never_runs_and_stays_cancelled(stack, artifacts: Path) -> None:
+    """An embed job moves to ``running`` while its backend call starts (workers/jobs/
+    inference.py, ``Delivery.started``). One cancelled after its message was taken, from the
+    record read at the take, gets as far as the call: the move fails, the call is cancelled,
+    nothing is written, and the worker goes on."""
+    client, store = stack["client"], stack["store"]
+    c = f"se{os.getpid()}"
+    holder = start_worker({**stack["env"], "MODELBAY_TAKER_TEST_HOLD_S": "3"}, c, artifacts, store, concurrency=1)
+    try:
+        name = register(client)
+        load_on(client, name, c)  # c alone holds it
+        resp = client.post("/v1/jobs", json={"model": name, "task": "embed", "input": ["one", "two"]})
+        assert resp.status_code == 202, resp.get_json()
+        job_id = resp.get_json()["id"]
+
+        def held() -> bool:
+            return any(job_id in v for v in store._r.hvals("unacked"))
+
+        poll(held, 20, "c's taker to take the job")
+        assert client.delete(f"/v1/jobs/{job_id}").status_code == 202
+        poll(lambda: not held(), 20, "the message acked once its hold ended")
+        final = store.get_job(job_id)
+        assert final is not None and final.status == "cancelled"
+        assert final.result is None and final.started_at is None and final.attempts == 0 and final.node is None
+        after = client.post("/v1/jobs", json={"model": name, "task": "embed", "input": "three"}).get_json()
+        done = wait_job(client, after["id"], 30)
+        assert done["status"] == "succeeded" and len(done["result"]["embeddings"]) == 1 and done["node"] == c
+        log = holder.log_path.read_text()
+        assert "Traceback" not in log and "crashed" not in log, log[-3000:]
+    finally:
+        holder.stop(10)
+
+
 def test_a_job_pinned_to_a_dead_node_fails_node_lost(stack) -> None:
     client, workers = stack["client"], stack["workers"]
     a, _ = sorted(workers)

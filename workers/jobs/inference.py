@@ -1,9 +1,11 @@
 """One inference job against a loaded backend: embed, generate/chat, image.
 
-Each runner takes the worker's runtime, the job (already ``running``), the backend process
-and a :class:`Delivery` that counts the output produced so far (so a crash can tell
-"retry" from "fail"), and returns the job's ``result``. Every call is registered with the
-cancel watcher, so cancelling the job cancels the gRPC call and the backend stops:
+Each runner takes the worker's runtime, the job, the backend process and a :class:`Delivery`
+that counts the output produced so far (so a crash can tell "retry" from "fail"), and returns
+the job's ``result``. An embed job moves to ``running`` once its backend call is on its way
+(:meth:`Delivery.started`), so the backend works during that round trip to Valkey. Every
+call is registered with the cancel watcher, so cancelling the job cancels the gRPC call and
+the backend stops:
 between tokens for text, between denoising steps for images, and a queued embed request
 leaves its batch.
 """
@@ -22,11 +24,40 @@ from workers.supervisor.process import BackendProcess
 Runner = Callable[[Runtime, JobRecord, BackendProcess, "Delivery"], dict[str, Any]]
 
 
-class Delivery:
-    """How much of a job's output had been produced when a call failed."""
+class NotRunning(Exception):
+    """The job could not move to ``running`` here (cancelled, or routed to another holder while
+    its backend call started): the call is cancelled and its output is nobody's."""
 
-    def __init__(self) -> None:
+
+class Delivery:
+    """How much of a job's output had been produced when a call failed (``pieces``), and the
+    job's move to ``running`` (``begin``: a compare-and-set, True when made)."""
+
+    def __init__(self, begin: Callable[[], bool] = lambda: True) -> None:
         self.pieces = 0
+        self._begin = begin
+        self._began: bool | None = None
+
+    def began(self) -> bool:
+        """Whether the job is ``running`` here; the first call makes the move."""
+        if self._began is None:
+            self._began = self._begin()
+        return self._began
+
+    def started(self, rt: Runtime, job: JobRecord, cancel: Callable[[], None]) -> None:
+        """Every runner calls this once its backend call is on its way (watched for cancels).
+        A job of :data:`STARTS_RUNNING` moves to ``running`` here, while the backend works:
+        one round trip off the job's latency. When it cannot, the call is cancelled and
+        unwatched and :class:`NotRunning` raised."""
+        moved = False
+        try:
+            moved = self.began()
+        finally:  # not running here (or the move failed): the call is nobody's
+            if not moved:
+                rt.cancels.unwatch(job.id)
+                cancel()
+        if not moved:
+            raise NotRunning(job.id)
 
 
 def _unwatch(rt: Runtime, job: JobRecord) -> None:
@@ -35,13 +66,19 @@ def _unwatch(rt: Runtime, job: JobRecord) -> None:
         raise BackendCancelled(f"job {job.id} cancelled")
 
 
+def _started(rt: Runtime, job: JobRecord, delivery: Delivery, cancel: Callable[[], None]) -> None:
+    """The backend call is on its way: watch it for cancels, and move the job to running."""
+    rt.cancels.watch(job.id, cancel)
+    delivery.started(rt, job, cancel)
+
+
 def embed(rt: Runtime, job: JobRecord, proc: BackendProcess, delivery: Delivery) -> dict[str, Any]:
     """The vectors in input order, the usage, and each text's token count (``text_tokens``:
     the web answers several coalesced calls from one job, each with its own usage)."""
     texts = [job.input] if isinstance(job.input, str) else list(job.input)
     try:
         vectors, counts = proc.embed_each(texts, job.params, rt.settings.inference_timeout_s,
-                                          on_call=lambda cancel: rt.cancels.watch(job.id, cancel))
+                                          on_call=lambda cancel: _started(rt, job, delivery, cancel))
     finally:
         _unwatch(rt, job)
     prompt_tokens = sum(counts)
@@ -56,7 +93,7 @@ def generate(rt: Runtime, job: JobRecord, proc: BackendProcess, delivery: Delive
     # progress interval come in one message (its ticks are debounced at that interval anyway).
     flush_ms = 0 if job.stream else round(rt.settings.progress_interval_s * 1000)
     call = proc.generate(prompt, messages, job.params, rt.settings.inference_timeout_s, flush_ms=flush_ms)
-    rt.cancels.watch(job.id, call.cancel)
+    _started(rt, job, delivery, call.cancel)
     # Token progress on jobs.<id>.progress, debounced like every operation.
     op = rt.live.operation(job.id, "inference", job.model, job.id, quiet_s=rt.settings.progress_interval_s)
     op.update("start", {"message": "generating"})
@@ -97,7 +134,7 @@ def image(rt: Runtime, job: JobRecord, proc: BackendProcess, delivery: Delivery)
     """Step progress goes to the job record (debounced, the last step always written) and
     to the live operation; the result holds the PNG as base64."""
     call = proc.generate_image(job.input, job.params, rt.settings.inference_timeout_s)
-    rt.cancels.watch(job.id, call.cancel)
+    _started(rt, job, delivery, call.cancel)
     op = rt.live.operation(job.id, "inference", job.model, job.id, quiet_s=rt.settings.progress_interval_s)
     op.update("start", {"message": "generating image"})
     record = Debouncer(lambda _e, p: rt.store.set_progress(job.id, JobProgress(**p)), rt.settings.progress_interval_s)
@@ -129,3 +166,9 @@ def image(rt: Runtime, job: JobRecord, proc: BackendProcess, delivery: Delivery)
 
 
 RUNNERS: dict[str, Runner] = {"embed": embed, "generate": generate, "chat": generate, "image": image}
+STARTS_RUNNING = frozenset({"embed"})
+"""The tasks whose job moves to ``running`` once the backend call is on its way
+(:meth:`Delivery.started`); any other runner is called with the job already ``running``
+(its ``started`` then does nothing). Only the unary Embed gains: moving a generate job
+during its stream's start made a serial one-token job 0.3 ms slower, not faster
+(docs/benchmarks.md, "Sixth round")."""

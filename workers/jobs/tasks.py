@@ -17,7 +17,7 @@ from tasks.names import TASK_INFER, TASK_LOAD, TASK_NOOP, TASK_UNLOAD
 from tasks.schemas import JobErrorInfo, JobRecord
 from tasks.webhooks import job_ended
 from workers import metrics
-from workers.jobs.inference import RUNNERS, Delivery
+from workers.jobs.inference import RUNNERS, STARTS_RUNNING, Delivery, NotRunning
 from workers.progress.debounce import job_progress_sink
 from workers.node.models import Entry, LoadFailed, NotHere, Unloaded
 from workers.runtime import Runtime, runtime_of
@@ -143,23 +143,43 @@ def infer(self: Task, job_id: str, reroutes: int = 0, route: int | None = None, 
     except LoadFailed as exc:
         _announce(rt, rt.store.fail(job_id, exc.code, f"model load failed: {exc.message}").record)
         return
+    running = _Running(rt, job, raw, route)
     try:
-        change = rt.store.transition(job_id, "running", allowed_from=("queued", "loading"),
-                                     when=lambda r: route is None or r.routed == route,
-                                     node=rt.settings.node_id, attempts=job.attempts + 1, runner=rt.instance,
-                                     known=raw)
-        if change.applied and change.record is not None:
-            final: JobRecord | None = None
-            began = time.monotonic()
-            try:
-                final = _run(rt, change.record, entry, reroutes, change.raw)
-            finally:  # the final record of a success is at hand; others are read back
+        final: JobRecord | None = None
+        began = time.monotonic()
+        try:
+            final = _run(rt, job, entry, reroutes, running)
+        finally:  # the final record of a success is at hand; others are read back
+            if running.record is not None:  # it ran here (else it was cancelled or is another's)
                 RECORDER.note(job.model, (time.monotonic() - began) * 1000)  # flushed with the heartbeat
                 final = final if final is not None else rt.store.get_job(job_id)
                 metrics.job_ended(final)
                 _announce(rt, final)
     finally:
         rt.manager.release(entry)
+
+
+class _Running:
+    """The job's move to ``running`` on this node: one compare-and-set from ``queued`` or
+    ``loading``, only while the job is still on the route this message carried. Made when
+    the runner's backend call is on its way (workers/jobs/inference.py), or before a runner
+    that makes none. ``record``/``raw``: the running record, once moved."""
+
+    def __init__(self, rt: Runtime, job: JobRecord, raw: str, route: int | None) -> None:
+        self.rt, self.job, self.raw_read, self.route = rt, job, raw, route
+        self.record: JobRecord | None = None
+        self.raw: str | None = None
+
+    def __call__(self) -> bool:
+        rt, route = self.rt, self.route
+        change = rt.store.transition(self.job.id, "running", allowed_from=("queued", "loading"),
+                                     when=lambda r: route is None or r.routed == route,
+                                     node=rt.settings.node_id, attempts=self.job.attempts + 1, runner=rt.instance,
+                                     known=self.raw_read)
+        if not change.applied or change.record is None:
+            return False
+        self.record, self.raw = change.record, change.raw
+        return True
 
 
 def _reroute(rt: Runtime, job: JobRecord, reroutes: int) -> None:
@@ -180,19 +200,24 @@ def _reroute(rt: Runtime, job: JobRecord, reroutes: int) -> None:
         _announce(rt, rt.store.fail(job.id, ErrorCode.MODEL_UNAVAILABLE, str(exc)).record)
 
 
-def _run(rt: Runtime, job: JobRecord, entry: Entry, reroutes: int, raw: str | None) -> JobRecord | None:
-    """Run the job (``raw``: its record's JSON as stored when it started); its final record
-    when it succeeded (None on the other paths)."""
-    delivery = Delivery()
+def _run(rt: Runtime, job: JobRecord, entry: Entry, reroutes: int, running: _Running) -> JobRecord | None:
+    """Run the job and write its end, if it moved to ``running`` here (``running``); its
+    final record when it succeeded (None on the other paths)."""
+    delivery = Delivery(running)
+    if job.task not in STARTS_RUNNING:
+        if not delivery.began():
+            return None
+        job = running.record or job
     try:
         result = RUNNERS[job.task or ""](rt, job, entry.proc, delivery)
-    except BackendCancelled:
-        return None  # the job is already ``cancelled`` in the store
+    except (NotRunning, BackendCancelled):
+        return None  # the job is another's, or already ``cancelled`` in the store
     except BackendCallError as exc:
-        if rt.cancels.is_cancelled(job.id):
+        if not delivery.began() or running.record is None or rt.cancels.is_cancelled(job.id):
             return None
         if entry.crashed:
-            _after_crash(rt, job, delivery, reroutes, entry.proc.exit_reason if entry.proc is not None else None)
+            _after_crash(rt, running.record, delivery, reroutes,
+                         entry.proc.exit_reason if entry.proc is not None else None)
             return None
         code, message = exc.job_code, str(exc)  # the code its gRPC status gives (GRPC_ERROR_CODES)
         if code is ErrorCode.UNSUPPORTED_TASK:
@@ -200,13 +225,17 @@ def _run(rt: Runtime, job: JobRecord, entry: Entry, reroutes: int, raw: str | No
         rt.store.fail(job.id, code, message)
         return None
     except JobFailed as exc:
-        rt.store.fail(job.id, exc.code, str(exc))
+        if delivery.began():
+            rt.store.fail(job.id, exc.code, str(exc))
         return None
     except Exception as exc:  # a bug must not leave the job running forever
         log.exception("job %s crashed", job.id)
-        rt.store.fail(job.id, ErrorCode.INTERNAL_ERROR, f"the job failed unexpectedly: {exc}")
+        if delivery.began():
+            rt.store.fail(job.id, ErrorCode.INTERNAL_ERROR, f"the job failed unexpectedly: {exc}")
         return None
-    return rt.store.finish(job.id, "succeeded", result=result, known=raw).record
+    if not delivery.began():
+        return None
+    return rt.store.finish(job.id, "succeeded", result=result, known=running.raw).record
 
 
 def _after_crash(rt: Runtime, job: JobRecord, delivery: Delivery, reroutes: int, exit_reason: str | None = None) -> None:
