@@ -48,13 +48,14 @@ CHECKS = "no_server_error,status_code_conformance,content_type_conformance,respo
 # the echo-only worker does not run (no_node), a manifest whose memory_mb (or pinned models)
 # exceeds the node's 4096 MB (insufficient_memory), files that cannot be staged
 # (source_unreachable, staging_failed), the cooldown after such a failed load, a load still
-# going after MODELBAY_LOAD_WAIT_S (model_loading), and a model deleted or unloaded under a
-# job it had (model_unavailable). Not backend_start_failed, and load_failed only for a load
+# going after MODELBAY_LOAD_WAIT_S (model_loading), a model deleted or unloaded under a
+# job it had (model_unavailable), and a call whose load asked for "device": "cuda" on this
+# CPU-only stack (device_unavailable, as LOAD_FAILURES below allows). Not backend_start_failed, and load_failed only for a load
 # that raced an unload of the same model (the fuzz loads and unloads the same names; the
 # worker reports "the load in flight failed"): an echo backend loads whatever the options
 # (bad ones are a 400 invalid_params), so any other load_failed means loading is broken.
 RETRYABLE_503 = frozenset({"no_node", "load_cooldown", "model_loading", "insufficient_memory", "model_unavailable",
-                           "source_unreachable", "staging_failed"})
+                           "source_unreachable", "staging_failed", "device_unavailable"})
 LOAD_RACED_AN_UNLOAD = "the load in flight failed"  # workers/node/models.py
 SEEN_503 = "MODELBAY_FUZZ_503_LOG"  # where the check writes each 503 it saw (JSON lines)
 
@@ -102,6 +103,7 @@ class _Answer:
     (200, None, "", True), (404, "model_not_found", "", True),
     (503, "no_node", "no live node can run backend 'llama-cpp'", True),
     (503, "load_cooldown", "the last load of 'x' failed", True), (503, "model_loading", "still loading", True),
+    (503, "device_unavailable", "model load failed: the manifest asks for device 'cuda' but this node has no usable GPU", True),
     (503, "no_node", "no live node can run backend 'echo'", False),
     (503, "load_failed", "model load failed: the load in flight failed", True),
     (503, "load_failed", "model load failed: echo load failed", False), (503, "backend_start_failed", "", False),
