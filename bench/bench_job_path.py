@@ -90,6 +90,7 @@ class Lean:
 
     def _call(self, method: str, url: str, json_body: object = None, params: dict[str, object] | None = None,
               timeout: float = 30) -> LeanResponse:
+        """``timeout`` is taken as ``requests`` takes it; the connection's own is 30 s."""
         path = "/" + url.split("//", 1)[1].partition("/")[2]
         if params:
             path += "?" + urllib.parse.urlencode(params)
@@ -107,6 +108,8 @@ class Lean:
 
 
 class LeanResponse:
+    """The few parts of a ``requests.Response`` read here."""
+
     def __init__(self, status: int, body: bytes, headers: dict[str, str]) -> None:
         self.status_code, self.content, self.headers = status, body, headers
 
