@@ -6,8 +6,8 @@ response. The next request then takes three thread hand-offs: the main thread's 
 wakes, it queues the connection for the pool, and a pool thread wakes to serve it (and a
 fourth, off the path, to put the connection back). A client that sends its next request at
 once (the job path's ``POST`` then ``GET ?wait``, any client in a loop) pays them on every
-request: on 2 cores about 0.12 ms of latency and 0.06 ms of CPU per request, a fifth of
-what gunicorn costs for a trivial one (docs/benchmarks.md, "Sixth round").
+request: on 2 cores about 0.1 ms of latency and 0.02–0.06 ms of CPU per request, of the
+0.3 ms that gunicorn costs for a trivial one (docs/benchmarks.md, "Sixth round").
 
 So after a response that keeps the connection, the thread waits up to
 ``MODELBAY_WEB_LINGER_MS`` for the next request on that connection and serves it itself.
@@ -19,7 +19,7 @@ HTTP/2 connections keep gunicorn's own path.
 """
 from __future__ import annotations
 
-import selectors
+import select
 import ssl
 import threading
 
@@ -37,14 +37,12 @@ def next_request_ready(conn: TConn, timeout_s: float) -> bool:
     sock = conn.sock
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True
-    selector = selectors.DefaultSelector()
+    poller = select.poll()  # one system call per wait (an epoll selector takes four), any fd number
     try:
-        selector.register(sock, selectors.EVENT_READ)
-        return bool(selector.select(timeout=timeout_s))
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(timeout_s * 1000.0))
     except (OSError, ValueError):  # closed under us
         return False
-    finally:
-        selector.close()
 
 
 class Worker(ThreadWorker):
