@@ -14,8 +14,7 @@ So after a response that keeps the connection, the thread waits up to
 Nothing else changes: a connection with nothing to read by then goes back to the poller as
 before. A thread lingers only while another thread of the pool is free, so a request on
 another connection finds a thread at once unless every thread is held, and then waits at most
-the linger for one (where plain gthread would have a thread for it only if some were idle).
-HTTP/2 connections keep gunicorn's own path.
+the linger for one. HTTP/2 connections keep gunicorn's own path.
 """
 from __future__ import annotations
 
