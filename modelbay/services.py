@@ -294,7 +294,11 @@ def web_command(host: str, port: int, workers: int, threads: int = 16) -> list[s
     return [sys.executable, "-m", "gunicorn", "web.wsgi:app", "--config", "python:web.gunicorn_conf",
             "--bind", f"{host}:{port}",
             "--workers", str(workers), "--worker-class", "web.gthread.Worker", "--threads", str(threads),
-            "--timeout", "120", "--graceful-timeout", "10"]
+            "--timeout", "120", "--graceful-timeout", "10",
+            # An idle kept-alive connection closes after 10 s (gunicorn's default is 2): longer
+            # than httpx's (the openai SDK's) own 5 s, so such a client never reuses a connection
+            # the server is closing at that very moment (architecture §6).
+            "--keep-alive", "10"]
 
 
 def spawn(cmd: Sequence[str], env: dict[str, str], log_path: Path | None = None) -> subprocess.Popen:
