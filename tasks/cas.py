@@ -7,6 +7,11 @@ the model's queue counters of :mod:`tasks.modelstats`) change with it, and the n
 channel, all atomically. A writer whose read is stale gets the current record back and
 decides again: so a terminal state is never overwritten, as with WATCH/MULTI, in two round
 trips fewer.
+
+The same round trip can carry a taken message's bookkeeping in kombu's ``unacked``
+(:mod:`workers.node.taker`): its record as taken (``note``, made whether or not the record is
+replaced) or its acknowledgement (``ack``, made only with the replacement: a job's final write
+acknowledges the message that ran it).
 """
 from __future__ import annotations
 
@@ -14,10 +19,15 @@ from dataclasses import dataclass
 
 import redis
 
-from tasks.keys import EVENT_RECORD_MAX_BYTES, INFLIGHT, OPS, OPS_VER, job_channel, job_key, model_counts_key
+from tasks.keys import (EVENT_RECORD_MAX_BYTES, INFLIGHT, OPS, OPS_VER, UNACKED, UNACKED_INDEX, job_channel, job_key,
+                        model_counts_key)
 from tasks.schemas import JobRecord
 
 _SCRIPT = """
+if ARGV[11] ~= '' then
+  redis.call('ZADD', KEYS[7], ARGV[13], ARGV[11])
+  redis.call('HSET', KEYS[6], ARGV[11], ARGV[12])
+end
 local cur = redis.call('GET', KEYS[1])
 if cur ~= ARGV[1] then
   if cur then return {0, cur} end
@@ -39,8 +49,23 @@ end
 if ARGV[9] ~= '' then
   redis.call('HINCRBY', KEYS[5], ARGV[9], 1)
 end
+if ARGV[10] ~= '' then
+  redis.call('HDEL', KEYS[6], ARGV[10])
+  redis.call('ZREM', KEYS[7], ARGV[10])
+end
 return {1}
 """
+
+
+@dataclass(frozen=True)
+class Note:
+    """A message recorded as taken and not yet acknowledged, as kombu's Redis transport
+    records it: ``entry`` (the JSON ``[message, exchange, routing key]``) under ``tag`` in
+    ``unacked``, the time it was taken (``at_s``, epoch seconds) in ``unacked_index``."""
+
+    tag: str
+    entry: str
+    at_s: float
 
 
 @dataclass(frozen=True)
@@ -56,6 +81,8 @@ class Write:
     publish: str          # what the job's channel is sent (event_of), else ""
     count: str = ""       # the model's queue counter it moves: "started", "gone" (tasks.modelstats) or ""
     model: str = ""       # the job's model (whose counters ``count`` moves)
+    ack: str = ""         # a taken message's tag: acknowledged with the replacement (kombu's unacked)
+    note: Note | None = None  # a message to record as taken first, replaced or not
 
 
 def event_of(current: JobRecord, new: JobRecord, new_raw: str) -> str:
@@ -90,9 +117,10 @@ class JobCas:
     def __call__(self, w: Write) -> tuple[bool, str | None]:
         """``(True, None)`` when written; else ``(False, current JSON or None if gone)``."""
         counts = model_counts_key(w.model) if w.count else OPS_VER  # an unused key when nothing moves
-        out = self._script(keys=[job_key(w.job_id), OPS, OPS_VER, INFLIGHT, counts],
+        note = w.note or Note("", "", 0.0)
+        out = self._script(keys=[job_key(w.job_id), OPS, OPS_VER, INFLIGHT, counts, UNACKED, UNACKED_INDEX],
                            args=[w.expected, w.new, w.ttl_s, "1" if w.leaves_ops else "0", w.inflight, w.publish,
-                                 w.job_id, job_channel(w.job_id), w.count])
+                                 w.job_id, job_channel(w.job_id), w.count, w.ack, note.tag, note.entry, note.at_s])
         if out[0] == 1:
             return True, None
         return False, out[1] if len(out) > 1 else None

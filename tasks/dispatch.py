@@ -211,7 +211,8 @@ class Dispatcher:
         if self.store.settings.celery_events or manifest_device(manifest)[1] is not None:
             return False
         queue = node_queue(record.node) if record.node else model_queue(record.model)
-        if not self.store.submit_ready(record, slot, *self._infer_message(record.id, {"route": 1}, queue), kept):
+        if not self.store.submit_ready(record, slot, *self._infer_message(record.id, {"route": 1}, queue), kept,
+                                       carry=not record.node):
             return False
         return self.store.replicated() or self.store.get_job(record.id) is not None
 

@@ -10,6 +10,11 @@ then takes the slow path, which places a load.
 Decided: the script reads a node's record only for a node whose state of the model is
 ``ready``, and stops at the first such node that is not draining. The queue place (the cap,
 the job's number) is taken exactly as the placement script takes it (:mod:`tasks.modelstats`).
+
+A message for a model queue carries the record as queued (``modelbay_record``, a top-level
+key of kombu's message that kombu and Celery leave alone), up to ``RECORD_IN_MESSAGE_MAX_BYTES``:
+the taker then needs no read before the job's first write, which records the take too
+(workers/node/taker.py). A pinned job's message (``node.<id>``, Celery's consumer) carries none.
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ from tasks.settings import Settings
 # the catalog.
 # ARGV: node key prefix, node-models key prefix, model, cap (0: none), pinned node ('': any),
 # the record's JSON without queue_seq and its closing "}", TTL (s), now (epoch s), recent-jobs
-# cap, job id, the message, the model's manifest as the caller has it ('': not checked).
+# cap, job id, the message, the model's manifest as the caller has it ('': not checked), the
+# largest record the message carries (bytes; 0: none).
 # Returns {-2} when the stored manifest is another (nothing written), {0} when no live node
 # holds the model ready or the id is taken (nothing written), {-1, queued} at the cap, else
 # {the job's number, the jobs queued before it}.
@@ -51,12 +57,21 @@ local c = redis.call('HMGET', KEYS[2], 'enq', 'started', 'gone')
 local queued = (tonumber(c[1]) or 0) - (tonumber(c[2]) or 0) - (tonumber(c[3]) or 0)
 if tonumber(ARGV[4]) > 0 and queued >= tonumber(ARGV[4]) then return {-1, queued} end
 local seq = redis.call('HINCRBY', KEYS[2], 'enq', 1)
-redis.call('SET', KEYS[3], ARGV[6] .. ',"queue_seq":' .. seq .. '}', 'EX', ARGV[7])
+local record = ARGV[6] .. ',"queue_seq":' .. seq .. '}'
+redis.call('SET', KEYS[3], record, 'EX', ARGV[7])
 redis.call('ZADD', KEYS[4], ARGV[8], ARGV[10])
 redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -tonumber(ARGV[9]) - 1)
-redis.call('LPUSH', KEYS[5], ARGV[11])
+local message = ARGV[11]
+if #record <= tonumber(ARGV[13]) then
+  message = string.sub(message, 1, -2) .. ',"modelbay_record":' .. cjson.encode(record) .. '}'
+end
+redis.call('LPUSH', KEYS[5], message)
 return {seq, queued}
 """
+
+
+RECORD_IN_MESSAGE_MAX_BYTES = 16 * 1024
+"""The largest job record a model queue's message carries (bytes); a larger one is read."""
 
 
 class StaleManifest(Exception):
@@ -77,13 +92,14 @@ class ReadyPath(ModelStats):
         return raw
 
     def submit_ready(self, record: JobRecord, slot: Slot, queue_list: str, message: bytes,
-                     manifest_raw: str | None = None) -> bool:
+                     manifest_raw: str | None = None, carry: bool = False) -> bool:
         """Create ``record`` (``queued``, routed once, its queue number from ``slot``) and push
         ``message`` onto ``queue_list``, if a live node holds its model ready; True when done.
         False, with nothing written, when none does (or the id is taken). Raises
         :class:`tasks.nodestore.QueueFull` (429) at the model's cap, as placement does, and
         :class:`StaleManifest`, with nothing written, when ``manifest_raw`` (the manifest the
-        caller decided on) is no longer the stored one."""
+        caller decided on) is no longer the stored one. ``carry``: the message carries the
+        record (a model queue's message; see the module)."""
         if self._submit_ready is None:
             self._submit_ready = self._r.register_script(_SUBMIT_READY)
         record.status, record.load_job, record.routed, record.queue_seq = "queued", None, 1, 0
@@ -92,7 +108,7 @@ class ReadyPath(ModelStats):
             keys=[NODES, model_counts_key(record.model), job_key(record.id), JOBS, queue_list, CATALOG],
             args=[node_key(""), node_models_key(""), record.model, slot.cap, record.node or "", head,
                   self.settings.job_ttl_s * 7, time.time(), self.settings.jobs_recent_max, record.id, message,
-                  manifest_raw or ""])
+                  manifest_raw or "", RECORD_IN_MESSAGE_MAX_BYTES if carry else 0])
         if int(out[0]) == -2:
             raise StaleManifest(record.model)
         if int(out[0]) < 0:

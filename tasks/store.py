@@ -4,12 +4,12 @@ Its Redis keys are named in :mod:`tasks.keys`; its client is private, so every c
 them is here, in :mod:`tasks.nodestore` (nodes), :mod:`tasks.tokens` (token streams) and
 :mod:`tasks.queues` (the broker's queues and the reaper's marks, ``store.queues``).
 
-Transitions use WATCH/MULTI: a terminal record is never overwritten, so a ``cancelled``
-job never turns ``succeeded``.
+A transition is one compare-and-set script (:mod:`tasks.cas`): a terminal record is never
+overwritten, so a ``cancelled`` job never turns ``succeeded``. A failed model's load
+cooldown is :mod:`tasks.cooldowns`'.
 """
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,12 +21,13 @@ from redis.client import PubSub
 from redis.retry import Retry
 
 from tasks.batches import BatchStore
-from tasks.cas import JobCas, Write, event_of
+from tasks.cas import JobCas, Note, Write, event_of
+from tasks.cooldowns import Cooldowns
 from tasks.errors import ErrorCode
 from tasks.files import FileIndex
 from tasks.modelstats import queue_count
 from tasks.keys import (CATALOG, CATALOG_CREATED, INFLIGHT, JOB_CHANNEL_PATTERN, JOBS, OPS, OPS_VER,
-                        REPL_BARRIER, cooldown_key, crashes_key, job_key, load_flight_key, waiters_key)
+                        REPL_BARRIER, job_key, load_flight_key, waiters_key)
 from tasks.schemas import (ACTIVE, TERMINAL, JobErrorInfo, JobProgress, JobRecord, Manifest,
                            utcnow)
 from tasks.settings import Settings
@@ -51,7 +52,7 @@ class Change:
     raw: str | None = None  # the record's JSON as stored, when known (a later write can start from it)
 
 
-class Store(NodeStore, ReadyPath):
+class Store(NodeStore, ReadyPath, Cooldowns):
     """All of modelbay's state in Redis. Thread-safe (redis-py pools connections)."""
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
@@ -120,11 +121,14 @@ class Store(NodeStore, ReadyPath):
         raw = self._r.get(job_key(job_id))
         return (JobRecord.model_validate_json(raw), raw) if raw else None
 
-    def mutate(self, job_id: str, fn: Callable[[JobRecord], JobRecord | None], known: str | None = None) -> Change:
+    def mutate(self, job_id: str, fn: Callable[[JobRecord], JobRecord | None], known: str | None = None, *,
+               ack: str = "", note: Note | None = None) -> Change:
         """Apply ``fn`` to the record atomically (:mod:`tasks.cas`). ``fn`` returns the new
         record or None (no change). A terminal record is never passed to ``fn``: it is
         returned unchanged. ``known``: the record's JSON as the caller last saw it, which
-        saves a read when nobody changed it since."""
+        saves a read when nobody changed it since. ``ack``: a taken message's tag,
+        acknowledged with the write; ``note``: a message recorded as taken, written or not,
+        in the first round trip (both :mod:`tasks.cas`)."""
         raw = known if known is not None else self._r.get(job_key(job_id))
         while True:
             if raw is None:
@@ -132,6 +136,8 @@ class Store(NodeStore, ReadyPath):
             current = JobRecord.model_validate_json(raw)
             new = None if current.terminal else fn(current.model_copy(deep=True))
             if new is None:
+                if note is not None:  # recorded as taken all the same
+                    self.queues.note_taken(note.tag, note.entry, note.at_s)
                 return Change(False, current, raw)
             new_raw = new.model_dump_json()
             running, was_running = new.status == "running", current.status == "running"
@@ -140,7 +146,8 @@ class Store(NodeStore, ReadyPath):
                 job_id, raw, new_raw, self._ttl_for(new), leaves_ops=new.terminal and not inference,
                 inflight="add" if inference and running else "rem" if inference and was_running else "",
                 publish=event_of(current, new, new_raw),
-                count=queue_count(current, new), model=new.model))
+                count=queue_count(current, new), model=new.model, ack=ack, note=note))
+            note = None  # recorded by the first round trip
             if written and new.terminal and not self.replicated():
                 now = self._r.get(job_key(job_id))  # on no replica yet: lost in a failover?
                 if now != new_raw:
@@ -151,9 +158,9 @@ class Store(NodeStore, ReadyPath):
 
     def transition(self, job_id: str, status: str, *, allowed_from: Iterable[str] = ACTIVE,
                    when: Callable[[JobRecord], bool] | None = None, known: str | None = None,
-                   **fields: object) -> Change:
+                   ack: str = "", note: Note | None = None, **fields: object) -> Change:
         """Move a job to ``status`` if its status is in ``allowed_from`` (and ``when`` holds
-        for the current record); set ``fields`` too. ``known``: see :meth:`mutate`.
+        for the current record); set ``fields`` too. ``known``, ``ack``, ``note``: see :meth:`mutate`.
 
         ``started_at``/``finished_at`` are stamped on entering running/loading and terminal."""
         allowed = frozenset(allowed_from)
@@ -170,15 +177,16 @@ class Store(NodeStore, ReadyPath):
                 data["finished_at"] = utcnow()
             return JobRecord.model_validate(data)
 
-        return self.mutate(job_id, apply, known)
+        return self.mutate(job_id, apply, known, ack=ack, note=note)
 
     def finish(self, job_id: str, status: str, *, result: object = None,
-               error: JobErrorInfo | None = None, known: str | None = None) -> Change:
-        """Write a terminal state once. Later calls leave the first outcome in place."""
+               error: JobErrorInfo | None = None, known: str | None = None, ack: str = "") -> Change:
+        """Write a terminal state once. Later calls leave the first outcome in place.
+        ``ack``: the tag of the taken message that ran the job, acknowledged with the write."""
         fields: dict[str, object] = {"result": result}
         if error is not None:
             fields["error"] = error
-        return self.transition(job_id, status, known=known, **fields)
+        return self.transition(job_id, status, known=known, ack=ack, **fields)
 
     def fail(self, job_id: str, code: ErrorCode, message: str) -> Change:
         return self.finish(job_id, "failed", error=JobErrorInfo(type=code, message=message))
@@ -352,44 +360,6 @@ class Store(NodeStore, ReadyPath):
             pipe.delete(key)
             members, _ = pipe.execute()
         return sorted(members)
-
-    # ---- load cooldown ----------------------------------------------------------------
-
-    def note_load_failure(self, model: str, message: str, minimum_s: float = 0.0) -> float:
-        """Record a failed load; returns the cooldown in seconds (base, doubling, capped; at
-        least ``minimum_s``)."""
-        key = cooldown_key(model)
-        raw = self._r.get(key)
-        failures = (json.loads(raw)["failures"] if raw else 0) + 1
-        base, cap = self.settings.load_cooldown_base_s, self.settings.load_cooldown_max_s
-        cooldown_s = max(minimum_s, min(base * 2 ** (failures - 1), cap))
-        record = {"failures": failures, "until": time.time() + cooldown_s, "error": message}
-        self._r.set(key, json.dumps(record), ex=int(cap * 4) + 1)
-        return cooldown_s
-
-    def count_crash(self, model: str, at_s: float, window_s: float) -> int:
-        """Note a crash of ``model``'s backend at ``at_s`` (epoch seconds); returns the crashes
-        in the last ``window_s`` seconds, this one included (one MULTI)."""
-        key = crashes_key(model)
-        with self._r.pipeline() as pipe:
-            pipe.zadd(key, {f"{at_s:.6f}:{uuid.uuid4().hex[:8]}": at_s})
-            pipe.zremrangebyscore(key, 0, at_s - window_s)
-            pipe.zcard(key)
-            pipe.expire(key, int(window_s) + 1)
-            _, _, count, _ = pipe.execute()
-        return int(count)
-
-    def clear_cooldown(self, model: str) -> None:
-        self._r.delete(cooldown_key(model))
-
-    def cooldown(self, model: str) -> tuple[float, str] | None:
-        """(seconds left, last error) while loads of ``model`` are cooling down, else None."""
-        raw = self._r.get(cooldown_key(model))
-        if not raw:
-            return None
-        record = json.loads(raw)
-        left = record["until"] - time.time()
-        return (left, record["error"]) if left > 0 else None
 
     # ---- misc -------------------------------------------------------------------------
 

@@ -6,9 +6,11 @@ their live ticks come back (nats-py reconnects to another server, its subscripti
 sent again, and the worker re-publishes its operations' state on reconnect)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,10 +186,24 @@ def test_killing_the_nats_servers_in_use_keeps_rows_and_ticks_on_every_replica(c
     poll(lambda: all(row_for(u, job["id"]) is None for u in urls), 10, "the row to leave every replica")
 
 
+
+def free_ports_in_a_row(n: int) -> int:
+    """A port ``p`` with ``p`` .. ``p + n - 1`` all free now (one free port's successor can
+    be taken: a full run once failed on it)."""
+    while True:
+        first = free_port()
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(first, first + n):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            return first
+        except (OSError, OverflowError):  # taken, or past 65535
+            continue
+
 def test_modelbay_up_runs_a_nats_cluster_and_stops_it(tmp_path):
     """``modelbay up --nats-cluster 3``: three routed nats-servers, every process given all
     three; a job runs; Ctrl-C stops them all."""
-    port, nats_port = free_port(), free_port()
+    port, nats_port = free_port(), free_ports_in_a_row(3)  # modelbay up takes the next two too
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELBAY_")}
     env["MODELBAY_WORKER_METRICS_PORT"] = "0"
     (tmp_path / "catalog.json").write_text(json.dumps({"echo": {"backend": "echo"}}))

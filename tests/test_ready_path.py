@@ -17,6 +17,7 @@ from tasks.modelstats import Slot
 from tasks.names import TASK_INFER, model_queue, node_queue
 from tasks.nodestore import QueueFull
 from tasks.publish import queue_key, task_message
+from tasks.readypath import RECORD_IN_MESSAGE_MAX_BYTES
 from tasks.schemas import JobRecord, JobRequest, Manifest, ModelNode, ModelNodeState, NodeRecord, utcnow
 from tasks.settings import load_settings
 from tasks.store import Store, new_job_id
@@ -93,6 +94,8 @@ def test_a_ready_model_is_one_round_trip_and_the_same_record_as_the_slow_path(st
     messages = store._r.lrange(model_queue("m"), 0, -1)
     assert [_body(raw)[:2] for raw in messages[:2]] == [[[slow.id], {"route": 1}], [[fast.id], {"route": 1}]]
     theirs, ours = json.loads(messages[1]), json.loads(task_message(TASK_INFER, [fast.id], {"route": 1}, model_queue("m")))
+    # the model queue's message carries the record as stored: the taker reads nothing
+    assert theirs.pop("modelbay_record") == store._r.get(job_key(fast.id))
     for doc in (theirs, ours):
         for field in ("id", "root_id", "origin"):
             doc["headers"].pop(field)
@@ -125,6 +128,22 @@ def test_a_pinned_job_counts_only_its_node(store: Store) -> None:
     assert store.submit_ready(record, Slot(0), node_queue("n1"), b"m1") is True
     assert store._r.lrange(node_queue("n1"), 0, -1) == ["m1"] and store._r.llen(node_queue("n2")) == 0
     assert store.get_job(record.id) == record and record.node == record.pin == "n1"
+
+
+def test_only_a_model_queue_message_carries_the_record_and_only_a_small_one(store: Store) -> None:
+    """The taker's read is saved by the record in the message (workers/node/taker.py); a
+    pinned job's message goes to Celery's consumer and carries none, nor does a record
+    larger than RECORD_IN_MESSAGE_MAX_BYTES (it is read at the take)."""
+    _node(store, "n1")
+    dispatcher = Dispatcher(store, Sent())  # type: ignore[arg-type]
+    small = dispatcher.submit(JobRequest(model="m", task="generate", input="a b"), Manifest(backend="echo"))
+    big = dispatcher.submit(JobRequest(model="m", task="generate", input="x" * RECORD_IN_MESSAGE_MAX_BYTES),
+                            Manifest(backend="echo"))
+    pinned = dispatcher.submit(JobRequest(model="m", task="generate", input="a b", node="n1"), Manifest(backend="echo"))
+    carried = {_body(raw)[0][0]: json.loads(raw).get("modelbay_record")  # type: ignore[index]
+               for raw in store._r.lrange(model_queue("m"), 0, -1) + store._r.lrange(node_queue("n1"), 0, -1)}
+    assert carried == {small.id: store._r.get(job_key(small.id)), big.id: None, pinned.id: None}
+    assert all(r.status == "queued" for r in (small, big, pinned))
 
 
 def test_the_cap_refuses_with_nothing_written_and_a_taken_id_is_left_alone(store: Store) -> None:

@@ -349,6 +349,37 @@ def test_an_embed_job_cancelled_after_its_take_never_runs_and_stays_cancelled(st
         holder.stop(10)
 
 
+def test_a_job_cancelled_while_queued_is_taken_from_its_carried_record_and_never_runs(stack, artifacts: Path) -> None:
+    """A ready model's job carries its record as queued in its message (tasks/readypath.py),
+    and the taker's worker starts from it with no read (workers/node/taker.py). One cancelled
+    while it waits is taken with that stale record: its move to ``running`` fails on the
+    record it compares with, nothing runs, and the take recorded by that write is acknowledged."""
+    client, store = stack["client"], stack["store"]
+    c = f"sq{os.getpid()}"
+    holder = start_worker(stack["env"], c, artifacts, store, concurrency=1)
+    try:
+        name = register(client, options={"token_delay_s": 0.5})
+        load_on(client, name, c)  # c alone holds it, with one thread
+        first = submit(client, name, "busy busy busy")
+        poll(lambda: store.get_job(first["id"]).status == "running", 20, "the first job to run")
+        second = submit(client, name, "never")
+        waiting = [json.loads(m) for m in store._r.lrange(model_queue(name), 0, -1)]
+        assert [json.loads(m["modelbay_record"])["id"] for m in waiting] == [second["id"]]
+        assert client.delete(f"/v1/jobs/{second['id']}").status_code == 202
+        third = submit(client, name, "after")  # the one thread takes it once done with the second
+        assert wait_job(client, first["id"], 30)["status"] == "succeeded"
+        assert wait_job(client, third["id"], 30)["status"] == "succeeded"
+        ids = (first["id"], second["id"], third["id"])  # each acknowledged (earlier tests' kills leave others)
+        assert not store._r.llen(model_queue(name)) and not [v for v in store._r.hvals("unacked") if any(i in v for i in ids)]
+        final = store.get_job(second["id"])
+        assert final is not None and final.status == "cancelled"
+        assert final.started_at is None and final.attempts == 0 and final.node is None and final.result is None
+        log = holder.log_path.read_text()
+        assert "Traceback" not in log and "crashed" not in log, log[-3000:]
+    finally:
+        holder.stop(10)
+
+
 def test_a_job_pinned_to_a_dead_node_fails_node_lost(stack) -> None:
     client, workers = stack["client"], stack["workers"]
     a, _ = sorted(workers)

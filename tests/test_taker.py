@@ -15,9 +15,13 @@ import redis
 from celery import Celery
 from kombu import Connection
 
-from tasks.keys import UNACKED, UNACKED_INDEX
+from tasks.cas import Note
+from tasks.keys import UNACKED, UNACKED_INDEX, job_key
 from tasks.publish import queue_key, task_message
 from tasks.queues import QueueStore
+from tasks.schemas import JobRecord
+from tasks.settings import load_settings
+from tasks.store import Store, new_job_id
 from tests.helpers import poll
 from workers.node.taker import BLOCK_S, QueueTaker
 
@@ -247,3 +251,31 @@ def test_the_take_reads_a_key_in_the_same_round_trip(world) -> None:
     assert queues.note_taken("tag2", "[]", 2.0, read="mb:job:gone") is None
     assert queues.note_taken("tag3", "[]", 3.0) is None
     assert r.zrange(UNACKED_INDEX, 0, -1, withscores=True) == [("tag1", 1.0), ("tag2", 2.0), ("tag3", 3.0)]
+
+
+def test_a_job_write_records_the_take_and_its_final_write_acknowledges_it(world, stack_env) -> None:
+    """A message that carried its job's record (tasks/readypath.py) is recorded as taken by the
+    job's move to running and acknowledged by its final write, each in that write's round
+    trip (tasks/cas.py): recorded whether or not the write is made, acknowledged only with it."""
+    r = world["r"]
+    store = Store(r, load_settings({**stack_env, "MODELBAY_REDIS_URL": world["url"]}))
+    job = store.create_job(JobRecord(id=new_job_id(), kind="inference", model="m", task="generate", input="x"))
+    queued = r.get(job_key(job.id))
+    running = store.transition(job.id, "running", allowed_from=("queued",), known=queued, note=Note("t1", "[1]", 7.0))
+    assert running.applied and r.hget(UNACKED, "t1") == "[1]" and r.zscore(UNACKED_INDEX, "t1") == 7.0
+    done = store.finish(job.id, "succeeded", result={}, known=running.raw, ack="t1")
+    assert done.applied and not r.hexists(UNACKED, "t1") and r.zscore(UNACKED_INDEX, "t1") is None
+
+    other = store.create_job(JobRecord(id=new_job_id(), kind="inference", model="m", task="generate", input="y"))
+    stale = r.get(job_key(other.id))
+    assert store.cancel(other.id).applied
+    moved = store.transition(other.id, "running", allowed_from=("queued",), known=stale, note=Note("t2", "[2]", 8.0))
+    assert not moved.applied and moved.record is not None and moved.record.status == "cancelled"
+    assert r.hget(UNACKED, "t2") == "[2]"  # recorded all the same: the taker acknowledges it
+    late = store.finish(other.id, "succeeded", result={}, known=moved.raw, ack="t2")
+    assert not late.applied and r.hget(UNACKED, "t2") == "[2]"  # no write, no acknowledgement
+
+    third = store.create_job(JobRecord(id=new_job_id(), kind="inference", model="m", task="generate", input="z"))
+    assert store.cancel(third.id).applied  # known terminal: nothing to write, the take recorded alone
+    assert not store.transition(third.id, "running", known=r.get(job_key(third.id)), note=Note("t3", "[3]", 9.0)).applied
+    assert r.hget(UNACKED, "t3") == "[3]"

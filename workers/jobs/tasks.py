@@ -20,6 +20,7 @@ from workers import metrics
 from workers.jobs.inference import RUNNERS, STARTS_RUNNING, Delivery, NotRunning
 from workers.progress.debounce import job_progress_sink
 from workers.node.models import Entry, LoadFailed, NotHere, Unloaded
+from workers.node.taker import Taken
 from workers.runtime import Runtime, runtime_of
 from workers.supervisor.calls import BackendCallError, BackendCancelled
 
@@ -121,13 +122,16 @@ def unload(self: Task, job_id: str) -> None:
 
 
 @shared_task(name=TASK_INFER, bind=True)
-def infer(self: Task, job_id: str, reroutes: int = 0, route: int | None = None, record: str | None = None) -> None:
+def infer(self: Task, job_id: str, reroutes: int = 0, route: int | None = None, record: str | None = None,
+          taken: Taken | None = None) -> None:
     """Run one inference job on the model held here. Cancellable: the cancel watcher
     cancels the gRPC call when the job turns ``cancelled``, and the backend stops.
 
     ``route`` is the job's ``routed`` count when this message was sent: a message of a job
     routed again since (a stranded queue swept, a requeue) does nothing. ``record``: the
-    job's record as read when its message was taken (workers/node/taker.py; never sent)."""
+    job's record as read when its message was taken, or as queued when the message carried
+    it; ``taken``: the message's bookkeeping, made or acknowledged by the job's own writes
+    where they can (both workers/node/taker.py; never sent)."""
     rt = runtime_of(self)
     got = (JobRecord.model_validate_json(record), record) if record else rt.store.get_job_raw(job_id)
     if got is None:
@@ -135,20 +139,26 @@ def infer(self: Task, job_id: str, reroutes: int = 0, route: int | None = None, 
     job, raw = got
     if job.terminal or (route is not None and route != job.routed):
         return
+    if taken is not None and job.task in STARTS_RUNNING:  # its move waits for the backend call
+        taken.record()
     try:
         entry = rt.manager.acquire(job.model, lambda: rt.cancels.is_cancelled(job_id))
     except NotHere:
+        if taken is not None:
+            taken.record()
         _reroute(rt, job, reroutes)
         return
     except LoadFailed as exc:
+        if taken is not None:
+            taken.record()
         _announce(rt, rt.store.fail(job_id, exc.code, f"model load failed: {exc.message}").record)
         return
-    running = _Running(rt, job, raw, route)
+    running = _Running(rt, job, raw, route, taken)
     try:
         final: JobRecord | None = None
         began = time.monotonic()
         try:
-            final = _run(rt, job, entry, reroutes, running)
+            final = _run(rt, job, entry, reroutes, running, taken)
         finally:  # the final record of a success is at hand; others are read back
             if running.record is not None:  # it ran here (else it was cancelled or is another's)
                 RECORDER.note(job.model, (time.monotonic() - began) * 1000)  # flushed with the heartbeat
@@ -163,10 +173,11 @@ class _Running:
     """The job's move to ``running`` on this node: one compare-and-set from ``queued`` or
     ``loading``, only while the job is still on the route this message carried. Made when
     the runner's backend call is on its way (workers/jobs/inference.py), or before a runner
-    that makes none. ``record``/``raw``: the running record, once moved."""
+    that makes none. It records the taken message (``taken``) in the same round trip, if
+    nothing did yet. ``record``/``raw``: the running record, once moved."""
 
-    def __init__(self, rt: Runtime, job: JobRecord, raw: str, route: int | None) -> None:
-        self.rt, self.job, self.raw_read, self.route = rt, job, raw, route
+    def __init__(self, rt: Runtime, job: JobRecord, raw: str, route: int | None, taken: Taken | None) -> None:
+        self.rt, self.job, self.raw_read, self.route, self.taken = rt, job, raw, route, taken
         self.record: JobRecord | None = None
         self.raw: str | None = None
 
@@ -175,7 +186,7 @@ class _Running:
         change = rt.store.transition(self.job.id, "running", allowed_from=("queued", "loading"),
                                      when=lambda r: route is None or r.routed == route,
                                      node=rt.settings.node_id, attempts=self.job.attempts + 1, runner=rt.instance,
-                                     known=self.raw_read)
+                                     known=self.raw_read, note=self.taken.claim() if self.taken else None)
         if not change.applied or change.record is None:
             return False
         self.record, self.raw = change.record, change.raw
@@ -200,9 +211,11 @@ def _reroute(rt: Runtime, job: JobRecord, reroutes: int) -> None:
         _announce(rt, rt.store.fail(job.id, ErrorCode.MODEL_UNAVAILABLE, str(exc)).record)
 
 
-def _run(rt: Runtime, job: JobRecord, entry: Entry, reroutes: int, running: _Running) -> JobRecord | None:
+def _run(rt: Runtime, job: JobRecord, entry: Entry, reroutes: int, running: _Running,
+         taken: Taken | None) -> JobRecord | None:
     """Run the job and write its end, if it moved to ``running`` here (``running``); its
-    final record when it succeeded (None on the other paths)."""
+    final record when it succeeded (None on the other paths). The write of a success
+    acknowledges the taken message (``taken``) in the same round trip."""
     delivery = Delivery(running)
     if job.task not in STARTS_RUNNING:
         if not delivery.began():
@@ -235,7 +248,11 @@ def _run(rt: Runtime, job: JobRecord, entry: Entry, reroutes: int, running: _Run
         return None
     if not delivery.began():
         return None
-    return rt.store.finish(job.id, "succeeded", result=result, known=running.raw).record
+    change = rt.store.finish(job.id, "succeeded", result=result, known=running.raw,
+                             ack=taken.ack_tag() if taken is not None else "")
+    if change.applied and taken is not None:
+        taken.acked = True
+    return change.record
 
 
 def _after_crash(rt: Runtime, job: JobRecord, delivery: Delivery, reroutes: int, exit_reason: str | None = None) -> None:

@@ -19,8 +19,16 @@ hand-offs (docs/benchmarks.md, "Fifth round"). Here each of ``threads`` threads 
 4. the entry is dropped: the acknowledgement (acks late, on failure too, as Celery's
    ``task_acks_late`` and ``task_acks_on_failure_or_timeout``).
 
+An inference job queued by the ready path carries its record as queued in its message
+(``modelbay_record``, :mod:`tasks.readypath`). Then steps 2 and 4 ride on the job's own writes
+(:class:`Taken`): the move to ``running`` records the message as taken in the same round trip
+(:mod:`tasks.cas`), and the final write of a success acknowledges it. So such a job costs
+two round trips fewer. A job whose record changed since it was queued (cancelled, routed
+again) is decided on the record the failed compare-and-set returns, as any write's.
+
 As with kombu, a worker killed between 1 and 2 loses the message it just took (one round
-trip's window); its job stays ``queued`` and the reaper's stranded sweep does not see it.
+trip's window, and the few checks before the move to ``running`` for a job that carries its
+record); its job stays ``queued`` and the reaper's stranded sweep does not see it.
 
 A thread takes a message only when it is free, so nothing waits in a busy worker's memory
 while another worker is idle. Starting or stopping on a queue is local and immediate: the
@@ -44,6 +52,7 @@ import redis
 from celery import Celery
 from celery.events.dispatcher import EventDispatcher
 
+from tasks.cas import Note
 from tasks.keys import job_key, wake_key
 from tasks.names import TASK_INFER
 from tasks.publish import PRIORITY_STEPS, SEP, queue_key
@@ -60,7 +69,7 @@ RETRY_S = (0.5, 5.0)
 class Message:
     """A task message as kombu's Redis transport stores it: what the taker needs of it."""
 
-    __slots__ = ("tag", "task", "task_id", "headers", "args", "kwargs", "entry")
+    __slots__ = ("tag", "task", "task_id", "headers", "args", "kwargs", "entry", "record")
 
     def __init__(self, raw: str) -> None:
         """Raises ValueError, KeyError or TypeError when ``raw`` is not a task message."""
@@ -75,6 +84,8 @@ class Message:
         self.task_id = str(self.headers.get("id", ""))
         self.args: list[object] = list(args)
         self.kwargs: dict[str, object] = dict(kwargs)
+        record = msg.get("modelbay_record")  # an inference job's record as queued (tasks.readypath)
+        self.record = record if isinstance(record, str) else None
         # kombu's unacked entry: [message, exchange, routing key] (its QoS.append).
         self.entry = (f"[{raw},{orjson.dumps(info.get('exchange', '')).decode()},"
                       f"{orjson.dumps(info.get('routing_key', '')).decode()}]")
@@ -209,14 +220,15 @@ class QueueTaker:
             log.error("dropped a model queue message that is not a task message (%s): %.200s", exc, raw)
             return
         infer = message.task == TASK_INFER and bool(message.args) and isinstance(message.args[0], str)
-        try:
-            record = self._queues.note_taken(message.tag, message.entry, time.time(),
-                                             read=job_key(str(message.args[0])) if infer else None)
-        except redis.RedisError as exc:  # it is taken: run it all the same
-            log.warning("could not record message %s as taken: %s", message.tag, exc)
-            record = None
-        if record is not None:
-            message.kwargs["record"] = record
+        taken = Taken(self._queues, Note(message.tag, message.entry, time.time()))
+        if infer and message.record is not None and not self._test_hold_s:
+            message.kwargs["record"] = message.record  # the job's first write records the take
+        else:
+            record = taken.record(read=job_key(str(message.args[0])) if infer else None)
+            if record is not None:
+                message.kwargs["record"] = record
+        if infer:
+            message.kwargs["taken"] = taken
         if self._test_hold_s:  # tests: a window in which to kill this worker
             time.sleep(self._test_hold_s)
         try:
@@ -240,10 +252,48 @@ class QueueTaker:
                 if self._log_requests:  # Celery's own line for a task that succeeded (tests and operators grep it)
                     log.info("Task %s[%s] succeeded in %.3fs", message.task, message.task_id, time.monotonic() - began)
         finally:
-            try:
-                self._queues.drop_taken(message.tag)
-            except redis.RedisError as exc:  # restored after the visibility timeout: its route makes it a no-op
-                log.warning("could not acknowledge message %s: %s", message.tag, exc)
+            if taken.noted and not taken.acked:
+                try:
+                    self._queues.drop_taken(message.tag)
+                except redis.RedisError as exc:  # restored after the visibility timeout: its route makes it a no-op
+                    log.warning("could not acknowledge message %s: %s", message.tag, exc)
+
+
+class Taken:
+    """A message a taker thread took, as its inference task sees it (``taken``). It is
+    recorded in kombu's ``unacked`` (``note``) by the taker before the task, or by the job's
+    first write (:meth:`claim`); it is acknowledged by the job's final write (``acked``),
+    else by the taker once the task returns. Nothing recorded, nothing to acknowledge: a
+    task that returns before any write (its job ended meanwhile) leaves no trace."""
+
+    def __init__(self, queues: QueueStore, note: Note) -> None:
+        self._queues = queues
+        self.note = note
+        self.noted = False  # recorded, or handed to a write that may have recorded it
+        self.acked = False
+
+    def claim(self) -> Note | None:
+        """The note for a write to carry, once (None after that)."""
+        if self.noted:
+            return None
+        self.noted = True
+        return self.note
+
+    def record(self, read: str | None = None) -> str | None:
+        """Record the message as taken now, if no write did (one round trip); ``read``: a key
+        read in the same round trip, whose value is returned."""
+        note = self.claim()
+        if note is None:
+            return None
+        try:
+            return self._queues.note_taken(note.tag, note.entry, note.at_s, read=read)
+        except redis.RedisError as exc:  # it is taken: run it all the same
+            log.warning("could not record message %s as taken: %s", note.tag, exc)
+            return None
+
+    def ack_tag(self) -> str:
+        """The tag for a final write to acknowledge ("" when nothing was recorded)."""
+        return self.note.tag if self.noted and not self.acked else ""
 
 
 class _TaskEvents:
