@@ -1,5 +1,6 @@
 """A model's load cooldown: after a failed load, new loads of the model wait (base, doubling,
-capped), and a backend that crashes often counts as failing. A mixin of :class:`tasks.store.Store`."""
+capped); a backend's crashes are counted over a window, for the caller to decide on. A mixin
+of :class:`tasks.store.Store`."""
 from __future__ import annotations
 
 import json
