@@ -143,15 +143,13 @@ def infer(self: Task, job_id: str, reroutes: int = 0, route: int | None = None, 
         taken.record()
     try:
         entry = rt.manager.acquire(job.model, lambda: rt.cancels.is_cancelled(job_id))
-    except NotHere:
-        if taken is not None:
+    except (NotHere, LoadFailed) as exc:
+        if taken is not None:  # no move to running will record it
             taken.record()
-        _reroute(rt, job, reroutes)
-        return
-    except LoadFailed as exc:
-        if taken is not None:
-            taken.record()
-        _announce(rt, rt.store.fail(job_id, exc.code, f"model load failed: {exc.message}").record)
+        if isinstance(exc, LoadFailed):
+            _announce(rt, rt.store.fail(job_id, exc.code, f"model load failed: {exc.message}").record)
+        else:
+            _reroute(rt, job, reroutes)
         return
     running = _Running(rt, job, raw, route, taken)
     try:
