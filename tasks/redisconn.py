@@ -29,6 +29,14 @@ FAILOVER_ERRORS: tuple[type[redis.RedisError], ...] = (redis.ConnectionError, re
 SENTINEL_SOCKET_TIMEOUT_S = 0.5
 # A data node that does not accept a connection in this long counts as down (seconds).
 CONNECT_TIMEOUT_S = 2.0
+# The longest a client waits for a reply (seconds). Set here, not left to redis-py: its default
+# went from none to 5 s in redis-py 6. A blocking command (BRPOP, XREAD BLOCK, WAIT) must block
+# for clearly less (BLOCK_MAX_S): a reply that comes after the client gave up is lost, and the
+# reply to a BRPOP is a message the server has already taken off its queue (a message lost at
+# each such timeout: Valkey times a BRPOP out up to 100 ms late, so a BRPOP of exactly the
+# reply timeout timed out on the client every time it was idle).
+SOCKET_TIMEOUT_S = 5.0
+BLOCK_MAX_S = SOCKET_TIMEOUT_S - 2.0
 
 
 def redis_target(settings: Settings) -> RedisTarget:
@@ -44,7 +52,8 @@ def make_client(settings: Settings, retry: Retry | None = None) -> redis.Redis:
     """A client (``decode_responses``) of the server, or of the Sentinels' current master.
     ``retry``: how connection errors are retried before they surface."""
     target = redis_target(settings)
-    common: dict[str, object] = {"decode_responses": True, "health_check_interval": 30, "socket_keepalive": True}
+    common: dict[str, object] = {"decode_responses": True, "health_check_interval": 30, "socket_keepalive": True,
+                                 "socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S}
     if retry is not None:
         common.update(retry=retry, retry_on_error=list(FAILOVER_ERRORS))
     if not target.sentinel:
@@ -55,8 +64,7 @@ def make_client(settings: Settings, retry: Retry | None = None) -> redis.Redis:
         sentinel_kwargs["password"] = target.sentinel_password
     sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs)
     return sentinel.master_for(target.master, redis_class=redis.Redis, db=target.db, username=target.username,
-                               password=target.password, socket_connect_timeout=CONNECT_TIMEOUT_S,
-                               connection_class=FollowingConnection, **common)
+                               password=target.password, connection_class=FollowingConnection, **common)
 
 
 def broker_url(settings: Settings) -> str:

@@ -87,7 +87,9 @@ class Settings(BaseSettings):
     # a new job's record, its task message and a job's final state, so a job answered 202 and its
     # result survive a failover. 0: off (one Valkey); 1 with Sentinel (docs/reliability.md).
     redis_wait_replicas: int = Field(default=0, ge=0)
-    redis_wait_timeout_ms: int = Field(default=1000, ge=1)
+    # Under the clients' reply timeout with room (tasks/redisconn.py: SOCKET_TIMEOUT_S 5 s, a
+    # blocking command at most BLOCK_MAX_S 3 s), or every WAIT would time out on the client.
+    redis_wait_timeout_ms: int = Field(default=1000, ge=1, le=3000)
     # One NATS server, or every server of a NATS cluster comma-separated: each process connects
     # to one (random order) and fails over to the others (tasks/bus.py)
     nats_url: str = "nats://127.0.0.1:4222"

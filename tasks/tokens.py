@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import redis
 
 from tasks.keys import stream_key
+from tasks.redisconn import BLOCK_MAX_S
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,8 @@ class TokenStream:
 
     def read(self, job_id: str, after: str = "0", block_s: float = 0.0) -> Read:
         """Entries after id ``after``, waiting up to ``block_s`` seconds for the first one
-        (0: do not wait)."""
-        block = int(block_s * 1000) if block_s > 0 else None
+        (0: do not wait; at most :data:`tasks.redisconn.BLOCK_MAX_S`, under the reply timeout)."""
+        block = int(min(block_s, BLOCK_MAX_S) * 1000) if block_s > 0 else None
         reply = self._r.xread({stream_key(job_id): after}, block=block, count=512)
         pieces: list[str] = []
         ended = False

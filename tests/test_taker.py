@@ -19,10 +19,11 @@ from tasks.cas import Note
 from tasks.keys import UNACKED, UNACKED_INDEX, job_key
 from tasks.publish import queue_key, task_message
 from tasks.queues import QueueStore
+from tasks.redisconn import SOCKET_TIMEOUT_S, make_client
 from tasks.schemas import JobRecord
 from tasks.settings import load_settings
 from tasks.store import Store, new_job_id
-from tests.helpers import poll
+from tests.helpers import every, poll
 from workers.node.taker import BLOCK_S, QueueTaker
 
 DB = 10
@@ -179,6 +180,30 @@ def test_consuming_and_cancelling_wake_the_blocked_threads(world) -> None:
     push(r, "model.f", "taker-test.quick", "f")
     poll(lambda: calls.started == ["g:0", "f:0"], BLOCK_S / 2, "model.f's job")
     assert r.llen("model.g") == 1 and taker.consumed() == ["model.f"]
+
+
+def test_an_idle_thread_blocks_under_the_reply_timeout_on_the_connection_it_has(world, stack_env) -> None:
+    """A BRPOP the client gives up on may still be handed a message by the server, and that
+    message is lost. With the store's own client (tasks/redisconn.py), an idle thread's
+    BRPOPs must end on the server's side: no reply timeout, no reconnect, for longer than the
+    reply timeout. (With a BRPOP as long as the timeout, each idle thread reconnected every
+    5 s, and one message in a few hundred was lost under a light load.)"""
+    r, calls = world["r"], world["calls"]
+    client = make_client(load_settings({**stack_env, "MODELBAY_REDIS_URL": world["url"]}))
+    taker = QueueTaker(QueueStore(client), APP, "idle", 2)
+    world["extra"].append(taker)
+    before = blocked(r)
+    taker.consume("model.idle")
+    taker.start()
+    poll(lambda: blocked(r) == before + 2, 5, "both threads blocked")
+    names = {c["id"] for c in r.client_list() if "BRPOP" in c.get("cmd", "").upper()}
+    connections = r.info("stats")["total_connections_received"]
+    for _ in every(0.25, SOCKET_TIMEOUT_S + 2 * BLOCK_S):
+        assert r.info("stats")["total_connections_received"] == connections, "a taker thread reconnected"
+    assert {c["id"] for c in r.client_list() if "BRPOP" in c.get("cmd", "").upper()} >= names
+    assert BLOCK_S <= SOCKET_TIMEOUT_S - 2
+    push(r, "model.idle", "taker-test.quick", "after")
+    poll(lambda: calls.started == ["after:0"], 5, "the job pushed after the idle spell")
 
 
 def test_bad_messages_and_failing_tasks_are_acknowledged_and_the_thread_goes_on(world, caplog) -> None:

@@ -57,11 +57,14 @@ from tasks.keys import job_key, wake_key
 from tasks.names import TASK_INFER
 from tasks.publish import PRIORITY_STEPS, SEP, queue_key
 from tasks.queues import QueueStore
+from tasks.redisconn import BLOCK_MAX_S
 
 log = logging.getLogger("modelbay.worker")
 
-BLOCK_S = 5.0
-"""The longest one BRPOP blocks (seconds): a wake entry or a message ends it sooner."""
+BLOCK_S = BLOCK_MAX_S
+"""The longest one BRPOP blocks (seconds): a wake entry or a message ends it sooner. Under
+the store's reply timeout with room (:data:`tasks.redisconn.BLOCK_MAX_S`): a BRPOP the
+client gives up on may still be handed a message, which is then lost."""
 RETRY_S = (0.5, 5.0)
 """The pause after a failed BRPOP (seconds): from the first, doubling up to the second."""
 
