@@ -3,7 +3,9 @@
 1. MiniLM embeddings: ``--clients`` concurrent HTTP clients each calling ``POST
    /v1/embeddings`` with one text (calls share jobs under load), then submitting embed jobs
    (POST + long-poll) of one text and of 8 texts, against serial ``model.encode([x])``
-   calls in this process (``--embeddings-only``: just these). Dynamic batching lets concurrent jobs share forward passes; the
+   calls in this process, measured before the stack starts and after it stops (the ratios
+   are to their mean: this machine's speed drifts within a run) (``--embeddings-only``:
+   just these). Dynamic batching lets concurrent jobs share forward passes; the
    backend's own counters give the mean texts per forward pass.
 2. Cold load of MiniLM: ``POST /v1/models/minilm/load`` to ``succeeded`` (first time: with
    staging from the pip package; then again after an unload: files already staged), against
@@ -167,20 +169,30 @@ def system_tokens_per_s(stack: Stack, tokens: int, runs: int) -> float:
     return statistics.median(rates)
 
 
-def embeddings_report(stack: Stack, args: argparse.Namespace, direct_rate: float, direct_batched: float) -> None:
+def embeddings_figures(stack: Stack, args: argparse.Namespace) -> dict[str, float]:
+    """The three MiniLM runs through the stack: texts/s, texts per job and per forward pass."""
     openai_rate, per_job, batch_openai = openai_embeddings(stack, args.texts, args.clients)
     system_rate, batch1 = system_embeddings(stack, args.texts, args.clients, 1)
     multi_rate, batch8 = system_embeddings(stack, args.texts * 4, args.clients, 8)
+    return {"openai": openai_rate, "per_job": per_job, "batch_openai": batch_openai, "system": system_rate,
+            "batch1": batch1, "multi": multi_rate, "batch8": batch8}
+
+
+def embeddings_report(fig: dict[str, float], args: argparse.Namespace, before: tuple[float, float],
+                      after: tuple[float, float]) -> None:
+    """The ratios are to serial direct ``encode([x])`` measured before the stack started and
+    after it stopped (their mean; both printed): this machine's speed drifts within a run."""
+    direct_rate, direct_batched = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
     print(f"MiniLM embeddings, {args.texts} one-text requests (CPU, {args.clients} clients through the API)")
-    print(f"  POST /v1/embeddings, 1 text/call {openai_rate:8.1f} texts/s (mean {per_job:.1f} texts per job, "
-          f"{batch_openai:.1f} per forward pass)   ratio {openai_rate / direct_rate:.2f}x (target >= 2.5x)")
-    print(f"  POST /v1/jobs, 1 text/job        {system_rate:8.1f} texts/s (mean {batch1:.1f} texts per forward pass)"
-          f"   ratio {system_rate / direct_rate:.2f}x")
-    print(f"  POST /v1/jobs, 8 texts/job       {multi_rate:8.1f} texts/s (mean {batch8:.1f} texts per forward pass)"
-          f"   ratio {multi_rate / direct_rate:.2f}x")
-    print(f"  direct serial encode([x]) in one process {direct_rate:8.1f} texts/s (the baseline); "
-          f"direct encode of 64-text batches {direct_batched:8.1f} texts/s "
-          f"({direct_batched / direct_rate:.2f}x: the ceiling of batching on this machine)")
+    print(f"  POST /v1/embeddings, 1 text/call {fig['openai']:8.1f} texts/s (mean {fig['per_job']:.1f} texts per job, "
+          f"{fig['batch_openai']:.1f} per forward pass)   ratio {fig['openai'] / direct_rate:.2f}x (target >= 2.5x)")
+    print(f"  POST /v1/jobs, 1 text/job        {fig['system']:8.1f} texts/s (mean {fig['batch1']:.1f} texts per forward pass)"
+          f"   ratio {fig['system'] / direct_rate:.2f}x")
+    print(f"  POST /v1/jobs, 8 texts/job       {fig['multi']:8.1f} texts/s (mean {fig['batch8']:.1f} texts per forward pass)"
+          f"   ratio {fig['multi'] / direct_rate:.2f}x")
+    print(f"  direct serial encode([x]) in one process {direct_rate:8.1f} texts/s (the baseline: the mean of "
+          f"{before[0]:.1f} before the stack and {after[0]:.1f} after); direct encode of 64-text batches "
+          f"{direct_batched:8.1f} texts/s ({direct_batched / direct_rate:.2f}x: the ceiling of batching on this machine)")
 
 
 def main() -> int:
@@ -195,12 +207,13 @@ def main() -> int:
     if args.direct_llama:
         print(direct_tokens_per_s(args.tokens, args.runs))
         return 0
-    direct_rate, direct_batched = direct_embeddings(args.texts)
+    direct_before = direct_embeddings(args.texts)
     if args.embeddings_only:
         with running_stack(concurrency=args.clients, web_workers=2, web_threads=args.clients) as stack:
             stack.register("minilm", MINILM)
             stack.load("minilm")
-            embeddings_report(stack, args, direct_rate, direct_batched)
+            figures = embeddings_figures(stack, args)
+        embeddings_report(figures, args, direct_before, direct_embeddings(args.texts))
         return 0
     direct_load = statistics.median(direct_load_s() for _ in range(args.runs))
     # In a fresh process: torch, loaded above for the embeddings, shares threads badly with llama.cpp.
@@ -215,10 +228,11 @@ def main() -> int:
         for _ in range(args.runs):
             stack.unload("minilm")
             reloads.append(stack.load("minilm"))
-        embeddings_report(stack, args, direct_rate, direct_batched)
+        figures = embeddings_figures(stack, args)
         stack.load("smollm2")
         system_tps = system_tokens_per_s(stack, args.tokens, args.runs)
     reload = statistics.median(reloads)
+    embeddings_report(figures, args, direct_before, direct_embeddings(args.texts))
     print("MiniLM cold load (wall seconds, median of runs)")
     print(f"  system first load (staging + start + load) {first_load:6.2f} s   reload (staged) {reload:6.2f} s   "
           f"direct fresh process {direct_load:6.2f} s   ratio reload/direct {reload / direct_load:.2f}x "

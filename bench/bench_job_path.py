@@ -16,6 +16,12 @@ run; the client is this process. Each client thread keeps one HTTP connection (a
 ``requests.Session``, as a real client does; ``--client http``: an ``http.client``
 connection, a load generator that takes less of the cores it shares with the server).
 
+Serial latency is sampled in rounds: one call of each path in turn, ``--serial`` rounds, so a
+drift of this machine's speed during the run (raw Celery's own p50 moved 2-4.5 ms between runs
+here) falls on every path alike. Besides each path's p50, the median of its per-round
+difference to raw's call is printed. Raw Celery's loaded run is made before and after the
+modelbay paths; the ratios are to the mean of the two, and both are printed.
+
 Run from the repo root: ``python -m bench.bench_job_path [--jobs 400] [--clients 16] [--client requests|http]``.
 Targets (issue 16) are printed next to the figures; nothing here asserts them.
 """
@@ -30,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -164,6 +171,23 @@ def measure(meter: Meter, fn: Callable[[], None], jobs: int, clients: int, http:
     return {"p50_ms": 1000 * statistics.median(samples), "rate": jobs / wall, "cpu_ms": cpu_ms, "per_job": per_job}
 
 
+def serial(paths: dict[str, Callable[[], None]], rounds: int, http: Http) -> dict[str, dict[str, float]]:
+    """One call of each path in turn, ``rounds`` times: each path's p50 (ms), and the median of
+    its per-round difference to raw's call (``gap_ms``); ``per_job``: embed calls per job."""
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    http.embed_jobs.clear()
+    for _ in range(rounds):
+        for name, fn in paths.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    per_job = len(http.embed_jobs) / len(set(http.embed_jobs)) if http.embed_jobs else 1.0
+    raw = samples["raw"]
+    return {name: {"p50_ms": 1000 * statistics.median(s), "per_job": per_job if name == "embed" else 1.0,
+                   "gap_ms": 1000 * statistics.median(a - b for a, b in zip(s, raw))}
+            for name, s in samples.items()}
+
+
 def start(local: LocalStack, clients: int) -> tuple[dict[str, Started], str]:
     valkey = local.start_valkey(appendonly=False)
     local.start_nats()
@@ -182,36 +206,41 @@ TARGETS = {"jobs": ("server CPU <= 5 ms/job", 5.0), "jobs1": ("server CPU <= 5 m
            "embed": ("server CPU <= 4 ms/job", 4.0)}
 
 
-def report(results: dict[str, dict[int, dict[str, object]]], clients: int) -> None:
-    raw_serial = results["raw"][1]["p50_ms"]
-    raw_rate = results["raw"][clients]["rate"]
+def report(serials: dict[str, dict[str, float]], loaded: dict[str, dict[str, object]],
+           raw_after: dict[str, object], clients: int) -> None:
+    raw_serial = serials["raw"]["p50_ms"]
+    raw_rate = (loaded["raw"]["rate"] + raw_after["rate"]) / 2
     raw_server = 0.0
     print(f"{'path':>6} {'p50 1 client':>13} {'jobs/s':>7} {'x raw':>6} | CPU ms per job at {clients} clients:"
           f" {'valkey':>7} {'web':>6} {'worker':>7} {'backend':>8} {'client':>7} {'server':>7} {'x raw':>6}")
-    for path, runs in results.items():
-        serial, loaded = runs[1], runs[clients]
-        cpu = loaded["cpu_ms"]
+    for path, run_ in loaded.items():
+        ser = serials[path]
+        cpu = run_["cpu_ms"]
         server = cpu["valkey"] + cpu["raw"] if path == "raw" else cpu["valkey"] + cpu["web"] + cpu["worker"] + cpu["backend"]
         raw_server = server if path == "raw" else raw_server
         worker = cpu["raw"] if path == "raw" else cpu["worker"]
         web, backend = (0.0, 0.0) if path == "raw" else (cpu["web"], cpu["backend"])
-        print(f"{path:>6} {serial['p50_ms']:>10.2f} ms {loaded['rate']:>7.0f} {loaded['rate'] / raw_rate:>6.2f} |"
+        print(f"{path:>6} {ser['p50_ms']:>10.2f} ms {run_['rate']:>7.0f} {run_['rate'] / raw_rate:>6.2f} |"
               f"{'':>34} {cpu['valkey']:>7.2f} {web:>6.2f} {worker:>7.2f} {backend:>8.2f} "
               f"{cpu['client']:>7.2f} {server:>7.2f} {server / raw_server:>6.2f}")
+        if path == "raw":
+            print(f"{'':>6} raw's loaded run before and after the others: {run_['rate']:.0f} and "
+                  f"{raw_after['rate']:.0f} jobs/s (the ratios are to their mean, {raw_rate:.0f})")
         if path == "embed":
-            print(f"{'':>6} calls per job: {loaded['per_job']:.2f} at {clients} clients (calls share jobs under load), "
-                  f"{serial['per_job']:.2f} at 1 client")
+            print(f"{'':>6} calls per job: {run_['per_job']:.2f} at {clients} clients (calls share jobs under load), "
+                  f"{ser['per_job']:.2f} at 1 client")
         if path in TARGETS:
             text, limit = TARGETS[path]
             print(f"{'':>6} targets: {text} ({'met' if server <= limit else 'NOT met'}: {server:.2f}); "
-                  f"throughput >= 0.6x raw ({loaded['rate'] / raw_rate:.2f}x); "
-                  f"serial p50 <= raw + 2 ms ({serial['p50_ms'] - raw_serial:+.2f} ms)")
+                  f"throughput >= 0.6x raw ({run_['rate'] / raw_rate:.2f}x); "
+                  f"serial p50 <= raw + 2 ms ({ser['p50_ms'] - raw_serial:+.2f} ms; "
+                  f"per round {ser['gap_ms']:+.2f} ms)")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=400, help="jobs per loaded run")
-    parser.add_argument("--serial", type=int, default=100, help="jobs of the one-client run")
+    parser.add_argument("--serial", type=int, default=100, help="rounds of the one-client run (one call of each path)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--client", choices=("requests", "http"), default="requests",
                         help="the load generator's HTTP client: requests.Session, or a lean http.client connection")
@@ -234,12 +263,12 @@ def main() -> int:
         meter = Meter(parts)
         for fn in paths.values():  # warm up: model loaded, connections open, code paths hot
             run(fn, 4 * args.clients, args.clients)
-        results = {name: {1: measure(meter, fn, args.serial, 1, http),
-                          args.clients: measure(meter, fn, args.jobs, args.clients, http)}
-                   for name, fn in paths.items()}
+        serials = serial(paths, args.serial, http)
+        loaded = {name: measure(meter, fn, args.jobs, args.clients, http) for name, fn in paths.items()}
+        raw_after = measure(meter, paths["raw"], args.jobs, args.clients, http)
         print(f"{os.cpu_count()} CPUs; {args.jobs} jobs at {args.clients} clients, {args.serial} serial; "
               f"web: gunicorn 2 procs x {args.clients} threads; worker: threads x {args.clients}; client: {args.client}")
-        report(results, args.clients)
+        report(serials, loaded, raw_after, args.clients)
     return 0
 
 
