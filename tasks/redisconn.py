@@ -30,7 +30,7 @@ SENTINEL_SOCKET_TIMEOUT_S = 0.5
 # A data node that does not accept a connection in this long counts as down (seconds).
 CONNECT_TIMEOUT_S = 2.0
 # The longest a client waits for a reply (seconds). Set here, not left to redis-py: its default
-# went from none to 5 s in redis-py 6. A blocking command (BRPOP, XREAD BLOCK, WAIT) must block
+# went from none to 5 s in redis-py 8.0. A blocking command (BRPOP, XREAD BLOCK, WAIT) must block
 # for clearly less (BLOCK_MAX_S): a reply that comes after the client gave up is lost, and the
 # reply to a BRPOP is a message the server has already taken off its queue (a message lost at
 # each such timeout: Valkey times a BRPOP out up to 100 ms late, so a BRPOP of exactly the
